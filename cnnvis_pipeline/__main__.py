@@ -1,0 +1,3 @@
+from cnnvis_pipeline.cli import main
+
+raise SystemExit(main())

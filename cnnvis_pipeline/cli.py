@@ -1,0 +1,50 @@
+"""Command line of cnnvis-pipeline: `python -m cnnvis_pipeline <command>` or `cnnvis <command>`.
+
+Each stage module that offers commands defines `register(subparsers)`, which adds its subcommands
+with `set_defaults(func=...)`; a func takes the parsed args and returns an exit status. The list
+below is the one place that names them. A CnnvisError becomes `error: <message>` and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from cnnvis_pipeline import __version__
+from cnnvis_pipeline.errors import CnnvisError
+
+COMMAND_MODULES = [
+    "cnnvis_pipeline.data.commands",
+    "cnnvis_pipeline.models.commands",
+    "cnnvis_pipeline.dissection.commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnnvis", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cnnvis-pipeline {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.func(args) or 0)
+    except CnnvisError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

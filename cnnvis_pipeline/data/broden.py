@@ -1,0 +1,279 @@
+"""Reader for the Broden dataset format (../shared/BRODEN.md).
+
+- Concept: one (label, category) pair, the unit of dissection.
+- ImageRecord: one row of index.csv, its pixel-level planes and image-level labels.
+- BrodenDataset: the parsed CSVs of a dataset directory; reads images and decodes label planes.
+- load_broden(root): parse and check a dataset directory (errors name the file and row).
+- decode_label_png(path): a segmentation PNG to global label numbers (R + 256 * G).
+
+Category columns follow category.csv (any order); a category is pixel-level when its cells list PNG
+files and image-level when they list label numbers. Every path is resolved and must stay inside
+the dataset's images/ directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from cnnvis_pipeline.errors import CnnvisError
+
+INDEX_FIXED = ["image", "split", "ih", "iw", "sh", "sw"]
+_CAT_FIELD = re.compile(r"^\s*([A-Za-z0-9_-]+)\s*(?:\((\d+)\))?\s*$")
+
+
+@dataclass(frozen=True)
+class Concept:
+    index: int  # position in BrodenDataset.concepts
+    label: int  # global label number
+    name: str
+    category: str
+
+
+@dataclass
+class ImageRecord:
+    row: int  # 1-based line number in index.csv (the header is line 1)
+    image: str
+    split: str
+    ih: int
+    iw: int
+    sh: int
+    sw: int
+    pixel: dict[str, list[str]] = field(default_factory=dict)  # category -> PNG paths
+    labels: dict[str, list[int]] = field(default_factory=dict)  # image-level category -> labels
+
+
+def _read_csv(path: Path, required: list[str]) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise CnnvisError(f"{path}: required file is missing")
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise CnnvisError(f"{path}: line 1: missing column(s) {', '.join(missing)}")
+            rows = list(reader)
+    except UnicodeDecodeError as e:
+        raise CnnvisError(f"{path}: not UTF-8 text ({e})") from e
+    except csv.Error as e:
+        raise CnnvisError(f"{path}: malformed CSV ({e})") from e
+    return rows
+
+
+def _int(path: Path, row: int, column: str, value: str | None) -> int:
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        raise CnnvisError(
+            f"{path}: line {row}: column {column!r} must be an integer, got {value!r}"
+        ) from None
+
+
+def parse_label_categories(text: str, *, where: str) -> dict[str, int]:
+    """Parse label.csv's category field, e.g. 'material(36);object(3)' -> {material: 36, object: 3}."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in (text or "").split(";"))):
+        m = _CAT_FIELD.match(part)
+        if not m:
+            raise CnnvisError(f"{where}: malformed category entry {part!r}")
+        out[m.group(1)] = int(m.group(2) or 0)
+    return out
+
+
+def decode_label_png(path: Path) -> np.ndarray:
+    """Global label numbers of a segmentation PNG: R + 256 * G, as int32 (B is unused)."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise CnnvisError(f"{path}: segmentation PNG is missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise CnnvisError(f"{path}: cannot decode segmentation PNG ({e})") from None
+    # Decode in int32: uint8 * 256 would overflow.
+    return rgb[..., 0].astype(np.int32) + 256 * rgb[..., 1].astype(np.int32)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file as uint8 RGB [H, W, 3]; a corrupt file raises CnnvisError naming it."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise CnnvisError(f"{path}: image is missing") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise CnnvisError(f"{path}: cannot decode image ({e})") from None
+
+
+class BrodenDataset:
+    """A parsed Broden-format directory. Construct with load_broden(root)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.images_dir = self.root / "images"
+        self.categories: list[str] = []
+        self.pixel_categories: list[str] = []
+        self.image_categories: list[str] = []
+        self.label_names: dict[int, str] = {}
+        self.label_categories: dict[int, dict[str, int]] = {}
+        self.records: list[ImageRecord] = []
+        self.concepts: list[Concept] = []
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    # -- paths --------------------------------------------------------------------------------
+    def resolve(self, rel: str, *, where: str) -> Path:
+        """Path of a file named in index.csv; refuses absolute paths and escapes from images/."""
+        if not rel or rel.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", rel):
+            raise CnnvisError(f"{where}: path {rel!r} must be relative to images/")
+        base = self.images_dir.resolve()
+        full = (self.images_dir / rel).resolve()
+        if full != base and base not in full.parents:
+            raise CnnvisError(f"{where}: path {rel!r} resolves outside the dataset's images/")
+        return full
+
+    # -- reading ------------------------------------------------------------------------------
+    def read_image(self, i: int) -> np.ndarray:
+        rec = self.records[i]
+        return read_rgb(self.resolve(rec.image, where=self._where(rec)))
+
+    def read_planes(self, i: int) -> dict[str, np.ndarray]:
+        """Pixel-level label planes of image i: category -> int32 [planes, sh, sw]."""
+        rec = self.records[i]
+        out = {}
+        for cat, files in rec.pixel.items():
+            planes = []
+            for rel in files:
+                path = self.resolve(rel, where=self._where(rec))
+                plane = decode_label_png(path)
+                if plane.shape != (rec.sh, rec.sw):
+                    raise CnnvisError(
+                        f"{path}: segmentation is {plane.shape[1]}x{plane.shape[0]}, "
+                        f"index.csv line {rec.row} says sw x sh = {rec.sw}x{rec.sh}"
+                    )
+                unknown = set(np.unique(plane).tolist()) - {0} - set(self.label_names)
+                if unknown:
+                    raise CnnvisError(
+                        f"{path}: label number(s) {sorted(unknown)[:10]} are not in label.csv"
+                    )
+                planes.append(plane)
+            out[cat] = np.stack(planes)
+        return out
+
+    def _where(self, rec: ImageRecord) -> str:
+        return f"{self.root / 'index.csv'}: line {rec.row}"
+
+    def concept_index(self) -> dict[tuple[int, str], int]:
+        return {(c.label, c.category): c.index for c in self.concepts}
+
+
+def load_broden(root: str | Path) -> BrodenDataset:
+    """Parse a Broden-format directory's CSVs; raise CnnvisError naming the file and row."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CnnvisError(f"{root}: dataset directory does not exist")
+    ds = BrodenDataset(root)
+
+    cat_path = root / "category.csv"
+    for n, row in enumerate(_read_csv(cat_path, ["name"]), start=2):
+        name = (row.get("name") or "").strip()
+        if not name or not _CAT_FIELD.match(name) or "(" in name:
+            raise CnnvisError(f"{cat_path}: line {n}: invalid category name {name!r}")
+        if name in ds.categories:
+            raise CnnvisError(f"{cat_path}: line {n}: duplicate category {name!r}")
+        ds.categories.append(name)
+    if not ds.categories:
+        raise CnnvisError(f"{cat_path}: no categories")
+
+    label_path = root / "label.csv"
+    for n, row in enumerate(_read_csv(label_path, ["number", "name", "category"]), start=2):
+        number = _int(label_path, n, "number", row.get("number"))
+        if number <= 0:
+            raise CnnvisError(f"{label_path}: line {n}: label number must be > 0 (0 is unlabeled)")
+        if number in ds.label_names:
+            raise CnnvisError(f"{label_path}: line {n}: duplicate label number {number}")
+        cats = parse_label_categories(row.get("category", ""), where=f"{label_path}: line {n}")
+        for c in cats:
+            if c not in ds.categories:
+                raise CnnvisError(
+                    f"{label_path}: line {n}: category {c!r} is not in category.csv "
+                    f"({', '.join(ds.categories)})"
+                )
+        ds.label_names[number] = (row.get("name") or "").strip() or f"label{number}"
+        ds.label_categories[number] = cats
+
+    index_path = root / "index.csv"
+    rows = _read_csv(index_path, INDEX_FIXED + ds.categories)
+    if not rows:
+        raise CnnvisError(f"{index_path}: the dataset has no images")
+    kinds: dict[str, str] = {}
+    for n, row in enumerate(rows, start=2):
+        where = f"{index_path}: line {n}"
+        if None in row:
+            raise CnnvisError(f"{where}: more cells than header columns")
+        rec = ImageRecord(
+            row=n,
+            image=(row["image"] or "").strip(),
+            split=(row["split"] or "").strip(),
+            ih=_int(index_path, n, "ih", row["ih"]),
+            iw=_int(index_path, n, "iw", row["iw"]),
+            sh=_int(index_path, n, "sh", row["sh"]),
+            sw=_int(index_path, n, "sw", row["sw"]),
+        )
+        if min(rec.ih, rec.iw, rec.sh, rec.sw) <= 0:
+            raise CnnvisError(f"{where}: ih, iw, sh, sw must be positive")
+        ds.resolve(rec.image, where=where)
+        for cat in ds.categories:
+            entries = [e.strip() for e in (row[cat] or "").split(";") if e.strip()]
+            if not entries:
+                continue
+            is_png = [e.lower().endswith(".png") for e in entries]
+            kind = "pixel" if all(is_png) else "image" if not any(is_png) else "mixed"
+            if kind == "mixed" or kinds.setdefault(cat, kind) != kind:
+                raise CnnvisError(
+                    f"{where}: column {cat!r} mixes PNG files and label numbers "
+                    "(a category is either pixel-level or image-level)"
+                )
+            if kind == "pixel":
+                for e in entries:
+                    ds.resolve(e, where=where)
+                rec.pixel[cat] = entries
+            else:
+                labels = []
+                for e in entries:
+                    if not e.isdigit():
+                        raise CnnvisError(f"{where}: column {cat!r}: {e!r} is not a label number")
+                    lab = int(e)
+                    if lab not in ds.label_names:
+                        raise CnnvisError(
+                            f"{where}: column {cat!r}: label {lab} is not in label.csv"
+                        )
+                    labels.append(lab)
+                rec.labels[cat] = sorted(set(labels))
+        ds.records.append(rec)
+
+    ds.pixel_categories = [c for c in ds.categories if kinds.get(c) == "pixel"]
+    ds.image_categories = [c for c in ds.categories if kinds.get(c) == "image"]
+    # A label belongs to every category label.csv names for it; an image-level label seen in a
+    # category column also belongs to that category even if label.csv forgot to say so.
+    for rec in ds.records:
+        for cat, labels in rec.labels.items():
+            for lab in labels:
+                ds.label_categories[lab].setdefault(cat, 0)
+    concepts = []
+    for cat in ds.categories:
+        for lab in sorted(ds.label_names):
+            if cat in ds.label_categories[lab]:
+                concepts.append((lab, ds.label_names[lab], cat))
+    ds.concepts = [Concept(i, lab, name, cat) for i, (lab, name, cat) in enumerate(concepts)]
+    if not ds.concepts:
+        raise CnnvisError(f"{label_path}: no labels belong to any category")
+    return ds
