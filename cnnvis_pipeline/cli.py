@@ -17,6 +17,8 @@ from cnnvis_pipeline.errors import CnnvisError
 
 COMMAND_MODULES = [
     "cnnvis_pipeline.data.commands",
+    "cnnvis_pipeline.data.download",
+    "cnnvis_pipeline.data.validate",
     "cnnvis_pipeline.models.commands",
     "cnnvis_pipeline.dissection.commands",
 ]
