@@ -4,7 +4,7 @@
 - generate_broden_synth(out, n_images, image_size, seed): write a complete Broden directory.
 
 Each image is a background of one or two material regions sharing one texture pattern, with one to
-three coloured objects. The scene (image-level) decides which objects are likely, so a network
+three coloured objects. The scene (image-level) decides the key object (present in 90% of its images), so a network
 trained to classify scenes has reason to learn object detectors. Parts come in two layered planes
 (upper/lower halves; rim/core), so one pixel carries two part labels. Some categories are missing
 from some images (parts, materials, textures), as in the real Broden. "grass" is both a material
@@ -47,14 +47,15 @@ MATERIALS = {  # name -> (base colour name, pattern contrast)
     "metal": ("black", 0.15),
 }
 TEXTURES = ["striped", "checkered", "dotted", "zigzag", "plain"]
-SCENES = {  # name -> (likely objects, likely material)
-    "kitchen": (["box", "disc"], "wood"),
-    "park": (["triangle", "grass"], "grass"),
-    "harbor": (["hbar", "ring"], "water"),
-    "street": (["cross", "vbar"], "stone"),
-    "factory": (["diamond", "box"], "metal"),
-    "stadium": (["ring", "triangle"], "grass"),
+SCENES = {  # name -> (key object, likely material); boxes, vbars and grass are distractors
+    "kitchen": ("disc", "wood"),
+    "park": ("triangle", "grass"),
+    "harbor": ("hbar", "water"),
+    "street": ("cross", "stone"),
+    "factory": ("diamond", "metal"),
+    "stadium": ("ring", "grass"),
 }
+DISTRACTORS = ["box", "vbar", "grass"]
 
 
 def _vocabulary() -> list[tuple[str, list[str]]]:
@@ -111,23 +112,28 @@ def _texture(texture: str, yy, xx, phase: float):
 def _scene_layout(rng: np.random.Generator) -> dict:
     """Draw everything about one image except pixels: a plain dict of its content."""
     scene = list(SCENES)[rng.integers(len(SCENES))]
-    likely_objects, likely_material = SCENES[scene]
-    materials = [likely_material if rng.random() < 0.7 else list(MATERIALS)[rng.integers(5)]]
+    key_object, likely_material = SCENES[scene]
+    materials = [likely_material if rng.random() < 0.5 else list(MATERIALS)[rng.integers(5)]]
     split = None
     if rng.random() < 0.5:
         materials.append(list(MATERIALS)[rng.integers(5)])
         split = ("v" if rng.random() < 0.5 else "h", float(rng.uniform(0.3, 0.7)))
+    shapes = [key_object] if rng.random() < 0.9 else []
+    for _ in range(int(rng.integers(0, 3))):
+        pool = DISTRACTORS if rng.random() < 0.85 else SHAPES
+        shapes.append(pool[rng.integers(len(pool))])
+    if not shapes:
+        shapes.append(DISTRACTORS[rng.integers(len(DISTRACTORS))])
+    shapes = [shapes[k] for k in rng.permutation(len(shapes))]  # the key object is not always on top
     objects = []
-    for _ in range(int(rng.integers(1, 4))):
-        pool = likely_objects if rng.random() < 0.75 else SHAPES + ["grass"]
-        shape = pool[rng.integers(len(pool))]
+    for shape in shapes:
         objects.append(
             {
                 "shape": shape,
                 "color": "green" if shape == "grass" else list(COLORS)[rng.integers(len(COLORS))],
                 "cy": float(rng.uniform(0.2, 0.8)),
                 "cx": float(rng.uniform(0.2, 0.8)),
-                "r": float(rng.uniform(0.12, 0.24)),
+                "r": float(rng.uniform(0.13, 0.25)),
             }
         )
     return {

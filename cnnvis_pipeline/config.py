@@ -1,0 +1,139 @@
+"""The workflow's configuration: merging with the embedded default, and resolving names.
+
+- merge_with_default(user, default): `dataset` and `models` given by the user replace the
+  default's entirely; every other section is merged key by key (the user's values win).
+- dataset_name(cfg), dataset_dirs(cfg): where the dataset and its prepared arrays live.
+- model_specs(cfg): every model to dissect, with defaults filled in and checkpoint series
+  expanded into one model per checkpoint (`<name>-<checkpoint stem>`).
+- spec_digest(obj): sha256 of a canonical JSON encoding (the tables' config digest).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from cnnvis_pipeline.errors import CnnvisError, check_name
+from cnnvis_pipeline.models.registry import IMAGENET_MEAN, IMAGENET_STD
+
+REPLACED_SECTIONS = ("dataset", "models")
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def merge_with_default(user: dict, default: dict) -> dict:
+    merged = _deep_merge(
+        {k: v for k, v in default.items() if k not in REPLACED_SECTIONS},
+        {k: v for k, v in user.items() if k not in REPLACED_SECTIONS},
+    )
+    for k in REPLACED_SECTIONS:
+        merged[k] = copy.deepcopy(user[k] if k in user else default.get(k))
+    return merged
+
+
+def spec_digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def dataset_name(cfg: dict) -> str:
+    ds = cfg["dataset"]
+    if ds.get("name"):
+        return check_name("dataset", ds["name"], where="config: dataset.name")
+    if "synth" in ds:
+        s = ds["synth"] or {}
+        return f"broden-synth-{s.get('images', 1000)}x{s.get('size', 64)}-seed{s.get('seed', 0)}"
+    if ds.get("download"):
+        return check_name("dataset", ds["download"], where="config: dataset.download")
+    if ds.get("url"):
+        stem = re.sub(r"[^A-Za-z0-9_-]", "-", Path(str(ds["url"]).split("?")[0]).stem)[:40] or "dataset"
+        return f"{stem}-{spec_digest(ds['url'])[:8]}"
+    if ds.get("path"):
+        p = Path(ds["path"])
+        stem = re.sub(r"[^A-Za-z0-9_-]", "-", p.resolve().name)[:40] or "dataset"
+        return f"{stem}-{spec_digest(str(p.resolve()))[:8]}"
+    raise CnnvisError("config: dataset needs one of synth, path, download, url")
+
+
+def dataset_source_dir(cfg: dict) -> str:
+    """The Broden-format directory the workflow reads (made by synth/download, or the user's)."""
+    ds, root = cfg["dataset"], cfg.get("data_root", "resources")
+    if ds.get("path"):
+        return str(ds["path"])
+    return f"{root}/datasets/{dataset_name(cfg)}"
+
+
+def prepared_dir(cfg: dict) -> str:
+    return f"{cfg.get('data_root', 'resources')}/prepared/{dataset_name(cfg)}"
+
+
+def _checkpoint_stem(path: str, where: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_-]", "-", Path(path).stem).strip("-")
+    if not stem:
+        raise CnnvisError(f"{where}: cannot derive a model name from checkpoint {path!r}")
+    return stem
+
+
+def model_specs(cfg: dict) -> dict[str, dict]:
+    models = cfg.get("models") or {}
+    if not isinstance(models, dict) or not models:
+        raise CnnvisError("config: models must map at least one model name to its settings")
+    out: dict[str, dict] = {}
+    for name, m in models.items():
+        where = f"config: models.{name}"
+        check_name("model", name, where="config: models")
+        if not isinstance(m, dict):
+            raise CnnvisError(f"{where}: must be a mapping")
+        layers = m.get("layers")
+        if not isinstance(layers, list) or not layers:
+            raise CnnvisError(f"{where}.layers: list at least one layer (dotted module names)")
+        for layer in layers:
+            check_name("layer", layer, where=f"{where}.layers")
+        if len(set(layers)) != len(layers):
+            raise CnnvisError(f"{where}.layers: a layer is listed twice")
+        spec = {
+            "arch": m.get("arch"),
+            "torchvision": m.get("torchvision"),
+            "factory": m.get("factory"),
+            "weights": m.get("weights"),
+            "kwargs": m.get("kwargs") or {},
+            "checkpoint": m.get("checkpoint"),
+            "layers": list(layers),
+            "mean": list(m.get("mean") or IMAGENET_MEAN),
+            "std": list(m.get("std") or IMAGENET_STD),
+            "input_size": m.get("input_size"),
+            "seed": int(m.get("seed", 0)),
+            "train": m.get("train"),
+            "units": m.get("units") or [],
+        }
+        if len(spec["mean"]) != 3 or len(spec["std"]) != 3 or min(spec["std"]) <= 0:
+            raise CnnvisError(f"{where}: mean and std must be 3 numbers each, std > 0")
+        if spec["train"] and spec["arch"] != "synthnet":
+            raise CnnvisError(f"{where}.train: only the built-in arch synthnet can be trained")
+        if spec["train"] and (spec["checkpoint"] or m.get("checkpoints")):
+            raise CnnvisError(f"{where}: give either train or checkpoint(s), not both")
+        series = m.get("checkpoints")
+        if series:
+            if spec["checkpoint"]:
+                raise CnnvisError(f"{where}: give either checkpoint or checkpoints, not both")
+            for k, ckpt in enumerate(series):
+                sub = f"{name}-{_checkpoint_stem(str(ckpt), where)}"
+                check_name("model", sub, where=f"{where}.checkpoints[{k}]")
+                if sub in out or sub in models:
+                    raise CnnvisError(f"{where}.checkpoints[{k}]: model name {sub!r} is taken twice")
+                out[sub] = dict(spec, checkpoint=str(ckpt), series=name, series_index=k)
+        else:
+            if name in out:
+                raise CnnvisError(f"{where}: model name {name!r} is taken twice")
+            out[name] = dict(spec, series=None, series_index=None)
+    return out

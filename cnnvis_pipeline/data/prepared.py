@@ -1,0 +1,218 @@
+"""The prepared dataset: a Broden directory decoded once into packed arrays shared by every model.
+
+- prepare_dataset(broden_root, out_dir): decode images and label planes into .npy arrays (written
+  under a temporary name, renamed into place when complete).
+- PreparedDataset(out_dir): memory-mapped access, `batch(indices)` for the dissection.
+- dataset_digest(broden_root): a sha256 over the CSVs and every referenced file's name and size.
+
+Layout of a prepared directory:
+  meta.json         categories (with kind pixel/image), concepts (label, name, category), image
+                    names, splits, sizes, the number of planes per pixel-level category, digest
+  images.npy        uint8 [N, H, W, 3], every image resized (bilinear) to one size
+  planes.npy        uint16 [N, P, sh, sw], the label planes of all pixel-level categories
+                    (plane_category.npy int16 [P] says whose plane it is); 0 = unlabeled
+  slots.npy         int32 [N, J], the concepts present in each image (-1 pads): the tally counts
+                    only these
+  present.npy       bool [N, C], whether the image has any label of category C
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from cnnvis_pipeline.data.broden import BrodenDataset, load_broden
+from cnnvis_pipeline.errors import CnnvisError
+
+FORMAT_VERSION = 1
+
+
+def dataset_digest(ds: BrodenDataset) -> str:
+    h = hashlib.sha256()
+    for name in ("index.csv", "category.csv", "label.csv"):
+        h.update(name.encode())
+        h.update((ds.root / name).read_bytes())
+    for rec in ds.records:
+        for rel in [rec.image] + [p for files in rec.pixel.values() for p in files]:
+            path = ds.resolve(rel, where=f"{ds.root / 'index.csv'}: line {rec.row}")
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise CnnvisError(f"{path}: file named in index.csv line {rec.row} is missing") from None
+            h.update(f"{rel}\0{size}\n".encode())
+    return h.hexdigest()
+
+
+def _resize_nearest(a: np.ndarray, h: int, w: int) -> np.ndarray:
+    ys = (np.arange(h) * a.shape[0]) // h
+    xs = (np.arange(w) * a.shape[1]) // w
+    return a[ys][:, xs]
+
+
+def prepare_dataset(broden_root: str | Path, out_dir: str | Path, *, image_size: int | None = None,
+                    progress: bool = True) -> Path:
+    """Decode a Broden directory into `out_dir` (refuses to overwrite a complete one)."""
+    out_dir = Path(out_dir)
+    if (out_dir / "meta.json").exists():
+        raise CnnvisError(f"{out_dir}: a prepared dataset is already there; remove it to rebuild")
+    ds = load_broden(broden_root)
+    n = len(ds)
+    # One image size and one segmentation size for the whole array: the most common ones.
+    ih = image_size or int(np.bincount([r.ih for r in ds.records]).argmax())
+    iw = image_size or int(np.bincount([r.iw for r in ds.records]).argmax())
+    sh = int(np.bincount([r.sh for r in ds.records]).argmax())
+    sw = int(np.bincount([r.sw for r in ds.records]).argmax())
+    planes_per_cat = {
+        c: max((len(r.pixel.get(c, [])) for r in ds.records), default=0) for c in ds.pixel_categories
+    }
+    plane_category = [ds.categories.index(c) for c in ds.pixel_categories for _ in range(planes_per_cat[c])]
+    n_planes = len(plane_category)
+    if max(ds.label_names) > np.iinfo(np.uint16).max:
+        raise CnnvisError(f"{ds.root / 'label.csv'}: label numbers above 65535 are not supported")
+    concept_of = ds.concept_index()
+
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, ih, iw, 3))
+        planes = np.lib.format.open_memmap(tmp / "planes.npy", "w+", np.uint16, (n, max(n_planes, 1), sh, sw))
+        present = np.zeros((n, len(ds.categories)), bool)
+        slots: list[list[int]] = []
+        for i in tqdm(range(n), desc="prepare", unit="img", disable=not progress, mininterval=2):
+            rec = ds.records[i]
+            img = ds.read_image(i)
+            if img.shape[:2] != (rec.ih, rec.iw):
+                raise CnnvisError(
+                    f"{ds.resolve(rec.image, where='')}: image is {img.shape[1]}x{img.shape[0]}, "
+                    f"index.csv line {rec.row} says iw x ih = {rec.iw}x{rec.ih}"
+                )
+            if img.shape[:2] != (ih, iw):
+                img = np.asarray(Image.fromarray(img).resize((iw, ih), Image.BILINEAR))
+            images[i] = img
+            present_concepts: set[int] = set()
+            k = 0
+            decoded = ds.read_planes(i)
+            for cat in ds.pixel_categories:
+                cat_planes = decoded.get(cat)
+                c_idx = ds.categories.index(cat)
+                for j in range(planes_per_cat[cat]):
+                    if cat_planes is not None and j < len(cat_planes):
+                        p = cat_planes[j]
+                        if p.shape != (sh, sw):
+                            p = _resize_nearest(p, sh, sw)
+                        planes[i, k + j] = p
+                        for lab in np.unique(p):
+                            if lab and (int(lab), cat) in concept_of:
+                                present_concepts.add(concept_of[(int(lab), cat)])
+                    else:
+                        planes[i, k + j] = 0
+                k += planes_per_cat[cat]
+                if cat_planes is not None:
+                    present[i, c_idx] = True
+            for cat, labels in rec.labels.items():
+                present[i, ds.categories.index(cat)] = True
+                present_concepts.update(concept_of[(lab, cat)] for lab in labels)
+            slots.append(sorted(present_concepts))
+        width = max(1, max(len(s) for s in slots))
+        slot_arr = np.full((n, width), -1, np.int32)
+        for i, s in enumerate(slots):
+            slot_arr[i, : len(s)] = s
+        np.save(tmp / "slots.npy", slot_arr)
+        np.save(tmp / "present.npy", present)
+        np.save(tmp / "plane_category.npy", np.asarray(plane_category, np.int16))
+        images.flush()
+        planes.flush()
+        del images, planes
+        meta = {
+            "format": FORMAT_VERSION,
+            "source": str(Path(broden_root).resolve()),
+            "digest": dataset_digest(ds),
+            "n_images": n,
+            "image_size": [ih, iw],
+            "seg_size": [sh, sw],
+            "categories": [
+                {"name": c, "kind": "pixel" if c in ds.pixel_categories else "image"}
+                for c in ds.categories
+            ],
+            "concepts": [
+                {"label": c.label, "name": c.name, "category": c.category} for c in ds.concepts
+            ],
+            "images": [r.image for r in ds.records],
+            "splits": [r.split for r in ds.records],
+        }
+        # meta.json is written last: its presence marks the directory complete.
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)  # an incomplete leftover (no meta.json, checked above)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+@dataclass
+class Batch:
+    indices: np.ndarray  # [B] image indices
+    images: np.ndarray  # uint8 [B, H, W, 3]
+    planes: np.ndarray  # uint16 [B, P, sh, sw]
+    slots: np.ndarray  # int32 [B, J]
+    present: np.ndarray  # bool [B, C]
+
+
+class PreparedDataset:
+    """Memory-mapped view of a prepared directory."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise CnnvisError(f"{self.path}: not a complete prepared dataset (no meta.json)")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT_VERSION:
+            raise CnnvisError(f"{meta_path}: prepared with another format version; prepare it again")
+        self.images = np.load(self.path / "images.npy", mmap_mode="r")
+        self.planes = np.load(self.path / "planes.npy", mmap_mode="r")
+        self.slots = np.load(self.path / "slots.npy")
+        self.present = np.load(self.path / "present.npy")
+        self.plane_category = np.load(self.path / "plane_category.npy").astype(np.int64)
+        self.categories = [c["name"] for c in self.meta["categories"]]
+        self.category_kind = [c["kind"] for c in self.meta["categories"]]
+        self.concepts = self.meta["concepts"]
+        self.concept_label = np.array([c["label"] for c in self.concepts], np.int64)
+        self.concept_category = np.array(
+            [self.categories.index(c["category"]) for c in self.concepts], np.int64
+        )
+
+    def __len__(self) -> int:
+        return int(self.meta["n_images"])
+
+    @property
+    def digest(self) -> str:
+        return self.meta["digest"]
+
+    @property
+    def seg_size(self) -> tuple[int, int]:
+        return tuple(self.meta["seg_size"])
+
+    def batch(self, indices) -> Batch:
+        idx = np.asarray(indices, np.int64)
+        # Sorted contiguous reads from the memory maps are the fast path; shards are contiguous.
+        return Batch(
+            indices=idx,
+            images=np.ascontiguousarray(self.images[idx]),
+            planes=np.ascontiguousarray(self.planes[idx]),
+            slots=self.slots[idx],
+            present=self.present[idx],
+        )

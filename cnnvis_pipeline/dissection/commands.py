@@ -1,0 +1,61 @@
+"""CLI commands of the dissection stage: extract, thresholds, tally, tables, summary, dissect."""
+
+from __future__ import annotations
+
+import json
+
+from cnnvis_pipeline.dissection import pipeline
+
+
+def _spec(args) -> dict:
+    return json.loads(args.spec)
+
+
+def register(sub) -> None:
+    def add(name, help_, func, *, spec=True, prepared=True):
+        p = sub.add_parser(name, help=help_)
+        if spec:
+            p.add_argument("--spec", required=True, help="resolved model spec as JSON")
+        if prepared:
+            p.add_argument("--prepared", required=True, help="prepared dataset directory")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("extract", "forward pass over one shard; float16 activations + histograms",
+            lambda a: pipeline.run_extract(_spec(a), a.prepared, a.shard, a.shards, a.out,
+                                           progress=not a.quiet) and 0)
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--shards", type=int, required=True)
+    p.add_argument("--out", required=True, help="shard directory to write")
+
+    p = add("thresholds", "merge shard histograms into per-unit thresholds",
+            lambda a: pipeline.run_thresholds(_spec(a), a.prepared, a.extracts, a.out_dir))
+    p.add_argument("--extracts", nargs="+", required=True)
+    p.add_argument("--out-dir", required=True, help="results/<model>")
+
+    p = add("tally", "count mask/label intersections of one shard",
+            lambda a: pipeline.run_tally(_spec(a), a.prepared, a.extract, a.out_dir, a.out,
+                                         progress=not a.quiet) and 0)
+    p.add_argument("--extract", required=True, help="the shard's extract directory")
+    p.add_argument("--out-dir", required=True, help="results/<model> (holds the thresholds)")
+    p.add_argument("--out", required=True, help="tally .npz to write")
+
+    p = add("tables", "merge tallies into the iou/units/top_images tables and plots",
+            lambda a: pipeline.run_tables(_spec(a), a.prepared, a.tallies, a.extracts, a.out_dir))
+    p.add_argument("--tallies", nargs="+", required=True)
+    p.add_argument("--extracts", nargs="+", required=True)
+    p.add_argument("--out-dir", required=True)
+
+    p = add("summary", "detectors per model, layer and category over all models",
+            lambda a: pipeline.run_summary(a.units, a.out, a.figure) is None, spec=False,
+            prepared=False)
+    p.add_argument("--units", nargs="+", required=True, help="units.parquet files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--figure", default=None)
+
+    p = add("dissect", "the whole dissection of one model in one process",
+            lambda a: pipeline.dissect(_spec(a), a.prepared, a.out_dir, keep_on_device=False,
+                                       scratch=a.scratch, progress=not a.quiet) and 0)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--scratch", required=True, help="directory for the float16 activations")

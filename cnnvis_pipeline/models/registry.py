@@ -1,0 +1,152 @@
+"""Build the model a config entry describes, and load its weights safely.
+
+- build_model(name, spec): an nn.Module in eval mode and a provenance dict. A spec names exactly
+  one source:
+    arch: synthnet                      the built-in reference CNN (kwargs: width, num_classes)
+    torchvision: resnet18, weights: IMAGENET1K_V1 | DEFAULT | null (seeded random)
+    factory: "package.module:callable"  any importable callable returning an nn.Module
+  plus optional `checkpoint` (a state dict read with torch.load(weights_only=True)), `kwargs`,
+  and `seed` (the random initialisation when there are no weights).
+- load_state_dict_file(path): a checkpoint as a state dict; pickled code is refused.
+- file_sha256(path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cnnvis_pipeline.errors import CnnvisError
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_state_dict_file(path: str | Path, *, where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CnnvisError(f"{where}: checkpoint file {path} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CnnvisError(
+            f"{path}: refused: the checkpoint holds pickled objects or code that a plain state "
+            f"dict never contains (torch.load weights_only=True: {first[:200]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CnnvisError(f"{path}: not a readable PyTorch checkpoint ({str(e)[:200]})") from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CnnvisError(
+            f"{path}: not a state dict (expected a mapping of parameter names to tensors, "
+            f"got {type(obj).__name__})"
+        )
+    return obj
+
+
+def _import_factory(ref: str, where: str):
+    if not isinstance(ref, str) or ":" not in ref:
+        raise CnnvisError(f"{where}: factory must look like 'package.module:callable', got {ref!r}")
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise CnnvisError(
+            f"{where}: cannot import module {module_name!r} ({e}); is it on PYTHONPATH?"
+        ) from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise CnnvisError(f"{where}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise CnnvisError(f"{where}: {ref!r} is not callable")
+    return obj
+
+
+def _torchvision_model(arch: str, weights, where: str) -> nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if arch not in available:
+        raise CnnvisError(
+            f"{where}: unknown torchvision model {arch!r}; known: {', '.join(sorted(available))}"
+        )
+    if weights in (None, "", "none", "random"):
+        return torchvision.models.get_model(arch, weights=None)
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+        w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+    except KeyError:
+        names = ", ".join(m.name for m in torchvision.models.get_model_weights(arch))
+        raise CnnvisError(f"{where}: unknown weights {weights!r} for {arch}; known: {names}") from None
+    try:
+        return torchvision.models.get_model(arch, weights=w)
+    except (OSError, RuntimeError) as e:  # URLError is an OSError
+        hub = Path(torch.hub.get_dir()) / "checkpoints"
+        raise CnnvisError(
+            f"{where}: cannot get weights {w} for {arch} from {w.url} ({str(e)[:160]}). On an "
+            f"offline node, copy the file {Path(w.url).name} into {hub} (TORCH_HOME), or give "
+            "the model a `checkpoint:` state dict"
+        ) from None
+
+
+def build_model(name: str, spec: dict) -> tuple[nn.Module, dict]:
+    """The module of one config entry, in eval mode on the CPU, and its provenance."""
+    where = f"config: models.{name}"
+    sources = [k for k in ("arch", "torchvision", "factory") if spec.get(k)]
+    if len(sources) != 1:
+        raise CnnvisError(f"{where}: give exactly one of arch, torchvision, factory (got {sources})")
+    torch.manual_seed(int(spec.get("seed", 0)))
+    kwargs = dict(spec.get("kwargs") or {})
+    info = {"source": sources[0], "checkpoint": None, "checkpoint_sha256": None}
+    if spec.get("arch"):
+        if spec["arch"] != "synthnet":
+            raise CnnvisError(f"{where}: unknown arch {spec['arch']!r} (built-in: synthnet)")
+        from cnnvis_pipeline.models.synthnet import SynthNet
+
+        model = SynthNet(**kwargs)
+    elif spec.get("torchvision"):
+        model = _torchvision_model(spec["torchvision"], spec.get("weights"), where)
+        info["weights"] = spec.get("weights")
+    else:
+        factory = _import_factory(spec["factory"], where)
+        try:
+            model = factory(**kwargs)
+        except Exception as e:
+            raise CnnvisError(f"{where}: factory {spec['factory']!r} failed: {e!r}") from None
+        if not isinstance(model, nn.Module):
+            raise CnnvisError(
+                f"{where}: factory {spec['factory']!r} returned {type(model).__name__}, not an nn.Module"
+            )
+    ckpt = spec.get("checkpoint")
+    if ckpt:
+        state = load_state_dict_file(ckpt, where=f"{where}.checkpoint")
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise CnnvisError(
+                f"{ckpt}: does not fit model {name!r}: {str(e).splitlines()[0][:300]}"
+            ) from None
+        info["checkpoint"] = str(ckpt)
+        info["checkpoint_sha256"] = file_sha256(ckpt)
+    return model.eval(), info

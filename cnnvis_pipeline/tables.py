@@ -1,0 +1,97 @@
+"""The one owner of the Parquet schemas; every table the project writes goes through here.
+
+- SCHEMAS: name -> pyarrow schema (iou, units, thresholds, top_images, detectors,
+  activation_max, inversion).
+- write_table(name, columns, path, provenance): check columns against the schema, attach the
+  provenance as Parquet key-value metadata, write atomically (temp file, then rename).
+- read_provenance(path): the provenance dict of a written table.
+- provenance(...): the provenance every table carries (package, torch and torchvision
+  versions, config digest, dataset digest, checkpoint sha256); no wall-clock time, so the same
+  inputs give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cnnvis_pipeline import __version__
+
+S, I64, I32, F64, B = pa.string(), pa.int64(), pa.int32(), pa.float64(), pa.bool_()
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "iou": pa.schema([
+        ("model", S), ("layer", S), ("unit", I32), ("concept", S), ("label", I32),
+        ("category", S), ("iou", F64), ("intersection", I64), ("union", I64),
+    ]),
+    "units": pa.schema([
+        ("model", S), ("layer", S), ("unit", I32), ("threshold", F64), ("concept", S),
+        ("label", I32), ("category", S), ("iou", F64), ("detector", B),
+    ]),
+    "thresholds": pa.schema([
+        ("model", S), ("layer", S), ("unit", I32), ("quantile", F64), ("threshold", F64),
+    ]),
+    "top_images": pa.schema([
+        ("model", S), ("layer", S), ("unit", I32), ("rank", I32), ("image_index", I64),
+        ("image", S), ("max_activation", F64),
+    ]),
+    "detectors": pa.schema([
+        ("model", S), ("layer", S), ("category", S), ("units", I32), ("detectors", I32),
+        ("unique_detectors", I32),
+    ]),
+    "activation_max": pa.schema([
+        ("model", S), ("layer", S), ("unit", I32), ("achieved_activation", F64),
+        ("dataset_top_activation", F64), ("ratio", F64),
+    ]),
+    "inversion": pa.schema([
+        ("model", S), ("layer", S), ("image_index", I64), ("image", S), ("error", F64),
+        ("normalized_error", F64),
+    ]),
+}
+
+
+def provenance(*, config_digest: str, dataset_digest: str | None,
+               checkpoint_sha256: str | None = None, extra: dict | None = None) -> dict:
+    import torch
+    import torchvision
+
+    out = {
+        "cnnvis_pipeline_version": __version__,
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "config_digest": config_digest,
+        "dataset_digest": dataset_digest,
+        "checkpoint_sha256": checkpoint_sha256,
+    }
+    out.update(extra or {})
+    return out
+
+
+def write_table(name: str, columns: dict, path: str | Path, prov: dict) -> Path:
+    schema = SCHEMAS[name]
+    missing = set(schema.names) - set(columns)
+    extra = set(columns) - set(schema.names)
+    if missing or extra:
+        raise ValueError(f"table {name}: missing columns {sorted(missing)}, unknown {sorted(extra)}")
+    table = pa.table({f.name: pa.array(columns[f.name], type=f.type) for f in schema})
+    meta = {b"cnnvis.table": name.encode(), b"cnnvis.provenance": json.dumps(prov, sort_keys=True).encode()}
+    table = table.replace_schema_metadata(meta)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_provenance(path: str | Path) -> dict:
+    meta = pq.read_schema(path).metadata or {}
+    return json.loads(meta.get(b"cnnvis.provenance", b"{}"))
