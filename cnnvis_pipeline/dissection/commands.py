@@ -30,7 +30,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="shard directory to write")
 
     p = add("thresholds", "merge shard histograms into per-unit thresholds",
-            lambda a: pipeline.run_thresholds(_spec(a), a.prepared, a.extracts, a.out_dir))
+            lambda a: pipeline.run_thresholds(_spec(a), a.prepared, a.extracts, a.out_dir,
+                                              a.layers))
+    p.add_argument("--layers", nargs="+", default=None, help="only these layers")
     p.add_argument("--extracts", nargs="+", required=True)
     p.add_argument("--out-dir", required=True, help="results/<model>")
 
@@ -42,7 +44,9 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="tally .npz to write")
 
     p = add("tables", "merge tallies into the iou/units/top_images tables and plots",
-            lambda a: pipeline.run_tables(_spec(a), a.prepared, a.tallies, a.extracts, a.out_dir))
+            lambda a: pipeline.run_tables(_spec(a), a.prepared, a.tallies, a.extracts, a.out_dir,
+                                          a.layers))
+    p.add_argument("--layers", nargs="+", default=None, help="only these layers")
     p.add_argument("--tallies", nargs="+", required=True)
     p.add_argument("--extracts", nargs="+", required=True)
     p.add_argument("--out-dir", required=True)

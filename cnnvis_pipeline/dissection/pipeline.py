@@ -139,7 +139,18 @@ def _threshold_columns(spec, layer, thresholds):
     }
 
 
-def run_thresholds(spec: dict, prepared: str | Path, extract_dirs: list, out_dir: str | Path) -> None:
+def _only_layers(spec: dict, layers: list | None) -> dict:
+    if not layers:
+        return spec
+    unknown = [x for x in layers if x not in spec["layers"]]
+    if unknown:
+        raise CnnvisError(f"{spec['name']}: layers {unknown} are not among {spec['layers']}")
+    return dict(spec, layers=list(layers))
+
+
+def run_thresholds(spec: dict, prepared: str | Path, extract_dirs: list, out_dir: str | Path,
+                   layers: list | None = None) -> None:
+    digest_spec, spec = spec, _only_layers(spec, layers)
     ds = PreparedDataset(prepared)
     q = float(settings(spec)["quantile"])
     ckpt = json.loads((Path(extract_dirs[0]) / "info.json").read_text())["checkpoint_sha256"]
@@ -147,7 +158,7 @@ def run_thresholds(spec: dict, prepared: str | Path, extract_dirs: list, out_dir
         t = engine.unit_thresholds(hist, q)
         write_table("thresholds", _threshold_columns(spec, layer, t),
                     Path(out_dir) / layer / "thresholds.parquet",
-                    _prov(spec, ds, {"checkpoint_sha256": ckpt}))
+                    _prov(digest_spec, ds, {"checkpoint_sha256": ckpt}))
 
 
 def _read_thresholds(path: Path) -> np.ndarray:
@@ -193,12 +204,13 @@ def _write_layer_tables(spec, ds, layer, tally, thresholds, maxima, out_dir, pro
 
 
 def run_tables(spec: dict, prepared: str | Path, tally_files: list, extract_dirs: list,
-               out_dir: str | Path) -> None:
+               out_dir: str | Path, layers: list | None = None) -> None:
+    digest_spec, spec = spec, _only_layers(spec, layers)
     ds = PreparedDataset(prepared)
     extract_dirs = sorted((Path(d) for d in extract_dirs),
                           key=lambda d: json.loads((d / "info.json").read_text())["start"])
     ckpt = json.loads((extract_dirs[0] / "info.json").read_text())["checkpoint_sha256"]
-    prov = _prov(spec, ds, {"checkpoint_sha256": ckpt})
+    prov = _prov(digest_spec, ds, {"checkpoint_sha256": ckpt})
     for layer in spec["layers"]:
         tally = None
         for f in tally_files:

@@ -1,0 +1,81 @@
+# Python helpers of the workflow: the merged and validated config, model specs, paths.
+import json
+import re
+import sys
+
+import yaml
+from snakemake.utils import validate
+
+from cnnvis_pipeline import config as cc
+from cnnvis_pipeline.errors import CnnvisError
+
+
+# `dataset` and `models` of a user's --configfile replace the default's entirely; the other
+# sections are merged key by key (Snakemake's own merge would mix datasets and models).
+with open(CNNVIS_ROOT / "config" / "config.yaml") as _f:
+    _default_config = yaml.safe_load(_f)
+_merged = cc.merge_with_default(dict(config), _default_config)
+config.clear()
+config.update(_merged)
+validate(config, str(CNNVIS_ROOT / "workflow" / "schemas" / "config.schema.yaml"))
+
+try:
+    MODELS = cc.model_specs(config)
+    DATASET = cc.dataset_name(config)
+except CnnvisError as e:
+    raise WorkflowError(f"invalid configuration: {e}") from None
+
+CNNVIS = f"{sys.executable} -m cnnvis_pipeline"
+DATA_ROOT = config["data_root"]
+DATASET_DIR = cc.dataset_source_dir(config)
+PREPARED = cc.prepared_dir(config)
+SHARDS = list(range(int(config["dissection"]["shards"])))
+LAYERS = sorted({layer for spec in MODELS.values() for layer in spec["layers"]})
+
+
+wildcard_constraints:
+    model="|".join(re.escape(m) for m in MODELS),
+    layer="|".join(re.escape(layer) for layer in LAYERS),
+    shard=r"\d+",
+
+
+def trained_checkpoint(model):
+    return f"results/{model}/checkpoint.pt"
+
+
+def model_spec(model):
+    """The resolved spec of one model, as the `cnnvis` commands take it (--spec JSON)."""
+    spec = dict(MODELS[model], name=model, dissection=config["dissection"])
+    if spec.get("train"):
+        spec["checkpoint"] = trained_checkpoint(model)
+    return spec
+
+
+def spec_json(wildcards):
+    return json.dumps(model_spec(wildcards.model), sort_keys=True)
+
+
+def checkpoint_input(wildcards):
+    spec = model_spec(wildcards.model)
+    return [spec["checkpoint"]] if spec.get("checkpoint") else []
+
+
+def layer_outputs(name):
+    return [
+        f"results/{model}/{layer}/{name}"
+        for model, spec in MODELS.items()
+        for layer in spec["layers"]
+    ]
+
+
+def model_layer_targets(model):
+    return [f"results/{model}/{layer}/units.parquet" for layer in MODELS[model]["layers"]]
+
+
+def all_targets():
+    return (
+        layer_outputs("iou.parquet")
+        + layer_outputs("units.parquet")
+        + layer_outputs("detectors.png")
+        + ["results/summary/detectors.parquet", "results/summary/unique_detectors.png"]
+    )
