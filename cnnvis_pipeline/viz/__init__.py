@@ -1,0 +1,25 @@
+"""Per-unit visualisations of a CNN layer, as pure library functions.
+
+- activation_maximization: Lucid-style feature visualisation, one image per unit (Olah et al. 2017).
+- deconvnet, strongest_locations, receptive_field: DeconvNet projections of a unit's strongest
+  activation and the input box it sees (Zeiler & Fergus 2014).
+- invert, representation_spread, layer_representation: reconstruct images from a layer's whole
+  representation (Mahendran & Vedaldi 2015).
+
+Layers are dotted module names (see cnnvis_pipeline.models.hooks); images are float [N, 3, H, W]
+in [0, 1]; `mean`/`std`, when given, normalise images before the model.
+"""
+
+from cnnvis_pipeline.viz.activation_max import activation_maximization
+from cnnvis_pipeline.viz.deconvnet import deconvnet, receptive_field, strongest_locations
+from cnnvis_pipeline.viz.inversion import invert, layer_representation, representation_spread
+
+__all__ = [
+    "activation_maximization",
+    "deconvnet",
+    "invert",
+    "layer_representation",
+    "receptive_field",
+    "representation_spread",
+    "strongest_locations",
+]

@@ -1,0 +1,187 @@
+"""Activation maximisation on tiny nets: it raises activations, wakes silent units through the
+redirected ReLU gradient, batches units, is deterministic, and leaves the model as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.viz import activation_maximization
+from cnnvis_pipeline.viz.param import FourierImage
+from cnnvis_pipeline.viz.relu import relu_backward_override
+from cnnvis_pipeline.viz.transform import random_affine
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny tensors: one thread is faster, and much faster on a busy 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def colour_net() -> nn.Sequential:
+    """Units that detect colours over 3x3 patches: grey and noise give little, a saturated
+    image of the right colour gives a lot."""
+    g = torch.Generator().manual_seed(0)
+    conv1 = nn.Conv2d(3, 4, 3, padding=1)
+    with torch.no_grad():
+        colours = torch.randn(4, 3, generator=g)
+        conv1.weight.copy_(colours[:, :, None, None].expand(4, 3, 3, 3) / 9.0)
+        conv1.bias.copy_(-(colours.sum(dim=1) * 0.5) + 0.02)  # 0.02 on grey
+    conv2 = nn.Conv2d(4, 4, 1)
+    with torch.no_grad():
+        conv2.weight.copy_(torch.eye(4)[:, :, None, None])
+        conv2.bias.zero_()
+    return nn.Sequential(conv1, nn.ReLU(inplace=True), conv2, nn.ReLU())
+
+
+def random_net(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True),
+        nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+    )
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return net
+
+
+def unit_means(net, layer_upto: int, images: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return net[:layer_upto + 1](images).mean(dim=(2, 3))
+
+
+def test_activation_far_above_grey_and_noise():
+    net = colour_net()
+    images, acts = activation_maximization(net, "3", [0, 1, 2, 3], steps=64, size=32)
+    grey = unit_means(net, 3, torch.full((1, 3, 32, 32), 0.5))[0]
+    noise = unit_means(net, 3, torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    assert images.shape == (4, 3, 32, 32)
+    assert images.min() >= 0 and images.max() <= 1
+    for i in range(4):
+        assert acts[i] > 5 * grey[i]
+        assert acts[i] > 2.5 * noise[:, i].max()
+    # The returned activations are those of the returned, untransformed images.
+    torch.testing.assert_close(unit_means(net, 3, images).diagonal(), acts)
+
+
+def silent_net() -> tuple[nn.Sequential, float]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True),
+                        nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(inplace=True))
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    with torch.no_grad():
+        pre = net[:3](torch.full((1, 3, 32, 32), 0.5))[0, 0]
+        net[2].bias[0] = -(pre.max() + 0.2)  # unit 0 is 0 everywhere on grey, with a margin
+    return net, float(unit_means(net, 3, torch.full((1, 3, 32, 32), 0.5))[0, 0])
+
+
+def test_silent_unit_is_woken_by_the_redirected_relu_gradient():
+    net, on_grey = silent_net()
+    assert on_grey == 0.0
+    _, plain = activation_maximization(net, "3", [0, 1], steps=48, size=32, redirect_steps=0)
+    assert plain[0] == 0.0  # no gradient ever reaches it
+    assert plain[1] > 0
+    _, redirected = activation_maximization(net, "3", [0, 1], steps=48, size=32)
+    assert redirected[0] > 0
+    assert redirected[1] > 0
+
+
+def test_redirected_relu_backward():
+    x = torch.tensor([[-1.0, -2.0, 3.0], [-1.0, -2.0, -3.0]], requires_grad=True)
+    relu = nn.Sequential(nn.ReLU())
+    with relu_backward_override(relu, "redirected"):
+        y = relu(x)
+    assert torch.equal(y, F.relu(x))
+    y.backward(torch.tensor([[-1.0, 1.0, 2.0], [-1.0, 1.0, -2.0]]))
+    # Row 0 gets gradient through the ordinary ReLU: that is used unchanged.
+    # Row 1 gets none: the gradient that would raise the input (negative here) passes.
+    assert x.grad.tolist() == [[0.0, 0.0, 2.0], [-1.0, 0.0, -2.0]]
+    assert not relu[0]._forward_hooks
+
+
+def test_batch_of_units_all_channels_and_repeats():
+    net = random_net()
+    images, acts = activation_maximization(net, "6", None, steps=48, size=24)
+    assert images.shape == (8, 3, 24, 24) and acts.shape == (8,)
+    assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
+    images2, acts2 = activation_maximization(net, "6", [5, 5, 0], steps=24, size=24)
+    assert images2.shape == (3, 3, 24, 24)
+    # Each unit's image drives that unit harder than the other units' images do (on average).
+    means = unit_means(net, 6, images)
+    active = [u for u in range(8) if acts[u] > 0]
+    assert len(active) >= 4
+    assert all(means[u, u] > means[:, u].mean() for u in active)
+    wins = sum(int(means[u, u] >= means[:, u].max() - 1e-6) for u in active)
+    assert wins >= len(active) // 2
+
+
+def test_deterministic_with_seed():
+    net = random_net()
+    a_img, a_act = activation_maximization(net, "6", [0, 2], steps=12, size=24, seed=3)
+    b_img, b_act = activation_maximization(net, "6", [0, 2], steps=12, size=24, seed=3)
+    c_img, _ = activation_maximization(net, "6", [0, 2], steps=12, size=24, seed=4)
+    assert torch.equal(a_img, b_img) and torch.equal(a_act, b_act)
+    assert not torch.equal(a_img, c_img)
+
+
+def test_model_left_as_it_was():
+    net = random_net()
+    net.train()
+    net[2].requires_grad_(False)
+    activation_maximization(net, "6", [1], steps=20, size=24)
+    assert net.training and all(m.training for m in net.modules())
+    assert [p.requires_grad for p in net.parameters()] == [True, True, False, False, True, True]
+    assert net[1].inplace and net[3].inplace and not net[6].inplace
+    for m in net.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_input_size_and_normalisation():
+    net = colour_net()
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    images, acts = activation_maximization(net, "3", [0, 3], steps=8, size=20, input_size=32,
+                                           mean=mean, std=std)
+    assert images.shape == (2, 3, 20, 20) and 0 <= images.min() and images.max() <= 1
+    x = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
+    x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    got = unit_means(net, 3, x)
+    torch.testing.assert_close(torch.stack([got[0, 0], got[1, 3]]), acts)
+
+
+def test_errors():
+    net = random_net()
+    with pytest.raises(CnnvisError, match="units 0..7"):
+        activation_maximization(net, "6", [8], steps=1, size=16)
+    with pytest.raises(CnnvisError, match="no layer named"):
+        activation_maximization(net, "conv9", [0], steps=1, size=16)
+    with pytest.raises(CnnvisError, match="both mean and std"):
+        activation_maximization(net, "6", [0], steps=1, size=16, mean=[0.5, 0.5, 0.5])
+    flat = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 4))
+    with pytest.raises(CnnvisError, match="4-D feature map"):
+        activation_maximization(flat, "1", [0], steps=1, size=16)
+
+
+def test_parameterisation_and_transforms():
+    g = torch.Generator().manual_seed(0)
+    param = FourierImage(2, (24, 20), generator=g)
+    img = param()
+    assert img.shape == (2, 3, 24, 20)
+    assert (img - 0.5).abs().max() < 0.05  # starts near grey
+    out = random_affine(img, g)
+    assert out.shape == (2, 3, 24 + 12, 20 + 12)
+    # Without scaling, rotation or shift the canvas is the image framed by grey.
+    same = random_affine(img, g, scales=(1.0,), angles=(0,), jitter=0, pad=2)
+    torch.testing.assert_close(same[:, :, 2:-2, 2:-2], img, atol=1e-5, rtol=0)
+    torch.testing.assert_close(same[:, :, :2], torch.full_like(same[:, :, :2], 0.5))
