@@ -16,7 +16,7 @@ import json
 import re
 from pathlib import Path
 
-from cnnvis_pipeline.errors import CnnvisError, check_name
+from cnnvis_pipeline.errors import SAFE_LAYER, SAFE_NAME, CnnvisError, check_name
 from cnnvis_pipeline.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
 REPLACED_SECTIONS = ("dataset", "models")
@@ -40,6 +40,57 @@ def merge_with_default(user: dict, default: dict) -> dict:
     for k in REPLACED_SECTIONS:
         merged[k] = copy.deepcopy(user[k] if k in user else default.get(k))
     return merged
+
+
+def _key_path(path) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".")
+
+
+def _schema_message(err) -> str:
+    """One line for a jsonschema error: the dotted key and what is wrong with it."""
+    key = _key_path(err.absolute_path)
+    where = f"config: {key}" if key else "config"
+    inst, val = err.instance, err.validator_value
+    if err.validator == "additionalProperties" and isinstance(inst, dict):
+        allowed = sorted(err.schema.get("properties") or {})
+        extra = sorted(k for k in inst if k not in allowed)
+        return f"{where}: unknown key(s) {', '.join(map(repr, extra))}; allowed: {', '.join(allowed)}"
+    if err.validator == "oneOf":
+        choices = [r["required"][0] for r in val if len(r.get("required", [])) == 1]
+        given = [k for k in choices if isinstance(inst, dict) and k in inst]
+        return f"{where}: give exactly one of {', '.join(choices)} (got {', '.join(given) or 'none'})"
+    if err.validator == "pattern":
+        kind = ("model name" if key == "models" else "name") if "propertyNames" in err.schema_path \
+            else {SAFE_NAME.pattern: "name", SAFE_LAYER.pattern: "layer name"}.get(val, "value")
+        safe = {
+            SAFE_NAME.pattern: " (a safe name: 1-64 letters, digits, '_' or '-', starting with a "
+            "letter or digit)",
+            SAFE_LAYER.pattern: " (a safe layer name: dotted module names of letters, digits and '_')",
+        }.get(val, "")
+        return f"{where}: {kind} {inst!r} is not allowed: it must match {val}{safe}"
+    if err.validator == "type":
+        return f"{where}: expected {' or '.join(val) if isinstance(val, list) else val}, got {inst!r}"
+    if err.validator == "enum":
+        return f"{where}: {inst!r} is not one of {', '.join(map(str, val))}"
+    return f"{where}: {err.message}"
+
+
+def check_schema(cfg: dict, schema_path: str | Path) -> None:
+    """Raise CnnvisError naming the config key that breaks the JSON schema, in one short line.
+
+    (Snakemake's validate() prints the whole schema; the workflow calls this first.)
+    """
+    import jsonschema
+    import yaml
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(cfg))
+    if not errors:
+        return
+    errors.sort(key=lambda e: (len(e.absolute_path) == 0, [str(p) for p in e.absolute_path],
+                               e.validator != "additionalProperties"))
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    raise CnnvisError(_schema_message(errors[0]) + more)
 
 
 def spec_digest(obj) -> str:

@@ -17,6 +17,10 @@ with open(CNNVIS_ROOT / "config" / "config.yaml") as _f:
 _merged = cc.merge_with_default(dict(config), _default_config)
 config.clear()
 config.update(_merged)
+try:  # one short line naming the bad key (Snakemake's own message prints the whole schema)
+    cc.check_schema(config, CNNVIS_ROOT / "workflow" / "schemas" / "config.schema.yaml")
+except CnnvisError as e:
+    raise WorkflowError(f"invalid configuration: {e}") from None
 validate(config, str(CNNVIS_ROOT / "workflow" / "schemas" / "config.schema.yaml"))
 
 try:
