@@ -498,7 +498,30 @@ def fetch_dataset(
 
 
 # -- command line -------------------------------------------------------------------------------
+def _spec_from_json(args) -> dict:
+    """`--spec`: the config's `dataset` mapping (what the workflow passes); --name names the dir."""
+    if args.url or args.sha256 or args.md5:
+        raise CnnvisError("download: give either --spec or --url/--sha256/--md5, not both")
+    try:
+        spec = json.loads(args.spec)
+    except ValueError as e:
+        raise CnnvisError(f"download: --spec is not valid JSON ({e})") from None
+    if not isinstance(spec, dict):
+        raise CnnvisError(f"download: --spec must be a JSON object, got {type(spec).__name__}")
+    spec = {k: v for k, v in spec.items() if k in _SPEC_KEYS}
+    if args.name:
+        spec["name"] = args.name
+    return spec
+
+
+_SPEC_KEYS = ("download", "url", "mirror", "name", "md5", "sha256")
+
+
 def _cmd_download(args) -> int:
+    if args.spec:
+        path = fetch_dataset(_spec_from_json(args), args.data_root, progress=not args.quiet)
+        print(path)
+        return 0
     if not args.name and not args.url:
         raise CnnvisError(
             f"download: give --name ({', '.join(KNOWN_DATASETS)}) or --url URL with --sha256 or "
@@ -536,5 +559,10 @@ def register(subparsers) -> None:
     sums = p.add_mutually_exclusive_group()
     sums.add_argument("--sha256", help="expected sha256 of the zip")
     sums.add_argument("--md5", help="expected md5 of the zip")
+    p.add_argument(
+        "--spec",
+        help="the config's dataset mapping as JSON (keys download, url, mirror, name, sha256, "
+        "md5), as the workflow passes it; --name then only names the directory",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_download)

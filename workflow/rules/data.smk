@@ -18,23 +18,30 @@ if "synth" in _ds:
             " --seed {params.seed} > {log} 2>&1"
 
 elif _ds.get("download") or _ds.get("url"):
+    # The whole `dataset` mapping goes to `cnnvis download --spec` (mirror:, name:, checksums);
+    # --name DATASET makes it write exactly DATASET_DIR = {data_root}/datasets/{DATASET}.
+    # resolve_source checks the mapping now, so a missing checksum fails before any job runs.
+    from cnnvis_pipeline.data.download import resolve_source
+
+    try:
+        resolve_source(dict(_ds, name=DATASET))
+    except CnnvisError as e:
+        raise WorkflowError(f"invalid configuration: {e}") from None
 
     rule download_dataset:
         output:
             directory(DATASET_DIR),
         params:
-            source=(
-                f"--name {_ds['download']}"
-                if _ds.get("download") and not _ds.get("url")
-                else f"--url {_ds['url']} "
-                + (f"--sha256 {_ds['sha256']}" if _ds.get("sha256") else f"--md5 {_ds.get('md5')}")
-                + f" --name {DATASET}"
+            spec=json.dumps(
+                {k: _ds[k] for k in ("download", "url", "mirror", "sha256", "md5") if _ds.get(k)},
+                sort_keys=True,
             ),
             root=f"{DATA_ROOT}/datasets",
         log:
             f"{DATA_ROOT}/logs/download_{DATASET}.log",
         shell:
-            "{CNNVIS} download --data-root {params.root} {params.source} > {log} 2>&1"
+            "{CNNVIS} download --data-root {params.root} --name {DATASET} --spec {params.spec:q}"
+            " --quiet > {log} 2>&1"
 
 
 rule validate_dataset:
