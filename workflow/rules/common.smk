@@ -83,3 +83,36 @@ def all_targets():
         + layer_outputs("detectors.png")
         + ["results/summary/detectors.parquet", "results/summary/unique_detectors.png"]
     )
+
+
+def failed_job_errors(snakemake_logs):
+    """The `error:` line(s) (or else the last line) of each failed job's log, with its path.
+
+    The commands write to their log files only; this puts the cause on the screen (onerror).
+    """
+    failed = []
+    for main_log in snakemake_logs or []:
+        try:
+            text = open(main_log, encoding="utf-8", errors="replace").read()
+        except OSError:
+            continue
+        pattern = r"^\s*log: (.+?) \(check log file\(s\) for error details\)"
+        for m in re.finditer(pattern, text, re.M):
+            failed += [p for p in m.group(1).split(", ") if p not in failed]
+    lines = []
+    for path in failed:
+        try:
+            text = open(path, encoding="utf-8", errors="replace").read()
+        except OSError:
+            continue
+        found = [ln.strip() for ln in text.splitlines() if ln.startswith("error:")]
+        if not found:
+            rest = text.replace("\r", "\n").split("\n")
+            found = [ln.strip() for ln in rest if ln.strip()][-1:]
+        lines += [f"{path}: {ln}" for ln in found]
+    return lines
+
+
+onerror:
+    for _line in failed_job_errors(log):
+        print(_line, file=sys.stderr)
