@@ -20,7 +20,7 @@ def _train(args) -> int:
     ds = PreparedDataset(args.prepared)
     torch.use_deterministic_algorithms(True)
     model, history, names = train_synthnet(
-        ds, epochs=int(train.get("epochs", 12)), batch_size=int(train.get("batch_size", 32)),
+        ds, epochs=int(train.get("epochs", 12)), batch_size=int(train.get("batch_size", 16)),
         lr=float(train.get("lr", 0.003)), seed=int(train.get("seed", spec.get("seed", 0))),
         mean=spec["mean"], std=spec["std"], category=train.get("category", "object"),
         progress=not args.quiet, **({"width": spec["kwargs"]["width"]} if "width" in spec.get("kwargs", {}) else {}),

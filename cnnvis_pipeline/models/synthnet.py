@@ -1,6 +1,6 @@
 """synthnet: the small reference CNN of the embedded default, and its training on broden-synth.
 
-- SynthNet: conv/ReLU/max-pool features (named modules, nn.ReLU so deconvnet works) and a linear
+- SynthNet: conv/batch-norm/ReLU/max-pool features (named modules, nn.ReLU so deconvnet works), a linear
   classifier on global max pooling (presence of each object anywhere in the image).
 - train_synthnet(dataset, ...): seeded multi-label object classification on the train split;
   returns the trained model and per-epoch (loss, train accuracy, val accuracy) per label.
@@ -26,20 +26,17 @@ class SynthNet(nn.Module):
     def __init__(self, num_classes: int = 9, width: int = 32):
         super().__init__()
         w = width
-        self.features = nn.Sequential(
-            OrderedDict(
-                conv1=nn.Conv2d(3, w, 3, padding=1),
-                relu1=nn.ReLU(inplace=True),
-                pool1=nn.MaxPool2d(2),
-                conv2=nn.Conv2d(w, 2 * w, 3, padding=1),
-                relu2=nn.ReLU(inplace=True),
-                pool2=nn.MaxPool2d(2),
-                conv3=nn.Conv2d(2 * w, 2 * w, 3, padding=1),
-                relu3=nn.ReLU(inplace=True),
-                conv4=nn.Conv2d(2 * w, 2 * w, 3, padding=1),
-                relu4=nn.ReLU(inplace=True),
-            )
-        )
+        layers: list[tuple[str, nn.Module]] = []
+        channels = [3, w, 2 * w, 2 * w, 2 * w]
+        for k in range(1, 5):
+            layers += [
+                (f"conv{k}", nn.Conv2d(channels[k - 1], channels[k], 3, padding=1)),
+                (f"bn{k}", nn.BatchNorm2d(channels[k])),
+                (f"relu{k}", nn.ReLU(inplace=True)),
+            ]
+            if k in (1, 2):
+                layers.append((f"pool{k}", nn.MaxPool2d(2)))
+        self.features = nn.Sequential(OrderedDict(layers))
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.classifier = nn.Linear(2 * w, num_classes)
 
@@ -66,7 +63,7 @@ def class_targets(dataset: PreparedDataset, category: str) -> tuple[np.ndarray, 
     return targets, names
 
 
-def train_synthnet(dataset: PreparedDataset, *, epochs: int = 12, batch_size: int = 32,
+def train_synthnet(dataset: PreparedDataset, *, epochs: int = 12, batch_size: int = 16,
                    lr: float = 0.003, seed: int = 0, width: int = 32, mean=None, std=None,
                    category: str = "object", progress: bool = True):
     """Multi-label classification of the labels of `category` present in each image (BCE)."""
