@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -42,13 +43,18 @@ def load_state_dict_file(path: str | Path, *, where: str = "checkpoint") -> dict
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        # torch's message is long; keep its "WeightsUnpickler error: Unsupported global: ..."
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else "")
+        first = re.sub(r"\x1b\[[0-9;]*m", "", first).split(". Please use")[0]
         raise CnnvisError(
             f"{path}: refused: the checkpoint holds pickled objects or code that a plain state "
             f"dict never contains (torch.load weights_only=True: {first[:200]})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CnnvisError(f"{path}: not a readable PyTorch checkpoint ({str(e)[:200]})") from None
+    except Exception as e:  # arbitrary bytes fail in many ways (KeyError, struct.error, ...)
+        raise CnnvisError(
+            f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -56,9 +62,15 @@ def load_state_dict_file(path: str | Path, *, where: str = "checkpoint") -> dict
     if not isinstance(obj, dict) or not obj or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
+        bad = next((f"{k!r}: {type(v).__name__}" for k, v in obj.items()
+                    if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None) \
+            if isinstance(obj, dict) else None
+        got = ("an empty dict" if isinstance(obj, dict) and not obj
+               else f"a dict with a non-tensor entry ({bad[:80]})" if bad
+               else type(obj).__name__)
         raise CnnvisError(
             f"{path}: not a state dict (expected a mapping of parameter names to tensors, "
-            f"got {type(obj).__name__})"
+            f"got {got})"
         )
     return obj
 
@@ -143,10 +155,11 @@ def build_model(name: str, spec: dict) -> tuple[nn.Module, dict]:
         state = load_state_dict_file(ckpt, where=f"{where}.checkpoint")
         try:
             model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise CnnvisError(
-                f"{ckpt}: does not fit model {name!r}: {str(e).splitlines()[0][:300]}"
-            ) from None
+        except RuntimeError as e:  # torch lists the problems on the lines after the first
+            lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()] or [str(e)]
+            detail = "; ".join(lines)
+            detail = detail if len(detail) <= 400 else detail[:400] + " ..."
+            raise CnnvisError(f"{ckpt}: does not fit model {name!r}: {detail}") from None
         info["checkpoint"] = str(ckpt)
         info["checkpoint_sha256"] = file_sha256(ckpt)
     return model.eval(), info
