@@ -52,11 +52,15 @@ def register(sub) -> None:
     p.add_argument("--out-dir", required=True)
 
     p = add("summary", "detectors per model, layer and category over all models",
-            lambda a: pipeline.run_summary(a.units, a.out, a.figure) is None, spec=False,
-            prepared=False)
+            lambda a: pipeline.run_summary(a.units, a.out, a.figure,
+                                           json.loads(a.series) if a.series else None) is None,
+            spec=False, prepared=False)
     p.add_argument("--units", nargs="+", required=True, help="units.parquet files")
     p.add_argument("--out", required=True)
     p.add_argument("--figure", default=None)
+    p.add_argument("--series", default=None,
+                   help='checkpoint series as JSON: {"<series>": {"models": [<model per '
+                        'checkpoint, in order>], "figure": "<png to write>"}}')
 
     p = add("dissect", "the whole dissection of one model in one process",
             lambda a: pipeline.dissect(_spec(a), a.prepared, a.out_dir, keep_on_device=False,

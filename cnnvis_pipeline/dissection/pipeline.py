@@ -275,7 +275,11 @@ def dissect(spec: dict, prepared: str | Path | PreparedDataset, out_dir: str | P
             "extract_s": t1 - t0, "tally_s": t2 - t1}
 
 
-def run_summary(units_files: list, out: str | Path, figure: str | Path | None = None) -> pd.DataFrame:
+def run_summary(units_files: list, out: str | Path, figure: str | Path | None = None,
+                series: dict | None = None) -> pd.DataFrame:
+    """detectors.parquet over all models and layers, the unique-detectors figure, and one
+    figure per checkpoint series: `series` maps a series name to {"models": [model names in
+    checkpoint order], "figure": path} (what the workflow's summary rule passes)."""
     frames = [pq.read_table(f).to_pandas() for f in sorted(map(str, units_files))]
     units = pd.concat(frames, ignore_index=True)
     cats = None
@@ -286,7 +290,18 @@ def run_summary(units_files: list, out: str | Path, figure: str | Path | None = 
                            dataset_digest=None))
     if figure is not None:
         plot_summary(counts, figure)
+    for name, entry in sorted((series or {}).items()):
+        models = list(entry["models"])
+        missing = [m for m in models if m not in set(counts["model"])]
+        if missing:
+            raise CnnvisError(f"series {name}: no units tables for models {missing}")
+        plot_series(counts, name, models, entry["figure"])
     return counts
+
+
+def _savefig(fig, path: str | Path, **kw) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, metadata={"Software": None, "Creation Time": None}, **kw)
 
 
 def plot_summary(counts: pd.DataFrame, path: str | Path) -> None:
@@ -311,6 +326,48 @@ def plot_summary(counts: pd.DataFrame, path: str | Path) -> None:
     ax.set_title("Unique detectors per category, by model and layer")
     ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Software": None, "Creation Time": None})
+    _savefig(fig, path)
     plt.close(fig)
+
+
+def series_counts(counts: pd.DataFrame, name: str, models: list[str]) -> pd.DataFrame:
+    """The rows of `counts` for one checkpoint series, with `checkpoint` (index in the series)
+    and `checkpoint_name` (the checkpoint's stem: the model name without `<series>-`)."""
+    index = {m: k for k, m in enumerate(models)}
+    data = counts[counts["model"].isin(index)].copy()
+    data["checkpoint"] = data["model"].map(index).astype(int)
+    prefix = f"{name}-"
+    data["checkpoint_name"] = [m[len(prefix):] if m.startswith(prefix) else m for m in data["model"]]
+    return data.sort_values(["layer", "checkpoint", "category"]).reset_index(drop=True)
+
+
+def plot_series(counts: pd.DataFrame, name: str, models: list[str], path: str | Path) -> None:
+    """Unique detectors over training: x = checkpoint index in the series, y = unique detectors,
+    hue = category, one panel per layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    data = series_counts(counts, name, models)
+    layers = sorted(data["layer"].unique())
+    categories = sorted(data["category"].unique())
+    ticks = sorted(set(data["checkpoint"]))
+    labels = dict(zip(data["checkpoint"], data["checkpoint_name"], strict=False))
+    cols = min(len(layers), 4)
+    grid = sns.relplot(
+        data=data, x="checkpoint", y="unique_detectors", hue="category", hue_order=categories,
+        col="layer", col_order=layers, col_wrap=cols if len(layers) > cols else None,
+        kind="line", marker="o", height=3.2, aspect=1.2, palette="tab10",
+        facet_kws={"sharey": True},
+    )
+    for ax in grid.axes.flat:
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{k}\n{labels[k]}" for k in ticks], fontsize=8)
+        ax.set_ylim(bottom=0)
+    grid.set_axis_labels("checkpoint (index in the series)", "unique detectors")
+    grid.set_titles(col_template="{col_name}")
+    grid.figure.suptitle(f"Unique detectors over training: {name}", y=1.02)
+    _savefig(grid.figure, path, bbox_inches="tight")
+    plt.close(grid.figure)

@@ -96,6 +96,21 @@ rule layer_tables:
         " --out-dir results/{wildcards.model} > {log} 2>&1"
 
 
+# Checkpoint series (`checkpoints: [...]` in a model's config): one figure of detectors over
+# training per series, x = the checkpoint's index in the series.
+SERIES = {}
+for _model, _spec in MODELS.items():
+    if _spec.get("series"):
+        SERIES.setdefault(_spec["series"], []).append((_spec["series_index"], _model))
+SERIES = {
+    name: [m for _, m in sorted(members)] for name, members in sorted(SERIES.items())
+}
+
+
+def series_figure(name):
+    return f"results/summary/series_{name}.png"
+
+
 rule summary:
     input:
         layer_outputs("units.parquet"),
@@ -107,7 +122,25 @@ rule summary:
             category="Summary",
             labels={"figure": "unique detectors per category"},
         ),
+        series=[
+            report(
+                series_figure(name),
+                caption="../report/series.rst",
+                category="Summary",
+                labels={"figure": f"detectors over training: {name}"},
+            )
+            for name in SERIES
+        ],
     log:
         "results/logs/summary.log",
+    params:
+        series=json.dumps(
+            {
+                name: {"models": models, "figure": series_figure(name)}
+                for name, models in SERIES.items()
+            },
+            sort_keys=True,
+        ),
     shell:
-        "{CNNVIS} summary --units {input} --out {output.table} --figure {output.figure} > {log} 2>&1"
+        "{CNNVIS} summary --units {input} --out {output.table} --figure {output.figure}"
+        " --series {params.series:q} > {log} 2>&1"
