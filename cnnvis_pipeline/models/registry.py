@@ -157,8 +157,7 @@ def build_model(name: str, spec: dict) -> tuple[nn.Module, dict]:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:  # torch lists the problems on the lines after the first
             lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()] or [str(e)]
-            detail = "; ".join(lines)
-            detail = detail if len(detail) <= 400 else detail[:400] + " ..."
+            detail = "; ".join(ln if len(ln) <= 200 else ln[:200] + " ..." for ln in lines[:4])
             raise CnnvisError(f"{ckpt}: does not fit model {name!r}: {detail}") from None
         info["checkpoint"] = str(ckpt)
         info["checkpoint_sha256"] = file_sha256(ckpt)
