@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "cnnvis_pipeline.data.validate",
     "cnnvis_pipeline.models.commands",
     "cnnvis_pipeline.dissection.commands",
+    "cnnvis_pipeline.viz.commands",
+    "cnnvis_pipeline.reports.commands",
 ]
 
 

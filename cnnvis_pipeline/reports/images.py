@@ -1,0 +1,76 @@
+"""Small image helpers for the visualisations: PNG writing, mask overlays, strips, crops."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+GAP = 2  # pixels of white between the tiles of a strip
+
+
+def to_uint8(x) -> np.ndarray:
+    """[3, H, W] or [H, W, 3] float in [0, 1] (tensor or array) -> uint8 [H, W, 3]."""
+    a = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    if a.ndim == 3 and a.shape[0] == 3 and a.shape[-1] != 3:
+        a = a.transpose(1, 2, 0)
+    if a.dtype != np.uint8:
+        a = np.clip(np.nan_to_num(a.astype(np.float64)) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(a)
+
+
+def save_png(a: np.ndarray, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    Image.fromarray(to_uint8(a)).save(tmp, format="PNG", optimize=True)
+    os.replace(tmp, path)
+    return path
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, dim: float = 0.3,
+                 edge=(255, 214, 0)) -> np.ndarray:
+    """The image with everything outside `mask` darkened and the mask's outline drawn."""
+    img = image.astype(np.float32)
+    out = np.where(mask[..., None], img, img * dim)
+    inner = mask.copy()
+    inner[1:, :] &= mask[:-1, :]
+    inner[:-1, :] &= mask[1:, :]
+    inner[:, 1:] &= mask[:, :-1]
+    inner[:, :-1] &= mask[:, 1:]
+    out[mask & ~inner] = edge
+    return out.astype(np.uint8)
+
+
+def strip(tiles: list[np.ndarray], rows: int = 1, fill: int = 255) -> np.ndarray:
+    """Tiles (uint8 [h, w, 3], any sizes) in a grid of `rows` rows, GAP pixels apart."""
+    if not tiles:
+        return np.full((1, 1, 3), fill, np.uint8)
+    cols = -(-len(tiles) // rows)
+    th = max(t.shape[0] for t in tiles)
+    tw = max(t.shape[1] for t in tiles)
+    out = np.full((rows * th + (rows - 1) * GAP, cols * tw + (cols - 1) * GAP, 3), fill, np.uint8)
+    for k, t in enumerate(tiles):
+        r, c = divmod(k, cols)
+        y, x = r * (th + GAP), c * (tw + GAP)
+        out[y : y + t.shape[0], x : x + t.shape[1]] = t
+    return out
+
+
+def pad_to(tile: np.ndarray, h: int, w: int, fill: int = 128) -> np.ndarray:
+    """Centre `tile` on an h x w canvas (crops of clipped receptive fields are smaller)."""
+    out = np.full((h, w, 3), fill, np.uint8)
+    th, tw = min(h, tile.shape[0]), min(w, tile.shape[1])
+    y, x = (h - th) // 2, (w - tw) // 2
+    out[y : y + th, x : x + tw] = tile[:th, :tw]
+    return out
+
+
+def signed_to_image(p: np.ndarray) -> np.ndarray:
+    """A DeconvNet projection [H, W, 3] (any sign) as an image: 0 -> grey, scaled per image."""
+    scale = float(np.abs(p).max())
+    if scale <= 0:
+        return np.full(p.shape, 128, np.uint8)
+    return to_uint8(0.5 + 0.5 * p / scale)
