@@ -121,8 +121,8 @@ def test_cli_spec_errors(argv, message, tmp_path, capsys, monkeypatch):
 def run_snakemake(workdir: Path, cfg: dict, *targets: str) -> subprocess.CompletedProcess:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", "--configfile", str(workdir / "cfg.yaml"), *targets]
+    cmd = [str(SNAKEMAKE), *targets, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--cores", "2", "--configfile", str(workdir / "cfg.yaml")]  # (--configfile takes 1+)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode:
         print(proc.stdout[-3000:], proc.stderr[-3000:])

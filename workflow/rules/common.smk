@@ -82,11 +82,14 @@ def all_targets():
         + layer_outputs("units.parquet")
         + layer_outputs("detectors.png")
         + ["results/summary/detectors.parquet", "results/summary/unique_detectors.png"]
+        + [f"results/{model}/report/index.html" for model in MODELS]
+        + ["results/summary/index.html"]
     )
 
 
 def failed_job_errors(snakemake_logs):
-    """The `error:` line(s) (or else the last line) of each failed job's log, with its path.
+    """The `error:` line(s) of each failed job's log (else its traceback's exception line, else its
+    last line), each after the log's path.
 
     The commands write to their log files only; this puts the cause on the screen (onerror).
     """
@@ -105,10 +108,14 @@ def failed_job_errors(snakemake_logs):
             text = open(path, encoding="utf-8", errors="replace").read()
         except OSError:
             continue
+        text = text.replace("\r", "\n")
         found = [ln.strip() for ln in text.splitlines() if ln.startswith("error:")]
+        if not found and "Traceback (most recent call last):" in text:
+            tb = text.rsplit("Traceback (most recent call last):", 1)[1].splitlines()
+            exception = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
+            found = [ln for ln in tb if exception.match(ln)][:1]
         if not found:
-            rest = text.replace("\r", "\n").split("\n")
-            found = [ln.strip() for ln in rest if ln.strip()][-1:]
+            found = [ln.strip() for ln in text.splitlines() if ln.strip()][-1:]
         lines += [f"{path}: {ln}" for ln in found]
     return lines
 
