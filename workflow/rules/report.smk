@@ -1,0 +1,96 @@
+# Visualisation and report stage: per (model, layer) unit visualisations (a GPU rule), one
+# self-contained HTML report per model, and the summary page linking them all.
+
+
+rule visualize_layer:
+    input:
+        prepared=PREPARED,
+        checkpoint=checkpoint_input,
+        units="results/{model}/{layer}/units.parquet",
+        top="results/{model}/{layer}/top_images.parquet",
+        thresholds="results/{model}/{layer}/thresholds.parquet",
+    output:
+        viz=directory("results/{model}/{layer}/viz"),
+        am="results/{model}/{layer}/activation_max.parquet",
+        inversion="results/{model}/{layer}/inversion.parquet",
+    log:
+        "results/logs/{model}/visualize_{layer}.log",
+    threads: int(config["reports"]["threads"])
+    params:
+        spec=spec_json,
+        settings=json.dumps(config["reports"], sort_keys=True),
+    shell:
+        "{CNNVIS} visualize --prepared {input.prepared} --spec {params.spec:q}"
+        " --layer {wildcards.layer} --layer-dir results/{wildcards.model}/{wildcards.layer}"
+        " --settings {params.settings:q} --threads {threads} > {log} 2>&1"
+
+
+rule model_report:
+    input:
+        units=lambda wc: [
+            f"results/{wc.model}/{layer}/units.parquet"
+            for layer in MODELS[wc.model]["layers"]
+        ],
+        iou=lambda wc: [
+            f"results/{wc.model}/{layer}/iou.parquet"
+            for layer in MODELS[wc.model]["layers"]
+        ],
+        detectors=lambda wc: [
+            f"results/{wc.model}/{layer}/detectors.png"
+            for layer in MODELS[wc.model]["layers"]
+        ],
+        viz=lambda wc: [
+            f"results/{wc.model}/{layer}/viz" for layer in MODELS[wc.model]["layers"]
+        ],
+        am=lambda wc: [
+            f"results/{wc.model}/{layer}/activation_max.parquet"
+            for layer in MODELS[wc.model]["layers"]
+        ],
+        inversion=lambda wc: [
+            f"results/{wc.model}/{layer}/inversion.parquet"
+            for layer in MODELS[wc.model]["layers"]
+        ],
+    output:
+        html=report(
+            "results/{model}/report/index.html",
+            caption="../report/model_report.rst",
+            category="Reports",
+            labels={"model": "{model}", "page": "unit visualisations"},
+        ),
+        iou=report(
+            "results/{model}/report/iou_distribution.png",
+            caption="../report/iou_distribution.rst",
+            category="Dissection",
+            subcategory="{model}",
+            labels={"model": "{model}", "layer": "all", "figure": "IoU per category"},
+        ),
+    log:
+        "results/logs/{model}/report.log",
+    params:
+        layers=lambda wc: MODELS[wc.model]["layers"],
+        iou_threshold=config["dissection"]["iou_threshold"],
+    shell:
+        "{CNNVIS} report --model {wildcards.model} --results results/{wildcards.model}"
+        " --layers {params.layers} --out {output.html} --iou-figure {output.iou}"
+        " --iou-threshold {params.iou_threshold} > {log} 2>&1"
+
+
+rule summary_page:
+    input:
+        reports=expand("results/{model}/report/index.html", model=MODELS),
+        table="results/summary/detectors.parquet",
+        figure="results/summary/unique_detectors.png",
+    output:
+        report(
+            "results/summary/index.html",
+            caption="../report/summary_page.rst",
+            category="Summary",
+            labels={"figure": "summary page"},
+        ),
+    log:
+        "results/logs/summary_page.log",
+    params:
+        reports=[f"{m}=results/{m}/report/index.html" for m in MODELS],
+    shell:
+        "{CNNVIS} summary-page --reports {params.reports} --detectors {input.table}"
+        " --figure {input.figure} --out {output} > {log} 2>&1"
