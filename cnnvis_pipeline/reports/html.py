@@ -22,6 +22,7 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -164,8 +165,10 @@ def plot_iou_distribution(iou: pd.DataFrame, path: str | Path, title: str,
     layers = list(dict.fromkeys(iou["layer"]))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.4 * len(cats) * max(1, len(layers)) ** 0.5 + 2), 4))
     if len(data):
-        sns.boxplot(data=data, x="category", y="iou", hue="layer", order=cats, hue_order=layers,
-                    showfliers=False, ax=ax, palette="pastel")
+        with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib's deprecated `vert`
+            warnings.simplefilter("ignore", DeprecationWarning)
+            sns.boxplot(data=data, x="category", y="iou", hue="layer", order=cats,
+                        hue_order=layers, showfliers=False, ax=ax, palette="pastel")
         sns.stripplot(data=data, x="category", y="iou", hue="layer", order=cats,
                       hue_order=layers, dodge=True, size=2.5, alpha=0.6, ax=ax, palette="dark",
                       legend=False)

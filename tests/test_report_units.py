@@ -1,0 +1,253 @@
+"""Unit selection, report settings, the visualize step's tables/manifest on a tiny dissection,
+the DeconvNet refusal path and the self-contained HTML (no browser needed)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnnvis_pipeline.data.prepared import PreparedDataset
+from cnnvis_pipeline.dissection.pipeline import dissect
+from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.models.hooks import find_module
+from cnnvis_pipeline.models.registry import build_model
+from cnnvis_pipeline.reports.html import build_model_report, build_summary_page
+from cnnvis_pipeline.reports.selection import requested_units, select_units
+from cnnvis_pipeline.reports.settings import REPORT_DEFAULTS, report_settings
+from cnnvis_pipeline.reports.visualize import inversion_candidates, run_visualize
+from cnnvis_pipeline.tables import SCHEMAS, read_provenance
+from cnnvis_pipeline.viz import representation_spread
+
+LAYER = "features.relu4"
+TINY_REPORTS = {"top_units": 3, "top_images": 4, "activation_max": {"steps": 6, "size": 32},
+                "inversion": {"images": 2, "steps": 8, "spread_images": 10}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def layer_output(model, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output for [0, 1] images, by a plain forward hook (mean 0.5, std 0.25)."""
+    feats = {}
+    h = find_module(model, LAYER).register_forward_hook(lambda m, i, o: feats.update(a=o.clone()))
+    with torch.no_grad():
+        model((x - 0.5) / 0.25)
+    h.remove()
+    return feats["a"]
+
+
+def units_frame(ious):
+    return pd.DataFrame({"unit": np.arange(len(ious), dtype=np.int32), "iou": ious})
+
+
+# --- selection and settings ------------------------------------------------------------------
+
+
+def test_select_units_top_iou_ties_by_unit_then_requested():
+    units = units_frame([0.1, 0.3, 0.3, 0.0, 0.2, 0.05])
+    assert select_units(units, 3) == [1, 2, 4]
+    assert select_units(units, 3, [5, 2, 0, 5]) == [1, 2, 4, 5, 0]  # no repeats, given order
+    assert select_units(units, 0, [3]) == [3]
+    assert select_units(units, 100) == [1, 2, 4, 0, 5, 3]
+    with pytest.raises(CnnvisError, match=r"units 0\.\.5; cannot visualise units \[6\]"):
+        select_units(units, 2, [6], where="m layer")
+
+
+def test_requested_units_from_the_model_spec():
+    spec = {"name": "m", "layers": ["a", "b"], "units": {"b": [3, 1]}}
+    assert requested_units(spec, "b") == [3, 1]
+    assert requested_units(spec, "a") == []
+    assert requested_units({"name": "m", "layers": ["a"], "units": []}, "a") == []  # the default
+    with pytest.raises(CnnvisError, match="not among its layers"):
+        requested_units({"name": "m", "layers": ["a"], "units": {"c": [1]}}, "a")
+
+
+def test_report_settings_defaults_and_unknown_keys():
+    s = report_settings({"activation_max": {"steps": 7}})
+    assert s["activation_max"] == {**REPORT_DEFAULTS["activation_max"], "steps": 7}
+    assert s["top_units"] == 16 and s["inversion"]["images"] == 4
+    assert report_settings(None) == REPORT_DEFAULTS
+    with pytest.raises(CnnvisError, match="reports.activation_max.step is not a known"):
+        report_settings({"activation_max": {"step": 7}})
+
+
+def test_schema_defaults_match_the_library():
+    import yaml
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml")
+                            .read_text())["properties"]["reports"]["properties"]
+    for key, value in REPORT_DEFAULTS.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                assert schema[key]["properties"][k]["default"] == v, (key, k)
+        else:
+            assert schema[key]["default"] == value, key
+
+
+# --- the visualize step on a tiny dissection -------------------------------------------------
+
+
+def tiny_spec(**extra):
+    return {"name": "tiny", "arch": "synthnet", "kwargs": {"width": 4}, "seed": 0,
+            "layers": ["features.relu3", LAYER], "mean": [0.5] * 3, "std": [0.25] * 3,
+            "units": {LAYER: [7]}, "dissection": {"top_k": 5, "device": "cpu"}, **extra}
+
+
+@pytest.fixture(scope="module")
+def visualized(prepared_dir, tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("vis")
+    spec = tiny_spec()
+    dissect(spec, prepared_dir, out, progress=False)
+    manifest = run_visualize(spec, prepared_dir, LAYER, out / LAYER, TINY_REPORTS)
+    return spec, out, manifest
+
+
+def test_selected_units_and_activation_max_table(visualized):
+    spec, out, manifest = visualized
+    units = pq.read_table(out / LAYER / "units.parquet").to_pandas()
+    want = select_units(units, 3, [7])
+    assert [c["unit"] for c in manifest["units"]] == want
+    assert [c["requested"] for c in manifest["units"]] == [u == 7 for u in want]
+    t = pq.read_table(out / LAYER / "activation_max.parquet")
+    assert t.schema.remove_metadata() == SCHEMAS["activation_max"]
+    am = t.to_pandas()
+    top = pq.read_table(out / LAYER / "top_images.parquet").to_pandas()
+    assert am["unit"].tolist() == want
+    assert (am["model"] == "tiny").all() and (am["layer"] == LAYER).all()
+    for r in am.itertuples():
+        assert r.dataset_top_activation == top[top["unit"] == r.unit]["max_activation"].max()
+        if r.dataset_top_activation > 0:
+            assert r.ratio == pytest.approx(r.achieved_activation / r.dataset_top_activation)
+        assert r.achieved_activation >= 0  # a ReLU layer
+    prov = read_provenance(out / LAYER / "activation_max.parquet")
+    assert prov["model"] == "tiny" and prov["dataset_digest"] and prov["layer"] == LAYER
+
+
+def test_inversion_table_and_normalisation(visualized, prepared_dir):
+    spec, out, manifest = visualized
+    t = pq.read_table(out / LAYER / "inversion.parquet")
+    assert t.schema.remove_metadata() == SCHEMAS["inversion"]
+    inv = t.to_pandas()
+    ds = PreparedDataset(prepared_dir)
+    cand = inversion_candidates(ds)
+    assert ds.meta["splits"][cand[0]] == "val"
+    assert inv["image_index"].tolist() == [int(i) for i in cand[:2]]  # no all-zero images here
+    assert inv["image"].tolist() == [ds.meta["images"][i] for i in inv["image_index"]]
+    assert np.isfinite(inv["error"]).all() and (inv["error"] >= 0).all()
+    # normalized_error = ||Phi(x*) - Phi0||^2 / spread, from the relative error and ||Phi0||^2
+    model, _ = build_model("tiny", spec)
+    x = torch.from_numpy(np.asarray(ds.images[inv["image_index"].to_numpy()])).permute(0, 3, 1, 2)
+    x = x.float() / 255
+    spread_x = torch.from_numpy(np.asarray(ds.images[cand[:10]])).permute(0, 3, 1, 2).float() / 255
+    spread = representation_spread(model, LAYER, spread_x, mean=spec["mean"], std=spec["std"])
+    norm2 = layer_output(model, x).flatten(1).double().pow(2).sum(1).numpy()
+    np.testing.assert_allclose(inv["normalized_error"], inv["error"] * norm2 / spread, rtol=1e-5)
+    for r in manifest["inversion"]:
+        assert (out / LAYER / "viz" / r["original_file"]).is_file()
+        assert (out / LAYER / "viz" / r["reconstruction_file"]).is_file()
+
+
+def test_masks_are_the_thresholded_upsampled_maps(visualized, prepared_dir):
+    spec, out, manifest = visualized
+    ds = PreparedDataset(prepared_dir)
+    model, _ = build_model("tiny", spec)
+    thr = pq.read_table(out / LAYER / "thresholds.parquet").to_pandas().set_index("unit")
+    assert manifest["top_images_max_abs_diff"] == 0.0  # same maxima as the dissection's pass
+    for card in manifest["units"]:
+        u = card["unit"]
+        idx = np.asarray(card["top_image_index"])
+        assert len(idx) == 4  # reports.top_images
+        x = torch.from_numpy(np.asarray(ds.images[idx])).permute(0, 3, 1, 2).float() / 255
+        a = layer_output(model, x)[:, u : u + 1].half().float()
+        up = F.interpolate(a, size=ds.images.shape[1:3], mode="bilinear", align_corners=False)
+        want = (up[:, 0] > thr.loc[u, "threshold"]).float().mean(dim=(1, 2)).numpy()
+        np.testing.assert_allclose(card["mask_fraction"], want, atol=1e-9)
+        for key in ("top_file", "am_file", "deconv_file"):
+            assert (out / LAYER / "viz" / card[key]).is_file()
+        assert len(card["receptive_fields"]) == 4
+    assert manifest["deconv_error"] is None
+    assert set(manifest["per_unit_s"]) == {"activation_max", "deconvnet", "inversion_per_image"}
+
+
+class FunctionalReLUNet(nn.Module):
+    """Named like synthnet's layers, but with F.relu inside forward: DeconvNet must refuse."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential()
+        self.features.add_module("conv1", nn.Conv2d(3, 4, 3, padding=1))
+        self.features.add_module("relu4", nn.Identity())
+
+    def forward(self, x):
+        return self.features.relu4(F.relu(self.features.conv1(x)))
+
+
+def test_deconv_refusal_is_recorded_and_reported(prepared_dir, tmp_path):
+    spec = tiny_spec(layers=[LAYER], units={})
+    net = FunctionalReLUNet().eval()
+    dissect(spec, prepared_dir, tmp_path, progress=False, model=net)
+    m = run_visualize(spec, prepared_dir, LAYER, tmp_path / LAYER, TINY_REPORTS, model=net)
+    assert "functional ReLU" in m["deconv_error"]
+    assert all("deconv_file" not in c for c in m["units"])
+    assert all("am_file" in c for c in m["units"]) and len(m["inversion"]) == 2
+    html = build_model_report("tiny", {LAYER: tmp_path / LAYER}, tmp_path / "r" / "index.html")
+    text = html.read_text()
+    assert "functional ReLU" in text
+    assert (tmp_path / "r" / "iou_distribution.png").is_file()
+
+
+def test_report_html_is_self_contained(visualized, tmp_path):
+    spec, out, manifest = visualized
+    units = pq.read_table(out / LAYER / "units.parquet").to_pandas()
+    page = build_model_report("tiny", {LAYER: out / LAYER}, tmp_path / "tiny" / "report" /
+                              "index.html", iou_threshold=0.04)
+    text = page.read_text()
+    n_det = int(units["detector"].sum())
+    uniq = units[units["detector"]][["category", "label"]].drop_duplicates().shape[0]
+    assert f"{n_det}/{len(units)} units are detectors, {uniq} unique concepts" in text
+    srcs = re.findall(r'<img[^>]* src="([^"]*)"', text)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert not re.search(r'(src|href)="(https?:)?//', text)
+    assert "<link" not in text and '<script src' not in text
+    assert len(re.findall(r'<article class="card"', text)) == len(manifest["units"])
+    # the summary page links the report relatively and embeds the figure
+    from cnnvis_pipeline.dissection.pipeline import run_summary
+
+    summary = tmp_path / "summary"
+    run_summary([out / LAYER / "units.parquet"], summary / "detectors.parquet",
+                summary / "unique_detectors.png")
+    idx = build_summary_page({"tiny": page}, summary / "detectors.parquet",
+                             summary / "unique_detectors.png", summary / "index.html")
+    s = idx.read_text()
+    assert 'href="../tiny/report/index.html"' in s
+    assert re.search(r'<img[^>]* src="data:image/png;base64,', s)
+
+
+def test_manifest_is_json_and_tables_are_deterministic(visualized, prepared_dir, tmp_path):
+    spec, out, manifest = visualized
+    on_disk = json.loads((out / LAYER / "viz" / "manifest.json").read_text())
+    assert on_disk["units"] == manifest["units"]
+    # a second run on a copy gives byte-identical tables (no time in the provenance)
+    import shutil
+
+    copy = tmp_path / LAYER
+    shutil.copytree(out / LAYER, copy)
+    run_visualize(spec, prepared_dir, LAYER, copy, TINY_REPORTS)
+    for name in ("activation_max.parquet", "inversion.parquet"):
+        assert (copy / name).read_bytes() == (out / LAYER / name).read_bytes()
