@@ -74,9 +74,12 @@ def _prov(spec: dict, ds: PreparedDataset, info: dict | None = None) -> dict:
 
 
 def _atomic_dir(out: Path) -> Path:
+    # A temporary sibling of an earlier attempt is stale (that process was killed: Snakemake
+    # runs one job per output at a time); remove it, it may hold gigabytes of activations.
+    if out.parent.is_dir():
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
 
