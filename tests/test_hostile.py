@@ -2,8 +2,8 @@
 non-zero exit, and no partial output that looks valid.
 
 Most cases run the `cnnvis` command functions in-process (fast); a few run the whole `snakemake`
-command line on tiny data (marked slow): a malformed config, an unsafe name, a checkpoint with
-pickled code, and an extraction that fails midway.
+command line on tiny data (marked slow): a malformed config, an unsafe name, a corrupt image, a
+checkpoint with pickled code, and an extraction that fails midway.
 """
 
 from __future__ import annotations
@@ -509,18 +509,21 @@ def test_workflow_malformed_config_names_the_key(tmp_path):
 
 
 @pytest.mark.slow
-def test_workflow_refuses_pickled_code_and_failed_extraction_leaves_nothing(tmp_path, factories):
+def test_workflow_refuses_pickled_code_and_failed_extraction_leaves_nothing(
+    tmp_path, factories, pristine
+):
     """Two models on one tiny synth dataset: one with a code-carrying checkpoint, one whose
     forward pass fails on the second batch. Neither leaves a shard, a table or a marker."""
     marker = tmp_path / "marker"
     ckpt = pickled_code_checkpoint(tmp_path / "evil.pt", marker)
     cfg = base_config()
+    cfg["dataset"] = {"path": str(pristine)}  # 8 images: two batches of 4
     cfg["models"] = {
         "evil": {"arch": "synthnet", "kwargs": {"width": 4}, "checkpoint": str(ckpt),
                  "layers": ["features.relu3"]},
         "midway": {"factory": "hostile_models:fails_midway", "layers": ["relu"]},
     }
-    cfg["dissection"].update(batch_size=8, device="cpu")
+    cfg["dissection"].update(batch_size=4, device="cpu")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(factories), os.environ.get("PYTHONPATH", "")]))
     work = tmp_path / "w"
@@ -537,3 +540,17 @@ def test_workflow_refuses_pickled_code_and_failed_extraction_leaves_nothing(tmp_
         extract_dir = work / "results" / model / "extract"
         assert not extract_dir.exists() or list(extract_dir.iterdir()) == []
     assert not (work / "results" / "summary").exists()
+
+
+@pytest.mark.slow
+def test_workflow_corrupt_image_stops_at_validation(dataset, tmp_path):
+    rel = first_cell(dataset, "image")
+    (dataset / "images" / rel).write_bytes(b"not a JPEG at all")
+    cfg = base_config()
+    cfg["dataset"] = {"path": str(dataset)}
+    work = tmp_path / "w"
+    proc = run_snakemake(work, cfg)
+    assert proc.returncode != 0
+    assert re.search(rf"index\.csv: line 2: \S*images/{re.escape(rel)}: cannot decode image",
+                     proc.stderr), proc.stderr[-3000:]
+    assert outputs(work) == []  # no validated marker, no prepared arrays, no results
