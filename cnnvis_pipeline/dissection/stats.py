@@ -19,10 +19,13 @@ N_BITS = 1 << 16
 
 
 def _float16_keys(x: torch.Tensor) -> torch.Tensor:
-    """Map float16 values to int64 keys in 0..65535 whose order is the values' order."""
-    bits = x.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
-    negative = bits >= 0x8000
-    return torch.where(negative, 0xFFFF - bits, bits | 0x8000)
+    """Map float16 values to int32 keys in 0..65535 whose order is the values' order.
+
+    With s the bits as a signed int16: negative values (s < 0) map to ~s = -1 - s, the others to
+    s | 0x8000; i.e. s ^ ((s >> 15) | 0x8000) on the sign-extended int32.
+    """
+    s = x.contiguous().view(torch.int16).to(torch.int32)
+    return s ^ ((s >> 15) | 0x8000)
 
 
 def _keys_to_float(keys: np.ndarray) -> np.ndarray:
@@ -37,36 +40,52 @@ class Float16Histogram:
     def __init__(self, units: int, device: torch.device | str = "cpu"):
         self.units = units
         self.counts = torch.zeros(units * N_BITS, dtype=torch.int64, device=device)
+        self._one = torch.ones(1, dtype=torch.int64, device=device)
 
     def add(self, acts: torch.Tensor) -> None:
         """acts: [B, U, ...] float16 (any spatial shape)."""
         if acts.dtype != torch.float16:
             raise TypeError("Float16Histogram.add expects float16 activations")
         b, u = acts.shape[:2]
-        keys = _float16_keys(acts.reshape(b, u, -1).transpose(0, 1).reshape(u, -1))
-        keys += torch.arange(u, device=keys.device)[:, None] * N_BITS
-        if keys.is_cuda:
-            self.counts += torch.bincount(keys.reshape(-1), minlength=self.units * N_BITS)
+        if u != self.units:
+            raise ValueError(f"Float16Histogram of {self.units} units got {u}")
+        keys = _float16_keys(acts.reshape(b, u, -1))
+        offset = torch.arange(u, device=keys.device, dtype=torch.int64) * N_BITS
+        if u * N_BITS <= torch.iinfo(torch.int32).max:
+            keys += offset.to(torch.int32).view(1, u, 1)
         else:
-            self.counts.index_add_(0, keys.reshape(-1), torch.ones(1, dtype=torch.int64).expand(keys.numel()))
+            keys = keys.to(torch.int64) + offset.view(1, u, 1)
+        keys = keys.reshape(-1)
+        # Atomic adds straight into the counts (no bins-sized temporary, no device sync).
+        self.counts.index_add_(0, keys, self._one.expand(keys.numel()))
 
     def merge(self, other: Float16Histogram) -> None:
         self.counts += other.counts.to(self.counts.device)
 
     def quantiles(self, q: float) -> np.ndarray:
         """The q-quantile of each unit, as numpy.quantile(values, q) (method 'linear') would give."""
-        counts = self.counts.view(self.units, N_BITS).cpu().numpy()
-        cum = np.cumsum(counts, axis=1)
-        n = cum[:, -1]
-        if (n == 0).any():
-            raise ValueError("a unit has no activations")
-        virtual = (n - 1) * q
-        lo = np.floor(virtual).astype(np.int64)
-        hi = np.minimum(lo + 1, n - 1)
+        counts = self.counts.view(self.units, N_BITS)
+        key_lo = np.zeros(self.units, np.int64)
+        key_hi = np.zeros(self.units, np.int64)
+        n = np.zeros(self.units, np.int64)
+        lo = np.zeros(self.units, np.int64)
+        hi = np.zeros(self.units, np.int64)
+        virtual = np.zeros(self.units, np.float64)
+        step = 64  # units at a time: the cumulative counts stay small
+        for u0 in range(0, self.units, step):
+            cum = np.cumsum(counts[u0 : u0 + step].cpu().numpy(), axis=1)
+            sl = slice(u0, u0 + len(cum))
+            n[sl] = cum[:, -1]
+            if (n[sl] == 0).any():
+                raise ValueError("a unit has no activations")
+            virtual[sl] = (n[sl] - 1) * q
+            lo[sl] = np.floor(virtual[sl]).astype(np.int64)
+            hi[sl] = np.minimum(lo[sl] + 1, n[sl] - 1)
+            # Order statistic r is the first key whose cumulative count exceeds r.
+            for k in range(len(cum)):
+                key_lo[u0 + k] = np.searchsorted(cum[k], lo[u0 + k], side="right")
+                key_hi[u0 + k] = np.searchsorted(cum[k], hi[u0 + k], side="right")
         t = virtual - lo
-        # Order statistic r is the first key whose cumulative count exceeds r.
-        key_lo = np.array([np.searchsorted(cum[u], lo[u], side="right") for u in range(self.units)])
-        key_hi = np.array([np.searchsorted(cum[u], hi[u], side="right") for u in range(self.units)])
         a, b = _keys_to_float(key_lo), _keys_to_float(key_hi)
         # numpy's _lerp: a + (b - a) * t, computed from the other end when t >= 0.5.
         diff = b - a
