@@ -210,6 +210,22 @@ def _png_bytes(labels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _write_planes(images: Path, base: str, cat: str, planes: list[np.ndarray], freq: dict,
+                  cover: dict) -> str:
+    """Write one category's label planes as PNGs; count label frequency and coverage."""
+    names = []
+    for k, plane in enumerate(planes, start=1):
+        name = f"{base}_{cat}_{k}.png" if len(planes) > 1 else f"{base}_{cat}.png"
+        (images / name).write_bytes(_png_bytes(plane))
+        names.append(name)
+        for lab, cnt in zip(*np.unique(plane[plane > 0], return_counts=True), strict=True):
+            cover[int(lab)] += cnt / plane.size
+    for lab in np.unique(np.concatenate([p.ravel() for p in planes])):
+        if lab > 0:
+            freq[int(lab)] += 1
+    return ";".join(names)
+
+
 def generate_broden_synth(out: str | Path, n_images: int = 1000, image_size: int = 64, seed: int = 0):
     """Write a Broden-format dataset to `out` (created; refuses to overwrite an existing one).
 
@@ -240,18 +256,8 @@ def generate_broden_synth(out: str | Path, n_images: int = 1000, image_size: int
         maps = _render_maps(layout, seg)
         cells = {c: "" for c in CATEGORY_ORDER}
 
-        def write(cat: str, planes: list[np.ndarray]) -> None:
-            names = []
-            for k, plane in enumerate(planes, start=1):
-                name = f"{base}_{cat}_{k}.png" if len(planes) > 1 else f"{base}_{cat}.png"
-                (tmp / "images" / name).write_bytes(_png_bytes(plane))
-                names.append(name)
-                for lab, cnt in zip(*np.unique(plane[plane > 0], return_counts=True), strict=True):
-                    cover[int(lab)] += cnt / plane.size
-            for lab in np.unique(np.concatenate([p.ravel() for p in planes])):
-                if lab > 0:
-                    freq[int(lab)] += 1
-            cells[cat] = ";".join(names)
+        def write(cat: str, planes: list[np.ndarray], base=base, cells=cells) -> None:
+            cells[cat] = _write_planes(tmp / "images", base, cat, planes, freq, cover)
 
         write("color", [maps["color"]])
         if maps["object"].any():
