@@ -18,7 +18,6 @@ def _train(args) -> int:
     spec = json.loads(args.spec)
     train = dict(spec.get("train") or {})
     ds = PreparedDataset(args.prepared)
-    torch.use_deterministic_algorithms(True)
     model, history, names = train_synthnet(
         ds, epochs=int(train.get("epochs", 12)), batch_size=int(train.get("batch_size", 16)),
         lr=float(train.get("lr", 0.003)), seed=int(train.get("seed", spec.get("seed", 0))),
