@@ -7,12 +7,12 @@ if "synth" in _ds:
     rule synth_dataset:
         output:
             directory(DATASET_DIR),
+        log:
+            f"{DATA_ROOT}/logs/synth_{DATASET}.log",
         params:
             images=_ds["synth"]["images"],
             size=_ds["synth"]["size"],
             seed=_ds["synth"]["seed"],
-        log:
-            f"{DATA_ROOT}/logs/synth_{DATASET}.log",
         shell:
             "{CNNVIS} synth --out {output} --images {params.images} --size {params.size}"
             " --seed {params.seed} > {log} 2>&1"
@@ -31,14 +31,18 @@ elif _ds.get("download") or _ds.get("url"):
     rule download_dataset:
         output:
             directory(DATASET_DIR),
+        log:
+            f"{DATA_ROOT}/logs/download_{DATASET}.log",
         params:
             spec=json.dumps(
-                {k: _ds[k] for k in ("download", "url", "mirror", "sha256", "md5") if _ds.get(k)},
+                {
+                    k: _ds[k]
+                    for k in ("download", "url", "mirror", "sha256", "md5")
+                    if _ds.get(k)
+                },
                 sort_keys=True,
             ),
             root=f"{DATA_ROOT}/datasets",
-        log:
-            f"{DATA_ROOT}/logs/download_{DATASET}.log",
         shell:
             "{CNNVIS} download --data-root {params.root} --name {DATASET} --spec {params.spec:q}"
             " --quiet > {log} 2>&1"
