@@ -86,7 +86,7 @@ def train_synthnet(dataset: PreparedDataset, *, epochs: int = 12, batch_size: in
     for epoch in range(epochs):
         model.train()
         order = rng.permutation(train_idx)
-        total, correct, loss_sum = 0, 0, 0.0
+        total, correct, loss_sum, seen = 0, 0, 0.0, 0
         for start in tqdm(range(0, len(order), batch_size), desc=f"train epoch {epoch + 1}",
                           disable=not progress, mininterval=2):
             idx = np.sort(order[start : start + batch_size])
@@ -102,9 +102,10 @@ def train_synthnet(dataset: PreparedDataset, *, epochs: int = 12, batch_size: in
             loss_sum += float(loss.detach()) * len(idx)
             correct += int(((out.detach() > 0) == (y > 0.5)).sum())
             total += y.numel()
+            seen += len(idx)
         sched.step()
         val_acc = evaluate(model, dataset, val_idx, targets, mean, std) if len(val_idx) else float("nan")
-        history.append((loss_sum / total, correct / total, val_acc))
+        history.append((loss_sum / seen, correct / total, val_acc))
         log.info("epoch %d: loss %.3f train acc %.3f val acc %.3f", epoch + 1, *history[-1])
     return model.eval(), history, names
 
