@@ -134,6 +134,9 @@ def test_selected_units_and_activation_max_table(visualized):
         if r.dataset_top_activation > 0:
             assert r.ratio == pytest.approx(r.achieved_activation / r.dataset_top_activation)
         assert r.achieved_activation >= 0  # a ReLU layer
+    for card in manifest["units"]:  # achieved = max of the map >= the AM objective (its mean)
+        assert card["am_max_activation"] >= card["am_activation"] - 1e-6
+        assert am.set_index("unit").loc[card["unit"], "achieved_activation"] == card["am_max_activation"]
     prov = read_provenance(out / LAYER / "activation_max.parquet")
     assert prov["model"] == "tiny" and prov["dataset_digest"] and prov["layer"] == LAYER
 

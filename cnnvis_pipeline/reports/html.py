@@ -209,9 +209,9 @@ def _unit_card(card: dict, am_row: dict | None, viz: Path, deconv_error: str | N
         parts.append(img(viz / card["am_file"], f"unit {u}: activation maximisation", "am"))
         ratio = am_row.get("ratio") if am_row else card.get("am_ratio")
         parts.append(
-            f'<p class="muted">mean activation {fmt(card.get("am_activation"))} (max '
-            f'{fmt(card.get("am_max_activation"))}) vs dataset top (max) {fmt(top)}: '
-            f'ratio {fmt(ratio, 2)}</p>')
+            f'<p class="muted">max activation {fmt(card.get("am_max_activation"))} vs dataset '
+            f'top {fmt(top)}: ratio {fmt(ratio, 2)}; mean over the map (the objective) '
+            f'{fmt(card.get("am_activation"))}</p>')
     parts.append("<h5>DeconvNet: receptive-field patch (top) and projection (bottom)</h5>")
     if card.get("deconv_file"):
         parts.append(img(viz / card["deconv_file"], f"unit {u}: DeconvNet projections"))

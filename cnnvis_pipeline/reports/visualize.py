@@ -18,9 +18,11 @@ writes, next to them:
                             (and the report) instead of failing the rule.
 - viz/inversion_<k>_{original,reconstruction}.png   network inversion of fixed dataset images.
 - viz/manifest.json         what the report needs: per unit the files and numbers, timings.
-- activation_max.parquet    per unit: achieved_activation = the AM objective (mean of the unit's
-                            map on its final image), dataset_top_activation = the highest
-                            maximum activation among the unit's top images, ratio of the two.
+- activation_max.parquet    per unit: achieved_activation = the maximum of the unit's map on its
+                            final AM image, dataset_top_activation = the highest maximum
+                            activation among the unit's top images (the same statistic over
+                            dataset images), ratio = achieved / dataset top. The AM objective
+                            itself (the mean of the map) is in the manifest and the report.
 - inversion.parquet         per image: error = ||Phi(x*) - Phi0||^2 / ||Phi0||^2 (invert's),
                             normalized_error = ||Phi(x*) - Phi0||^2 / spread, where spread is the
                             mean pairwise squared distance of the representations of
@@ -244,11 +246,11 @@ def run_visualize(spec: dict, prepared: str | Path, layer: str, layer_dir: str |
                    "dataset_top_activation": [], "ratio": []}
         for i, u in enumerate(selected):
             im.save_png(am_images[i], tmp / unit_file(u, "am"))
-            achieved = float(am_acts[i])
+            achieved = float(am_max[i])  # like top_images' max_activation: max over the map
             top = cards[u]["dataset_top_activation"]
             ratio = achieved / top if top > 0 else float("nan")
-            cards[u].update(am_file=unit_file(u, "am"), am_activation=achieved,
-                            am_max_activation=float(am_max[i]), am_ratio=ratio)
+            cards[u].update(am_file=unit_file(u, "am"), am_activation=float(am_acts[i]),
+                            am_max_activation=achieved, am_ratio=ratio)
             for key, v in (("model", name), ("layer", layer), ("unit", u),
                            ("achieved_activation", achieved), ("dataset_top_activation", top),
                            ("ratio", ratio)):
