@@ -59,7 +59,7 @@ figure { margin: 8px 0; } figure img.plot { max-width: 100%; height: auto; }
          background: #e3ecfb; color: #1f4fa8; font-weight: 500; }
 .badge.req { background: #fbeede; color: #8a4a00; }
 .card img { image-rendering: pixelated; max-width: 100%; height: auto; display: block; }
-.card img.am { width: 128px; }
+.card img.am { width: 128px; } .card img.strip { width: 100%; }
 .refused { color: #9a1b1b; font-size: 12px; background: #fdf0f0; padding: 4px 6px; border-radius: 4px; }
 .inversion { display: flex; flex-wrap: wrap; gap: 14px; }
 .inversion figure { border: 1px solid var(--line); border-radius: 6px; padding: 8px; background: #fff; }
@@ -202,7 +202,7 @@ def _unit_card(card: dict, am_row: dict | None, viz: Path, deconv_error: str | N
     n_top = len(card.get("top_images", []))
     if card.get("top_file"):
         parts.append(f"<h5>top {n_top} images, mask &gt; {fmt(card['threshold'])}</h5>")
-        parts.append(img(viz / card["top_file"], f"unit {u}: top images with masks"))
+        parts.append(img(viz / card["top_file"], f"unit {u}: top images with masks", "strip"))
     if card.get("am_file"):
         top = card.get("dataset_top_activation")
         parts.append("<h5>activation maximisation</h5>")
@@ -214,7 +214,7 @@ def _unit_card(card: dict, am_row: dict | None, viz: Path, deconv_error: str | N
             f'{fmt(card.get("am_activation"))}</p>')
     parts.append("<h5>DeconvNet: receptive-field patch (top) and projection (bottom)</h5>")
     if card.get("deconv_file"):
-        parts.append(img(viz / card["deconv_file"], f"unit {u}: DeconvNet projections"))
+        parts.append(img(viz / card["deconv_file"], f"unit {u}: DeconvNet projections", "strip"))
     else:
         parts.append(f'<p class="refused">{esc(deconv_error or "no projection")}</p>')
     parts.append("</article>")
