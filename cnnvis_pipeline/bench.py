@@ -161,6 +161,32 @@ def _detectors(result: dict, ds, iou_threshold: float = 0.04) -> dict:
     return out
 
 
+def verify_on_cpu(model, layers, ds, n: int, common: dict) -> dict:
+    """Extract n images on the device, tally them there and on the CPU from the same float16
+    activations and thresholds; True per layer when every integer of the two tallies agrees."""
+    import numpy as np
+    import torch
+
+    from cnnvis_pipeline.dissection import engine
+    from cnnvis_pipeline.dissection.stats import ConceptTally
+
+    device = common["device"]
+    idx = np.arange(min(n, len(ds)), dtype=np.int64)
+    stores, hists, _ = engine.extract_shard(model, layers, ds, idx, out_dir=None, progress=False,
+                                            **common)
+    cpu = torch.device("cpu")
+    out = {}
+    for layer in layers:
+        t = engine.unit_thresholds(hists[layer], 0.005)
+        here = engine.tally_shard(ds, idx, stores[layer], t, device=device, progress=False)
+        host = engine.ActivationStore(len(idx), stores[layer].shape[1:], None, cpu)
+        host.write(0, stores[layer].data.cpu())
+        there = engine.tally_shard(ds, idx, host, t, device=cpu, progress=False)
+        out[layer] = all(torch.equal(getattr(here, f).cpu(), getattr(there, f))
+                         for f in ConceptTally.FIELDS)
+    return out
+
+
 def run(args) -> dict:
     cache = Path(args.cache or DEFAULT_CACHE)
     data = ensure_dataset(cache, args.images, args.size, args.seed, args.workers)
@@ -180,7 +206,7 @@ def run(args) -> dict:
     if cuda:
         torch.backends.cudnn.benchmark = True
     precision = args.precision or ("bf16" if cuda else "fp32")
-    batch_size = args.batch_size or (256 if cuda else 64)
+    batch_size = args.batch_size or (512 if cuda else 64)
     layers = list(args.layers)
     ds = PreparedDataset(data["prepared"])
     n = len(ds)
@@ -261,6 +287,12 @@ def run(args) -> dict:
          f"{peak_gpu:.0f} MB; activations {act_bytes / 2**20:.0f} MB "
          f"{'on the device' if keep else 'in files'}")
     _log(f"detectors (IoU > 0.04): {detectors}")
+    verified = None
+    if args.verify and device.type != "cpu":
+        t = time.perf_counter()
+        verified = verify_on_cpu(model, layers, ds, args.verify, common)
+        _log(f"{device.type} tally == cpu tally on the first {min(args.verify, n)} images: "
+             f"{verified} ({time.perf_counter() - t:.1f} s)")
 
     def r(x, k=3):
         return None if x != x else round(float(x), k)
@@ -278,7 +310,7 @@ def run(args) -> dict:
         "peak_rss_mb": r(rss.peak_mb, 1), "rss_method": rss.method,
         "peak_gpu_mb": r(peak_gpu, 1), "peak_gpu_forward_mb": r(peak_gpu_forward, 1),
         "keep_on_device": bool(keep), "activation_mb": r(act_bytes / 2**20, 1),
-        "detectors": detectors, "gen_s": r(data["gen_s"]), "prep_s": r(data["prep_s"]),
+        "detectors": detectors, "verified": verified, "gen_s": r(data["gen_s"]), "prep_s": r(data["prep_s"]),
         "cached": data["cached"], "torch": torch.__version__, "python": platform.python_version(),
         "cpus": os.cpu_count(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
     }
@@ -305,7 +337,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--cache", default=None, help=f"dataset cache (default {DEFAULT_CACHE})")
     p.add_argument("--layers", nargs="+", default=["layer3", "layer4"])
-    p.add_argument("--batch-size", type=int, default=None, help="default 64 (cpu), 256 (cuda)")
+    p.add_argument("--batch-size", type=int, default=None, help="default 64 (cpu), 512 (cuda)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="default bf16 on cuda, fp32 on cpu")
     p.add_argument("--quantile", type=float, default=0.005)
@@ -317,6 +349,9 @@ def parse_args(argv=None):
     p.add_argument("--no-keep-on-device", dest="keep_on_device", action="store_false")
     p.add_argument("--no-forward", action="store_true", help="skip the forward-only pass")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--verify", type=int, default=0, metavar="N",
+                   help="also tally the first N images on the device and on the CPU from the "
+                        "same activations and check that the integers agree")
     return p.parse_args(argv)
 
 

@@ -50,6 +50,8 @@ log = logging.getLogger(__name__)
 # Upsampled maps handled at once in the tally (bytes of float32), per device type.
 _TALLY_CHUNK_BYTES = {"cuda": 1 << 31}
 _TALLY_CHUNK_DEFAULT = 1 << 26
+# Images per tally step on CUDA, at least (fewer, larger steps: less launch and sync overhead).
+_CUDA_TALLY_BATCH = 1024
 # A map is skipped when max + slack * max|a| <= T (slack >> float32 rounding of a bilinear mix).
 _SKIP_SLACK = 2.0**-16
 
@@ -429,7 +431,7 @@ class _TallyContext:
         plane_category = np.asarray(dataset.plane_category, np.int64)
         self.P = len(plane_category)
         # (plane p, label) -> concept index, C (the sink) for unlabeled or unknown labels.
-        lut = np.full((max(self.P, 1), 1 << 16), self.C, np.int64)
+        lut = np.full((max(self.P, 1), 1 << 16), self.C, np.int32)
         for j, (lab, cat) in enumerate(zip(dataset.concept_label, dataset.concept_category,
                                            strict=True)):
             for p in np.flatnonzero(plane_category == cat):
@@ -532,6 +534,8 @@ def tally_shard(dataset: PreparedDataset, indices: np.ndarray, store: Activation
     t = torch.as_tensor(thresholds, dtype=torch.float32, device=device)
     ctx = _TallyContext(dataset, device)
     pin = device.type == "cuda"
+    if pin:
+        batch_size = max(batch_size, _CUDA_TALLY_BATCH)
     with torch.inference_mode():
         bar = tqdm(total=len(indices), desc=desc, unit="img", disable=not progress, mininterval=2)
         for b in _load_batches(dataset, indices, batch_size, ("planes", "slots", "present"),

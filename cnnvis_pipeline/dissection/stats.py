@@ -65,26 +65,21 @@ class Float16Histogram:
     def quantiles(self, q: float) -> np.ndarray:
         """The q-quantile of each unit, as numpy.quantile(values, q) (method 'linear') would give."""
         counts = self.counts.view(self.units, N_BITS)
-        key_lo = np.zeros(self.units, np.int64)
-        key_hi = np.zeros(self.units, np.int64)
-        n = np.zeros(self.units, np.int64)
-        lo = np.zeros(self.units, np.int64)
-        hi = np.zeros(self.units, np.int64)
-        virtual = np.zeros(self.units, np.float64)
-        step = 64  # units at a time: the cumulative counts stay small
+        n = counts.sum(1).cpu().numpy()
+        if (n == 0).any():
+            raise ValueError("a unit has no activations")
+        virtual = (n - 1) * q
+        lo = np.floor(virtual).astype(np.int64)
+        hi = np.minimum(lo + 1, n - 1)
+        # Order statistic r is the first key whose cumulative count exceeds r (integer cumulative
+        # sums and searches, on the counts' device, a block of units at a time).
+        step = 64 if counts.device.type == "cpu" else 1024
+        keys = []
         for u0 in range(0, self.units, step):
-            cum = np.cumsum(counts[u0 : u0 + step].cpu().numpy(), axis=1)
-            sl = slice(u0, u0 + len(cum))
-            n[sl] = cum[:, -1]
-            if (n[sl] == 0).any():
-                raise ValueError("a unit has no activations")
-            virtual[sl] = (n[sl] - 1) * q
-            lo[sl] = np.floor(virtual[sl]).astype(np.int64)
-            hi[sl] = np.minimum(lo[sl] + 1, n[sl] - 1)
-            # Order statistic r is the first key whose cumulative count exceeds r.
-            for k in range(len(cum)):
-                key_lo[u0 + k] = np.searchsorted(cum[k], lo[u0 + k], side="right")
-                key_hi[u0 + k] = np.searchsorted(cum[k], hi[u0 + k], side="right")
+            cum = torch.cumsum(counts[u0 : u0 + step], dim=1)
+            ranks = torch.from_numpy(np.stack([lo[u0 : u0 + step], hi[u0 : u0 + step]], 1))
+            keys.append(torch.searchsorted(cum, ranks.to(cum.device), right=True).cpu().numpy())
+        key_lo, key_hi = np.concatenate(keys).T
         t = virtual - lo
         a, b = _keys_to_float(key_lo), _keys_to_float(key_hi)
         # numpy's _lerp: a + (b - a) * t, computed from the other end when t >= 0.5.
