@@ -9,7 +9,6 @@ from snakemake.utils import validate
 from cnnvis_pipeline import config as cc
 from cnnvis_pipeline.errors import CnnvisError
 
-
 # `dataset` and `models` of a user's --configfile replace the default's entirely; the other
 # sections are merged key by key (Snakemake's own merge would mix datasets and models).
 with open(CNNVIS_ROOT / "config" / "config.yaml") as _f:
@@ -43,6 +42,21 @@ wildcard_constraints:
     shard=r"\d+",
 
 
+# Checkpoint series (`checkpoints: [...]` in a model's config): one figure of detectors over
+# training per series, x = the checkpoint's index in the series.
+SERIES = {}
+for _model, _spec in MODELS.items():
+    if _spec.get("series"):
+        SERIES.setdefault(_spec["series"], []).append((_spec["series_index"], _model))
+SERIES = {
+    name: [m for _, m in sorted(members)] for name, members in sorted(SERIES.items())
+}
+
+
+def series_figure(name):
+    return f"results/summary/series_{name}.png"
+
+
 def trained_checkpoint(model):
     return f"results/{model}/checkpoint.pt"
 
@@ -73,7 +87,9 @@ def layer_outputs(name):
 
 
 def model_layer_targets(model):
-    return [f"results/{model}/{layer}/units.parquet" for layer in MODELS[model]["layers"]]
+    return [
+        f"results/{model}/{layer}/units.parquet" for layer in MODELS[model]["layers"]
+    ]
 
 
 def all_targets():

@@ -10,11 +10,12 @@ if "synth" in _ds:
         log:
             f"{DATA_ROOT}/logs/synth_{DATASET}.log",
         params:
+            cnnvis=CNNVIS,
             images=_ds["synth"]["images"],
             size=_ds["synth"]["size"],
             seed=_ds["synth"]["seed"],
         shell:
-            "{CNNVIS} synth --out {output} --images {params.images} --size {params.size}"
+            "{params.cnnvis} synth --out {output} --images {params.images} --size {params.size}"
             " --seed {params.seed} > {log} 2>&1"
 
 elif _ds.get("download") or _ds.get("url"):
@@ -34,6 +35,7 @@ elif _ds.get("download") or _ds.get("url"):
         log:
             f"{DATA_ROOT}/logs/download_{DATASET}.log",
         params:
+            cnnvis=CNNVIS,
             spec=json.dumps(
                 {
                     k: _ds[k]
@@ -44,7 +46,7 @@ elif _ds.get("download") or _ds.get("url"):
             ),
             root=f"{DATA_ROOT}/datasets",
         shell:
-            "{CNNVIS} download --data-root {params.root} --name {DATASET} --spec {params.spec:q}"
+            "{params.cnnvis} download --data-root {params.root} --name {DATASET} --spec {params.spec:q}"
             " --quiet > {log} 2>&1"
 
 
@@ -55,8 +57,10 @@ rule validate_dataset:
         f"{DATA_ROOT}/validated/{DATASET}.txt",
     log:
         f"{DATA_ROOT}/logs/validate_{DATASET}.log",
+    params:
+        cnnvis=CNNVIS,
     shell:
-        "{CNNVIS} validate {input} > {output} 2> {log} || (cat {output} >&2; rm -f {output}; exit 1)"
+        "{params.cnnvis} validate {input} > {output} 2> {log} || (cat {output} >&2; rm -f {output}; exit 1)"
 
 
 rule prepare_dataset:
@@ -67,5 +71,7 @@ rule prepare_dataset:
         directory(PREPARED),
     log:
         f"{DATA_ROOT}/logs/prepare_{DATASET}.log",
+    params:
+        cnnvis=CNNVIS,
     shell:
-        "{CNNVIS} prepare --dataset {input.dataset} --out {output} > {log} 2>&1"
+        "{params.cnnvis} prepare --dataset {input.dataset} --out {output} > {log} 2>&1"

@@ -7,12 +7,13 @@ rule train_synthnet:
         PREPARED,
     output:
         "results/{model}/checkpoint.pt",
-    params:
-        spec=spec_json,
     log:
         "results/logs/{model}/train.log",
+    params:
+        cnnvis=CNNVIS,
+        spec=spec_json,
     shell:
-        "{CNNVIS} train --prepared {input} --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "{params.cnnvis} train --prepared {input} --spec {params.spec:q} --out {output} > {log} 2>&1"
 
 
 rule extract_shard:
@@ -25,13 +26,14 @@ rule extract_shard:
             if config["dissection"]["keep_activations"]
             else temp(directory("results/{model}/extract/{shard}"))
         ),
-    params:
-        spec=spec_json,
-        shards=len(SHARDS),
     log:
         "results/logs/{model}/extract_{shard}.log",
+    params:
+        cnnvis=CNNVIS,
+        spec=spec_json,
+        shards=len(SHARDS),
     shell:
-        "{CNNVIS} extract --prepared {input.prepared} --spec {params.spec:q}"
+        "{params.cnnvis} extract --prepared {input.prepared} --spec {params.spec:q}"
         " --shard {wildcards.shard} --shards {params.shards} --out {output} > {log} 2>&1"
 
 
@@ -41,12 +43,13 @@ rule layer_thresholds:
         extracts=expand("results/{{model}}/extract/{shard}", shard=SHARDS),
     output:
         "results/{model}/{layer}/thresholds.parquet",
-    params:
-        spec=spec_json,
     log:
         "results/logs/{model}/thresholds_{layer}.log",
+    params:
+        cnnvis=CNNVIS,
+        spec=spec_json,
     shell:
-        "{CNNVIS} thresholds --prepared {input.prepared} --spec {params.spec:q}"
+        "{params.cnnvis} thresholds --prepared {input.prepared} --spec {params.spec:q}"
         " --layers {wildcards.layer} --extracts {input.extracts}"
         " --out-dir results/{wildcards.model} > {log} 2>&1"
 
@@ -56,16 +59,18 @@ rule tally_shard:
         prepared=PREPARED,
         extract="results/{model}/extract/{shard}",
         thresholds=lambda wc: [
-            f"results/{wc.model}/{layer}/thresholds.parquet" for layer in MODELS[wc.model]["layers"]
+            f"results/{wc.model}/{layer}/thresholds.parquet"
+            for layer in MODELS[wc.model]["layers"]
         ],
     output:
         "results/{model}/tally/{shard}.npz",
-    params:
-        spec=spec_json,
     log:
         "results/logs/{model}/tally_{shard}.log",
+    params:
+        cnnvis=CNNVIS,
+        spec=spec_json,
     shell:
-        "{CNNVIS} tally --prepared {input.prepared} --spec {params.spec:q}"
+        "{params.cnnvis} tally --prepared {input.prepared} --spec {params.spec:q}"
         " --extract {input.extract} --out-dir results/{wildcards.model} --out {output} > {log} 2>&1"
 
 
@@ -84,31 +89,21 @@ rule layer_tables:
             caption="../report/detectors.rst",
             category="Dissection",
             subcategory="{model}",
-            labels={"model": "{model}", "layer": "{layer}", "figure": "detectors per concept"},
+            labels={
+                "model": "{model}",
+                "layer": "{layer}",
+                "figure": "detectors per concept",
+            },
         ),
-    params:
-        spec=spec_json,
     log:
         "results/logs/{model}/tables_{layer}.log",
+    params:
+        cnnvis=CNNVIS,
+        spec=spec_json,
     shell:
-        "{CNNVIS} tables --prepared {input.prepared} --spec {params.spec:q}"
+        "{params.cnnvis} tables --prepared {input.prepared} --spec {params.spec:q}"
         " --layers {wildcards.layer} --tallies {input.tallies} --extracts {input.extracts}"
         " --out-dir results/{wildcards.model} > {log} 2>&1"
-
-
-# Checkpoint series (`checkpoints: [...]` in a model's config): one figure of detectors over
-# training per series, x = the checkpoint's index in the series.
-SERIES = {}
-for _model, _spec in MODELS.items():
-    if _spec.get("series"):
-        SERIES.setdefault(_spec["series"], []).append((_spec["series_index"], _model))
-SERIES = {
-    name: [m for _, m in sorted(members)] for name, members in sorted(SERIES.items())
-}
-
-
-def series_figure(name):
-    return f"results/summary/series_{name}.png"
 
 
 rule summary:
@@ -134,6 +129,7 @@ rule summary:
     log:
         "results/logs/summary.log",
     params:
+        cnnvis=CNNVIS,
         series=json.dumps(
             {
                 name: {"models": models, "figure": series_figure(name)}
@@ -142,5 +138,5 @@ rule summary:
             sort_keys=True,
         ),
     shell:
-        "{CNNVIS} summary --units {input} --out {output.table} --figure {output.figure}"
+        "{params.cnnvis} summary --units {input} --out {output.table} --figure {output.figure}"
         " --series {params.series:q} > {log} 2>&1"

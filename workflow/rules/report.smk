@@ -17,10 +17,11 @@ rule visualize_layer:
         "results/logs/{model}/visualize_{layer}.log",
     threads: int(config["reports"]["threads"])
     params:
+        cnnvis=CNNVIS,
         spec=spec_json,
         settings=json.dumps(config["reports"], sort_keys=True),
     shell:
-        "{CNNVIS} visualize --prepared {input.prepared} --spec {params.spec:q}"
+        "{params.cnnvis} visualize --prepared {input.prepared} --spec {params.spec:q}"
         " --layer {wildcards.layer} --layer-dir results/{wildcards.model}/{wildcards.layer}"
         " --settings {params.settings:q} --threads {threads} > {log} 2>&1"
 
@@ -67,10 +68,11 @@ rule model_report:
     log:
         "results/logs/{model}/report.log",
     params:
+        cnnvis=CNNVIS,
         layers=lambda wc: MODELS[wc.model]["layers"],
         iou_threshold=config["dissection"]["iou_threshold"],
     shell:
-        "{CNNVIS} report --model {wildcards.model} --results results/{wildcards.model}"
+        "{params.cnnvis} report --model {wildcards.model} --results results/{wildcards.model}"
         " --layers {params.layers} --out {output.html} --iou-figure {output.iou}"
         " --iou-threshold {params.iou_threshold} > {log} 2>&1"
 
@@ -90,7 +92,8 @@ rule summary_page:
     log:
         "results/logs/summary_page.log",
     params:
+        cnnvis=CNNVIS,
         reports=[f"{m}=results/{m}/report/index.html" for m in MODELS],
     shell:
-        "{CNNVIS} summary-page --reports {params.reports} --detectors {input.table}"
+        "{params.cnnvis} summary-page --reports {params.reports} --detectors {input.table}"
         " --figure {input.figure} --out {output} > {log} 2>&1"
