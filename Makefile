@@ -32,7 +32,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check cnnvis_pipeline tests
 	$(BIN)/snakefmt --check Snakefile workflow/rules
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --lint --cores 1
+	@# Every lint but "specify a conda environment" fails the target: the workflow runs from
+	@# the project's venv (make install), not from per-rule conda environments.
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/snakemake --lint --cores 1 > .snakemake-lint.txt 2>&1 || \
+	  ! grep -E '^\s+\* ' .snakemake-lint.txt | grep -v 'conda environment'
+	@rm -f .snakemake-lint.txt
 
 bench: $(STAMP)
 	$(BIN)/python -m cnnvis_pipeline.bench --images 1000 --size 224 --device cpu
