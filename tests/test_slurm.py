@@ -8,9 +8,10 @@ Holds:
                                   for a GPU in the GPU partition.
 
 The live test needs a cluster: ``sudo .ci/slurm-up.sh`` starts a single-node one (see docs/HPC.md);
-without it the test is skipped. The workflow it runs comes from the ``slurm_workflow`` fixture:
-for now a tiny self-contained Snakefile whose rules carry the real GPU rule names; to run the real
-workflow, make that fixture return its command (Snakefile, test config) and the rules to expect.
+without it the test is skipped. It runs the REAL workflow (the repository's Snakefile) on a tiny
+config (``SLURM_CONFIG``: broden-synth 24 images at 32 px, 2 shards, a width-4 synthnet trained for
+1 epoch and a random one), from a temporary directory, up to the cross-model summary. On the CI node (2 CPUs, one fake GPU) GPU
+jobs run one at a time; the run takes a few minutes (``CNNVIS_SLURM_TEST_TIMEOUT`` bounds it).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
 GPU_RULES = {"extract_shard", "tally_shard", "train_synthnet", "visualize_layer"}
-# wall-clock bound of the snakemake run (each job takes ~15 s to turn around on the CI cluster)
-RUN_TIMEOUT_S = int(os.environ.get("CNNVIS_SLURM_TEST_TIMEOUT", "300"))
+# wall-clock bound of the snakemake run (each job takes ~15-20 s to turn around on the CI cluster)
+RUN_TIMEOUT_S = int(os.environ.get("CNNVIS_SLURM_TEST_TIMEOUT", "900"))
 # flags added to the profile for CI: quick first status check, no implicit workflow profile
 CI_FLAGS = ["--slurm-init-seconds-before-status-checks", "2", "--workflow-profile", "none"]
 
@@ -106,53 +107,62 @@ class SlurmWorkflow:
     extra: dict = field(default_factory=dict)
 
 
-# Rules record what SLURM gave them: job id, partition and the GPUs of the job step.
-TINY_SNAKEFILE = r"""
-localrules: all
+# The real workflow on tiny data: every rule of the data and dissection stages runs as a SLURM job.
+SLURM_CONFIG = {
+    "data_root": "resources",
+    "dataset": {"synth": {"images": 24, "size": 32, "seed": 4}},
+    "models": {
+        "synthnet": {"arch": "synthnet", "kwargs": {"width": 4}, "train": {"epochs": 1, "seed": 0},
+                     "layers": ["features.relu4"], "mean": [0.5, 0.5, 0.5],
+                     "std": [0.25, 0.25, 0.25]},
+        "synthnet_random": {"arch": "synthnet", "kwargs": {"width": 4}, "seed": 1,
+                            "layers": ["features.relu4"], "mean": [0.5, 0.5, 0.5],
+                            "std": [0.25, 0.25, 0.25]},
+    },
+    # device auto: the fake GPU has no CUDA behind it, so the GPU jobs compute on the CPU
+    "dissection": {"shards": 2, "batch_size": 8, "device": "auto", "top_k": 3},
+}
+# The run's target: the dissection and the cross-model summary (the unit visualisations and HTML
+# reports of the default target would add ~5 serial jobs, ~2 min on the CI node).
+SLURM_TARGETS = ["summary"]
+# rule -> number of SLURM jobs the config above makes for SLURM_TARGETS
+SLURM_JOBS = {
+    "synth_dataset": 1, "validate_dataset": 1, "prepare_dataset": 1, "train_synthnet": 1,
+    "extract_shard": 4, "layer_thresholds": 2, "tally_shard": 4, "layer_tables": 2, "summary": 1,
+}
 
-REPORT = ('echo "$SLURM_JOB_ID ${{SLURM_JOB_PARTITION-}} '
-          'gpus_on_node=${{SLURM_GPUS_ON_NODE-}} step_gpus=${{SLURM_STEP_GPUS-${{SLURM_JOB_GPUS-}}}}"')
 
-rule all:
-    input: "summary.txt"
-
-rule extract_shard:
-    output: "extract/{shard}.txt"
-    shell: REPORT + " > {output}"
-
-rule summarize:
-    input: "extract/0.txt"
-    output: "summary.txt"
-    shell: REPORT + " > {output}"
-"""
-
-
-def _tiny_outputs_check(workdir: Path):
+def _real_outputs_check(workdir: Path):
     def check(jobs: dict[int, dict]):
-        for path, rule in [("extract/0.txt", "extract_shard"), ("summary.txt", "summarize")]:
-            job_id, partition, gpus_on_node, step_gpus = (workdir / path).read_text().split()
-            info = jobs[int(job_id)]  # the output was written inside a job snakemake submitted
-            assert info["rule"] == rule and info["Partition"] == partition
-            if rule in GPU_RULES:
-                assert gpus_on_node == "gpus_on_node=1" and step_gpus != "step_gpus=", path
-            else:
-                assert gpus_on_node == "gpus_on_node=" and step_gpus == "step_gpus=", path
+        from cnnvis_pipeline.models.registry import file_sha256
+        from cnnvis_pipeline.tables import read_provenance
+
+        counts: dict[str, int] = {}
+        for info in jobs.values():
+            counts[info["rule"]] = counts.get(info["rule"], 0) + 1
+        assert counts == SLURM_JOBS, counts
+        res = workdir / "results"
+        for model in SLURM_CONFIG["models"]:
+            for table in ("iou", "units", "top_images", "thresholds"):
+                assert (res / model / "features.relu4" / f"{table}.parquet").is_file(), (model, table)
+        prov = read_provenance(res / "synthnet" / "features.relu4" / "units.parquet")
+        assert prov["checkpoint_sha256"] == file_sha256(res / "synthnet" / "checkpoint.pt")
+        assert (res / "summary" / "detectors.parquet").is_file()
+        assert (res / "summary" / "unique_detectors.png").is_file()
 
     return check
 
 
 @pytest.fixture
 def slurm_workflow(tmp_path) -> SlurmWorkflow:
-    """The workflow the live test runs. To test the real workflow, return e.g.
-    ``SlurmWorkflow(cmd=[*snakemake, "--snakefile", str(REPO / "workflow" / "Snakefile"),
-    "--configfile", str(REPO / ".test" / "config.yaml"), "--directory", str(tmp_path)], ...)``
-    with ``expect_rules`` = the GPU and CPU rules its test config runs."""
-    (tmp_path / "Snakefile").write_text(TINY_SNAKEFILE)
+    """The workflow the live test runs: the repository's Snakefile with SLURM_CONFIG."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(SLURM_CONFIG))
     return SlurmWorkflow(
-        cmd=[sys.executable, "-m", "snakemake", "--snakefile", str(tmp_path / "Snakefile")],
+        cmd=[sys.executable, "-m", "snakemake", *SLURM_TARGETS, "--snakefile",
+             str(REPO / "Snakefile"), "--configfile", str(tmp_path / "config.yaml")],
         workdir=tmp_path,
-        expect_rules={"extract_shard", "summarize"},
-        check_outputs=_tiny_outputs_check(tmp_path),
+        expect_rules=set(SLURM_JOBS),
+        check_outputs=_real_outputs_check(tmp_path),
     )
 
 
