@@ -365,10 +365,14 @@ def plot_series(counts: pd.DataFrame, name: str, models: list[str], path: str | 
         kind="line", marker="o", height=3.2, aspect=1.2, palette="tab10",
         facet_kws={"sharey": True},
     )
+    from matplotlib.ticker import MaxNLocator
+
+    top = max(1, int(data["unique_detectors"].max()) if len(data) else 1)
     for ax in grid.axes.flat:
         ax.set_xticks(ticks)
         ax.set_xticklabels([f"{k}\n{labels[k]}" for k in ticks], fontsize=8)
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(-0.05 * top, top * 1.08)  # counts: integer ticks, zero lines visible
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     grid.set_axis_labels("checkpoint (index in the series)", "unique detectors")
     grid.set_titles(col_template="{col_name}")
     grid.figure.suptitle(f"Unique detectors over training: {name}", y=1.02)
