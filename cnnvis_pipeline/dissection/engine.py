@@ -479,9 +479,36 @@ class _TallyContext:
             np.append(image_kind[dataset.concept_category], False)).to(device)
         self.chunk_bytes = _TALLY_CHUNK_BYTES.get(device.type, _TALLY_CHUNK_DEFAULT)
         self.one = torch.ones(1, dtype=torch.int64, device=device)
+        self.scratch = _Scratch() if device.type == "cpu" else None
 
 
-def _mask_pixels(maps: torch.Tensor, hw, seg, thresholds: torch.Tensor):
+class _Scratch:
+    """Reused CPU work buffers of the tally (no page faults for fresh memory on every chunk)."""
+
+    def __init__(self):
+        self.flat: dict[str, torch.Tensor] = {}
+        self.nz = torch.empty(0, 2, dtype=torch.int64)
+
+    def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        t = self.flat.get(name)
+        if t is None or t.numel() < numel:
+            t = self.flat[name] = torch.empty(numel, dtype=dtype)
+        return t[:numel]
+
+
+def _upsample(x: torch.Tensor, seg, out: torch.Tensor | None) -> torch.Tensor:
+    """F.interpolate(x, seg, bilinear, align_corners=False), into `out` when given (same kernel)."""
+    if out is not None:
+        try:
+            return torch.ops.aten.upsample_bilinear2d.out(x, list(seg), False, None, None,
+                                                          out=out)
+        except (AttributeError, RuntimeError, TypeError):
+            pass
+    return F.interpolate(x, size=tuple(seg), mode="bilinear", align_corners=False)
+
+
+def _mask_pixels(maps: torch.Tensor, hw, seg, thresholds: torch.Tensor,
+                 scratch: _Scratch | None = None):
     """(map, pixel) index pairs of mask pixels: bilinear upsample of float16 maps [m, h*w] to
     `seg` (centre-aligned), then > the maps' thresholds [m]. Pairs are sorted by map on CPU."""
     m = len(maps)
@@ -495,8 +522,15 @@ def _mask_pixels(maps: torch.Tensor, hw, seg, thresholds: torch.Tensor):
         s, r = (up > thresholds.view(1, m)).nonzero(as_tuple=True)
         return r, s
     x = maps.view(m, 1, *hw).float()
-    up = F.interpolate(x, size=tuple(seg), mode="bilinear", align_corners=False)
-    return (up.view(m, S) > thresholds.view(m, 1)).nonzero(as_tuple=True)
+    if scratch is None:
+        up = F.interpolate(x, size=tuple(seg), mode="bilinear", align_corners=False)
+        return (up.view(m, S) > thresholds.view(m, 1)).nonzero(as_tuple=True)
+    up = _upsample(x, seg, scratch.get("up", m * S, torch.float32).view(m, 1, *seg))
+    mask = scratch.get("mask", m * S, torch.bool).view(m, S)
+    torch.gt(up.view(m, S), thresholds.view(m, 1), out=mask)
+    scratch.nz.resize_(0, 2)
+    nz = torch.nonzero(mask, out=scratch.nz)
+    return nz[:, 0], nz[:, 1]
 
 
 def _tally_loaded(tally: ConceptTally, acts: torch.Tensor, thresholds: torch.Tensor,
@@ -537,7 +571,8 @@ def _tally_loaded(tally: ConceptTally, acts: torch.Tensor, thresholds: torch.Ten
     step = max(1, ctx.chunk_bytes // (S * 4))
     for i in range(0, len(active_b), step):
         b_i, u_i = active_b[i : i + step], active_u[i : i + step]
-        r, s = _mask_pixels(flat[b_i, u_i], acts.shape[2:], (sh, sw), thresholds[u_i])
+        r, s = _mask_pixels(flat[b_i, u_i], acts.shape[2:], (sh, sw), thresholds[u_i],
+                            ctx.scratch)
         count[b_i, u_i] = torch.bincount(r, minlength=len(b_i))
         if conc is not None:
             keys = conc[b_i[r], :, s] + (u_i[r] * (C + 1)).unsqueeze(1)  # [K, P]
