@@ -1,6 +1,7 @@
 # Python helpers of the workflow: the merged and validated config, model specs, paths.
 import json
 import re
+import shlex
 import sys
 
 import yaml
@@ -28,7 +29,8 @@ try:
 except CnnvisError as e:
     raise WorkflowError(f"invalid configuration: {e}") from None
 
-CNNVIS = f"{sys.executable} -m cnnvis_pipeline"
+# Quoted once here; every other value reaches the shell through `:q` in the rules.
+CNNVIS = shlex.join([sys.executable, "-m", "cnnvis_pipeline"])
 DATA_ROOT = config["data_root"]
 DATASET_DIR = cc.dataset_source_dir(config)
 PREPARED = cc.prepared_dir(config)

@@ -15,8 +15,8 @@ if "synth" in _ds:
             size=_ds["synth"]["size"],
             seed=_ds["synth"]["seed"],
         shell:
-            "{params.cnnvis} synth --out {output} --images {params.images} --size {params.size}"
-            " --seed {params.seed} > {log} 2>&1"
+            "{params.cnnvis} synth --out {output:q} --images {params.images:q} --size {params.size:q}"
+            " --seed {params.seed:q} > {log:q} 2>&1"
 
 elif _ds.get("download") or _ds.get("url"):
     # The whole `dataset` mapping goes to `cnnvis download --spec` (mirror:, name:, checksums);
@@ -46,8 +46,8 @@ elif _ds.get("download") or _ds.get("url"):
             ),
             root=f"{DATA_ROOT}/datasets",
         shell:
-            "{params.cnnvis} download --data-root {params.root} --name {DATASET} --spec {params.spec:q}"
-            " --quiet > {log} 2>&1"
+            "{params.cnnvis} download --data-root {params.root:q} --name {DATASET:q} --spec {params.spec:q}"
+            " --quiet > {log:q} 2>&1"
 
 
 rule validate_dataset:
@@ -60,7 +60,7 @@ rule validate_dataset:
     params:
         cnnvis=CNNVIS,
     shell:
-        "{params.cnnvis} validate {input} > {output} 2> {log} || (cat {output} >&2; rm -f {output}; exit 1)"
+        "{params.cnnvis} validate {input:q} > {output:q} 2> {log:q} || (cat {output:q} >&2; rm -f {output:q}; exit 1)"
 
 
 rule prepare_dataset:
@@ -74,4 +74,4 @@ rule prepare_dataset:
     params:
         cnnvis=CNNVIS,
     shell:
-        "{params.cnnvis} prepare --dataset {input.dataset} --out {output} > {log} 2>&1"
+        "{params.cnnvis} prepare --dataset {input.dataset:q} --out {output:q} > {log:q} 2>&1"

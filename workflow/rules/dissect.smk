@@ -13,7 +13,7 @@ rule train_synthnet:
         cnnvis=CNNVIS,
         spec=spec_json,
     shell:
-        "{params.cnnvis} train --prepared {input} --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "{params.cnnvis} train --prepared {input:q} --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule extract_shard:
@@ -33,8 +33,8 @@ rule extract_shard:
         spec=spec_json,
         shards=len(SHARDS),
     shell:
-        "{params.cnnvis} extract --prepared {input.prepared} --spec {params.spec:q}"
-        " --shard {wildcards.shard} --shards {params.shards} --out {output} > {log} 2>&1"
+        "{params.cnnvis} extract --prepared {input.prepared:q} --spec {params.spec:q}"
+        " --shard {wildcards.shard:q} --shards {params.shards:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule layer_thresholds:
@@ -49,9 +49,9 @@ rule layer_thresholds:
         cnnvis=CNNVIS,
         spec=spec_json,
     shell:
-        "{params.cnnvis} thresholds --prepared {input.prepared} --spec {params.spec:q}"
-        " --layers {wildcards.layer} --extracts {input.extracts}"
-        " --out-dir results/{wildcards.model} > {log} 2>&1"
+        "{params.cnnvis} thresholds --prepared {input.prepared:q} --spec {params.spec:q}"
+        " --layers {wildcards.layer:q} --extracts {input.extracts:q}"
+        " --out-dir results/{wildcards.model:q} > {log:q} 2>&1"
 
 
 rule tally_shard:
@@ -70,8 +70,8 @@ rule tally_shard:
         cnnvis=CNNVIS,
         spec=spec_json,
     shell:
-        "{params.cnnvis} tally --prepared {input.prepared} --spec {params.spec:q}"
-        " --extract {input.extract} --out-dir results/{wildcards.model} --out {output} > {log} 2>&1"
+        "{params.cnnvis} tally --prepared {input.prepared:q} --spec {params.spec:q}"
+        " --extract {input.extract:q} --out-dir results/{wildcards.model:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule layer_tables:
@@ -101,9 +101,9 @@ rule layer_tables:
         cnnvis=CNNVIS,
         spec=spec_json,
     shell:
-        "{params.cnnvis} tables --prepared {input.prepared} --spec {params.spec:q}"
-        " --layers {wildcards.layer} --tallies {input.tallies} --extracts {input.extracts}"
-        " --out-dir results/{wildcards.model} > {log} 2>&1"
+        "{params.cnnvis} tables --prepared {input.prepared:q} --spec {params.spec:q}"
+        " --layers {wildcards.layer:q} --tallies {input.tallies:q} --extracts {input.extracts:q}"
+        " --out-dir results/{wildcards.model:q} > {log:q} 2>&1"
 
 
 rule summary:
@@ -138,5 +138,5 @@ rule summary:
             sort_keys=True,
         ),
     shell:
-        "{params.cnnvis} summary --units {input} --out {output.table} --figure {output.figure}"
-        " --series {params.series:q} > {log} 2>&1"
+        "{params.cnnvis} summary --units {input:q} --out {output.table:q} --figure {output.figure:q}"
+        " --series {params.series:q} > {log:q} 2>&1"

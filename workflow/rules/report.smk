@@ -21,9 +21,9 @@ rule visualize_layer:
         spec=spec_json,
         settings=json.dumps(config["reports"], sort_keys=True),
     shell:
-        "{params.cnnvis} visualize --prepared {input.prepared} --spec {params.spec:q}"
-        " --layer {wildcards.layer} --layer-dir results/{wildcards.model}/{wildcards.layer}"
-        " --settings {params.settings:q} --threads {threads} > {log} 2>&1"
+        "{params.cnnvis} visualize --prepared {input.prepared:q} --spec {params.spec:q}"
+        " --layer {wildcards.layer:q} --layer-dir results/{wildcards.model:q}/{wildcards.layer:q}"
+        " --settings {params.settings:q} --threads {threads:q} > {log:q} 2>&1"
 
 
 rule model_report:
@@ -72,9 +72,9 @@ rule model_report:
         layers=lambda wc: MODELS[wc.model]["layers"],
         iou_threshold=config["dissection"]["iou_threshold"],
     shell:
-        "{params.cnnvis} report --model {wildcards.model} --results results/{wildcards.model}"
-        " --layers {params.layers} --out {output.html} --iou-figure {output.iou}"
-        " --iou-threshold {params.iou_threshold} > {log} 2>&1"
+        "{params.cnnvis} report --model {wildcards.model:q} --results results/{wildcards.model:q}"
+        " --layers {params.layers:q} --out {output.html:q} --iou-figure {output.iou:q}"
+        " --iou-threshold {params.iou_threshold:q} > {log:q} 2>&1"
 
 
 rule summary_page:
@@ -95,5 +95,5 @@ rule summary_page:
         cnnvis=CNNVIS,
         reports=[f"{m}=results/{m}/report/index.html" for m in MODELS],
     shell:
-        "{params.cnnvis} summary-page --reports {params.reports} --detectors {input.table}"
-        " --figure {input.figure} --out {output} > {log} 2>&1"
+        "{params.cnnvis} summary-page --reports {params.reports:q} --detectors {input.table:q}"
+        " --figure {input.figure:q} --out {output:q} > {log:q} 2>&1"

@@ -1,0 +1,90 @@
+"""No config value reaches a shell: hostile folder names are data, never commands.
+
+The whole workflow (data, dissection, visualisation, reports) runs with a working directory, a
+`data_root` and a `path:` dataset whose names hold spaces, `;`, `$(...)`, backticks, quotes and
+`#`. The run must succeed, no planted command may run, and nothing outside results/ and the
+data root may change.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+
+pytestmark = pytest.mark.slow
+
+
+def hostile(tag: str) -> str:
+    """A folder name that runs `touch PWNED_<tag>_*` if any shell ever sees it unquoted."""
+    return (f"my data {tag};touch PWNED_{tag}_semi;#$(touch PWNED_{tag}_subst)"
+            f"`touch PWNED_{tag}_tick`'q\"dq&&touch PWNED_{tag}_and")
+
+
+def snapshot(root: Path, skip: list[Path]) -> dict[str, tuple[int, int]]:
+    """Every file under root but those under `skip`: path -> (size, mtime_ns)."""
+    skip = [s.resolve() for s in skip]
+    out = {}
+    for p in root.rglob("*"):
+        rp = p.resolve() if not p.is_symlink() else p
+        if any(rp == s or s in rp.parents for s in skip):
+            continue
+        if p.is_file():
+            st = p.stat()
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def test_hostile_paths_are_never_run(tmp_path, synth_dir):
+    base = tmp_path / "base dir ; $(x)"
+    base.mkdir()
+    work = base / hostile("work")
+    data_root = base / hostile("root")
+    dataset = base / hostile("ds")
+    shutil.copytree(synth_dir, dataset)
+    # a file beside the data root that `> {log}` with an unquoted space would truncate
+    (base / "my").write_text("keep me\n")
+    (base / "my data").mkdir()
+    (base / "my data" / "keep.txt").write_text("keep me too\n")
+
+    cfg = {
+        "data_root": str(data_root),
+        "dataset": {"path": str(dataset)},
+        "models": {"tiny": {"arch": "synthnet", "kwargs": {"width": 4},
+                            "layers": ["features.relu4"]}},
+        "dissection": {"shards": 2, "batch_size": 16, "device": "cpu"},
+        "reports": {"top_units": 1, "top_images": 2,
+                    "activation_max": {"steps": 2, "size": 16},
+                    "inversion": {"images": 1, "steps": 2, "spread_images": 2}},
+    }
+    work.mkdir()
+    cfgfile = work / "cfg.yaml"
+    cfgfile.write_text(yaml.safe_dump(cfg))
+    before = snapshot(tmp_path, [work / "results", data_root, work / ".snakemake"])
+
+    proc = subprocess.run(
+        [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(work),
+         "--cores", "2", "--configfile", str(cfgfile)],
+        capture_output=True, text=True, timeout=900, cwd=base,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    planted = [p for p in tmp_path.rglob("PWNED*")] + list(Path.cwd().glob("PWNED*"))
+    assert planted == [], planted
+    after = snapshot(tmp_path, [work / "results", data_root, work / ".snakemake"])
+    assert after == before
+    assert (base / "my").read_text() == "keep me\n"
+
+    units = pd.read_parquet(work / "results/tiny/features.relu4/units.parquet")
+    assert list(units["unit"]) == list(range(8))  # relu4 of width 4: 8 units
+    assert (work / "results/tiny/report/index.html").stat().st_size > 1000
+    assert (work / "results/summary/index.html").is_file()
+    assert (data_root / "prepared").is_dir()
