@@ -1,4 +1,4 @@
-"""Thresholds and IoU against a brute-force numpy implementation of ../shared/BRODEN.md.
+"""Thresholds and IoU against a brute-force numpy implementation of docs/DEFINITIONS.md.
 
 The brute force reads labels through the Broden reader (PNG decoding), not the prepared
 arrays, and upsamples with its own bilinear code, so it shares nothing with the engine.

@@ -1,6 +1,7 @@
 """broden-synth: a deterministic generator of small Broden-format datasets (the embedded default).
 
-- LABELS: the label vocabulary (name, categories) of broden-synth, 38 concepts over 6 categories.
+- LABELS: the label vocabulary (name, categories) of broden-synth, 36 labels, 37 concepts
+  (label, category) over 6 categories.
 - generate_broden_synth(out, n_images, image_size, seed): write a complete Broden directory.
 
 Each image is a background of one or two material regions sharing one texture pattern, with one to
