@@ -7,9 +7,9 @@ import json
 import numpy as np
 
 from cnnvis_pipeline import bench
-from cnnvis_pipeline.data.bigsynth import generate_broden_big, prepare_parallel
+from cnnvis_pipeline.bench.bigsynth import generate_broden_big
 from cnnvis_pipeline.data.broden import load_broden
-from cnnvis_pipeline.data.prepared import PreparedDataset, prepare_dataset
+from cnnvis_pipeline.data.prepared import PreparedDataset, prepare_dataset, prepare_parallel
 
 
 def test_bench_prints_one_json_line(tmp_path, capsys):

@@ -66,6 +66,14 @@ def _read_csv(path: Path, required: list[str]) -> list[dict[str, str]]:
     return rows
 
 
+def write_csv(path: Path, header: list[str], rows) -> None:
+    """A Broden CSV as the generators write it (UTF-8, `\\n` line ends)."""
+    with Path(path).open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+
+
 def _int(path: Path, row: int, column: str, value: str | None) -> int:
     try:
         return int(str(value).strip())

@@ -18,8 +18,10 @@ Layout of a prepared directory:
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 from dataclasses import dataclass
@@ -29,10 +31,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from cnnvis_pipeline.data.broden import BrodenDataset, load_broden
+from cnnvis_pipeline.data.broden import BrodenDataset, load_broden, write_csv
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.fileio import atomic_dir
 
 FORMAT_VERSION = 1
+SLICE = 500  # images per slice of prepare_parallel, at least (broden-big's generation chunk)
 
 
 def dataset_digest(ds: BrodenDataset) -> str:
@@ -79,11 +83,8 @@ def prepare_dataset(broden_root: str | Path, out_dir: str | Path, *, image_size:
         raise CnnvisError(f"{ds.root / 'label.csv'}: label numbers above 65535 are not supported")
     concept_of = ds.concept_index()
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    # An incomplete leftover at out_dir (no meta.json, checked above) is replaced.
+    with atomic_dir(out_dir) as tmp:
         images = np.lib.format.open_memmap(tmp / "images.npy", "w+", np.uint8, (n, ih, iw, 3))
         planes = np.lib.format.open_memmap(tmp / "planes.npy", "w+", np.uint16, (n, max(n_planes, 1), sh, sw))
         present = np.zeros((n, len(ds.categories)), bool)
@@ -152,13 +153,6 @@ def prepare_dataset(broden_root: str | Path, out_dir: str | Path, *, image_size:
         }
         # meta.json is written last: its presence marks the directory complete.
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)  # an incomplete leftover (no meta.json, checked above)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
@@ -216,3 +210,123 @@ class PreparedDataset:
             slots=self.slots[idx],
             present=self.present[idx],
         )
+
+
+# -- parallel preparation -----------------------------------------------------------------------
+
+def _prepare_slice(args) -> str:
+    view, out = args
+    prepare_dataset(view, out, progress=False)
+    return out
+
+
+def _npy_offset(path: Path) -> int:
+    m = np.load(path, mmap_mode="r")
+    try:
+        return int(m.offset)
+    finally:
+        del m
+
+
+def _append_bytes(src: Path, dst_fd: int, dst_offset: int) -> int:
+    """Copy the data of .npy `src` into `dst_fd` at `dst_offset` (file I/O, no memory maps)."""
+    start = _npy_offset(src)
+    size = src.stat().st_size - start
+    with open(src, "rb") as f:
+        f.seek(start)
+        done = 0
+        while done < size:
+            block = f.read(min(64 << 20, size - done))
+            if not block:
+                raise CnnvisError(f"{src}: truncated")
+            view = memoryview(block)
+            while len(view):
+                n = os.pwrite(dst_fd, view, dst_offset + done)
+                view, done = view[n:], done + n
+    return size
+
+
+def prepare_parallel(broden_root: str | Path, out_dir: str | Path, *, workers: int | None = None,
+                     progress: bool = True, chunk: int = SLICE) -> Path:
+    """prepare_dataset over slices of a Broden directory in parallel, joined into `out_dir`.
+
+    Every slice is prepared by prepare_dataset itself (from a view directory sharing images/);
+    the join checks that the slices agree on categories, concepts, sizes and planes and
+    concatenates their arrays, so the result equals a serial prepare_dataset of the whole
+    directory (same arrays and meta, same digest).
+    """
+    broden_root, out_dir = Path(broden_root).resolve(), Path(out_dir)
+    if (out_dir / "meta.json").exists():
+        raise CnnvisError(f"{out_dir}: a prepared dataset is already there; remove it to rebuild")
+    with (broden_root / "index.csv").open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        rows = list(reader)
+    workers = max(1, workers or os.cpu_count() or 1)
+    n_slices = min(workers * 2, max(1, len(rows) // chunk))
+    if n_slices <= 1:
+        return prepare_dataset(broden_root, out_dir, progress=progress)
+    # Slice boundaries on generation chunks, so every slice has every category and plane count.
+    bounds = np.linspace(0, len(rows) // chunk, n_slices + 1).round().astype(int) * chunk
+    bounds[-1] = len(rows)
+    work = out_dir.with_name(f".{out_dir.name}.slices-{os.getpid()}")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    try:
+        jobs = []
+        for k in range(n_slices):
+            view = work / f"view{k:03d}"
+            view.mkdir()
+            for f in broden_root.glob("*.csv"):
+                if f.name != "index.csv":
+                    shutil.copy(f, view / f.name)
+            (view / "images").symlink_to(broden_root / "images")
+            write_csv(view / "index.csv", header, rows[bounds[k] : bounds[k + 1]])
+            jobs.append((str(view), str(work / f"prep{k:03d}")))
+        with mp.get_context("fork").Pool(min(workers, n_slices)) as pool:
+            parts = [Path(p) for p in pool.map(_prepare_slice, jobs, chunksize=1)]
+        metas = [json.loads((p / "meta.json").read_text()) for p in parts]
+        same = ("categories", "concepts", "image_size", "seg_size")
+        plane_cats = [np.load(p / "plane_category.npy") for p in parts]
+        for m, pc, p in zip(metas, plane_cats, parts, strict=True):
+            if any(m[k] != metas[0][k] for k in same) or not np.array_equal(pc, plane_cats[0]):
+                raise CnnvisError(f"{p}: this slice disagrees with the first one; prepare serially")
+        n = sum(m["n_images"] for m in metas)
+        with atomic_dir(out_dir) as tmp:
+            for name in ("images", "planes"):
+                first = np.load(parts[0] / f"{name}.npy", mmap_mode="r")
+                dtype, row_shape = first.dtype, first.shape[1:]
+                del first
+                with open(tmp / f"{name}.npy", "wb") as f:
+                    np.lib.format.write_array_header_1_0(
+                        f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                            "shape": (n, *row_shape)})
+                fd = os.open(tmp / f"{name}.npy", os.O_WRONLY)
+                try:
+                    pos = os.fstat(fd).st_size  # the header just written
+                    for p in parts:
+                        pos += _append_bytes(p / f"{name}.npy", fd, pos)
+                        (p / f"{name}.npy").unlink()  # keep the disk peak low
+                finally:
+                    os.close(fd)
+            slots = [np.load(p / "slots.npy") for p in parts]
+            width = max(s.shape[1] for s in slots)
+            slots = np.concatenate([np.pad(s, ((0, 0), (0, width - s.shape[1])), constant_values=-1)
+                                    for s in slots])
+            np.save(tmp / "slots.npy", slots)
+            np.save(tmp / "present.npy", np.concatenate([np.load(p / "present.npy") for p in parts]))
+            np.save(tmp / "plane_category.npy", plane_cats[0])
+            meta = dict(metas[0])
+            meta.update({
+                "format": FORMAT_VERSION,
+                "source": str(broden_root),
+                "digest": dataset_digest(load_broden(broden_root)),
+                "n_images": n,
+                "images": [x for m in metas for x in m["images"]],
+                "splits": [x for m in metas for x in m["splits"]],
+            })
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out_dir

@@ -15,16 +15,15 @@ function of (n_images, image_size, seed): byte-identical files for the same argu
 
 from __future__ import annotations
 
-import csv
 import io
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from cnnvis_pipeline.data.broden import write_csv
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.fileio import atomic_dir
 
 CATEGORY_ORDER = ["object", "part", "scene", "material", "texture", "color"]
 COLORS = {
@@ -238,71 +237,62 @@ def generate_broden_synth(out: str | Path, n_images: int = 1000, image_size: int
         raise CnnvisError("broden-synth: n_images must be >= 1 and image_size an even number >= 8")
     if out.exists():
         raise CnnvisError(f"{out}: already exists; broden-synth will not overwrite it")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "images").mkdir(parents=True)
-    seg = image_size // 2
-    rng = np.random.default_rng(seed)
-    freq = {n: 0 for n in NUMBER.values()}
-    cover = {n: 0.0 for n in NUMBER.values()}
-    rows = []
-    for i in range(n_images):
-        layout = _scene_layout(rng)
-        base = f"synth/{i:06d}"
-        (tmp / "images" / "synth").mkdir(exist_ok=True)
-        buf = io.BytesIO()
-        Image.fromarray(_render_image(layout, image_size)).save(buf, format="JPEG", quality=92)
-        (tmp / "images" / f"{base}.jpg").write_bytes(buf.getvalue())
-        maps = _render_maps(layout, seg)
-        cells = {c: "" for c in CATEGORY_ORDER}
+    with atomic_dir(out) as tmp:
+        (tmp / "images").mkdir()
+        seg = image_size // 2
+        rng = np.random.default_rng(seed)
+        freq = {n: 0 for n in NUMBER.values()}
+        cover = {n: 0.0 for n in NUMBER.values()}
+        rows = []
+        for i in range(n_images):
+            layout = _scene_layout(rng)
+            base = f"synth/{i:06d}"
+            (tmp / "images" / "synth").mkdir(exist_ok=True)
+            buf = io.BytesIO()
+            Image.fromarray(_render_image(layout, image_size)).save(buf, format="JPEG", quality=92)
+            (tmp / "images" / f"{base}.jpg").write_bytes(buf.getvalue())
+            maps = _render_maps(layout, seg)
+            cells = {c: "" for c in CATEGORY_ORDER}
 
-        def write(cat: str, planes: list[np.ndarray], base=base, cells=cells) -> None:
-            cells[cat] = _write_planes(tmp / "images", base, cat, planes, freq, cover)
+            def write(cat: str, planes: list[np.ndarray], base=base, cells=cells) -> None:
+                cells[cat] = _write_planes(tmp / "images", base, cat, planes, freq, cover)
 
-        write("color", [maps["color"]])
-        if maps["object"].any():
-            write("object", [maps["object"]])
-        if layout["has_part"] and any(p.any() for p in maps["part"]):
-            write("part", maps["part"])
-        if layout["has_material"]:
-            write("material", [maps["material"]])
-        cells["scene"] = str(NUMBER[layout["scene"]])
-        freq[NUMBER[layout["scene"]]] += 1
-        cover[NUMBER[layout["scene"]]] += 1.0
-        if layout["has_texture"]:
-            cells["texture"] = str(NUMBER[layout["texture"]])
-            freq[NUMBER[layout["texture"]]] += 1
-            cover[NUMBER[layout["texture"]]] += 1.0
-        split = "val" if i % 10 == 9 else "train"
-        rows.append([f"{base}.jpg", split, image_size, image_size, seg, seg] + [cells[c] for c in CATEGORY_ORDER])
+            write("color", [maps["color"]])
+            if maps["object"].any():
+                write("object", [maps["object"]])
+            if layout["has_part"] and any(p.any() for p in maps["part"]):
+                write("part", maps["part"])
+            if layout["has_material"]:
+                write("material", [maps["material"]])
+            cells["scene"] = str(NUMBER[layout["scene"]])
+            freq[NUMBER[layout["scene"]]] += 1
+            cover[NUMBER[layout["scene"]]] += 1.0
+            if layout["has_texture"]:
+                cells["texture"] = str(NUMBER[layout["texture"]])
+                freq[NUMBER[layout["texture"]]] += 1
+                cover[NUMBER[layout["texture"]]] += 1.0
+            split = "val" if i % 10 == 9 else "train"
+            rows.append([f"{base}.jpg", split, image_size, image_size, seg, seg] + [cells[c] for c in CATEGORY_ORDER])
 
-    def write_csv(name: str, header: list[str], body: list[list]) -> None:
-        with (tmp / name).open("w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(header)
-            w.writerows(body)
-
-    write_csv("index.csv", ["image", "split", "ih", "iw", "sh", "sw"] + CATEGORY_ORDER, rows)
-    cat_rows, codes = [], {}
-    for cat in CATEGORY_ORDER:
-        members = [(name, NUMBER[name]) for name, cats in LABELS if cat in cats]
-        codes[cat] = {num: k + 1 for k, (_, num) in enumerate(members)}
-        nums = [num for _, num in members]
-        cat_rows.append([cat, min(nums), max(nums), len(members), sum(freq[n] for n in nums)])
-    write_csv("category.csv", ["name", "first", "last", "count", "frequency"], cat_rows)
-    label_rows = []
-    for name, cats in LABELS:
-        num = NUMBER[name]
-        cat_field = ";".join(f"{c}({codes[c][num]})" for c in cats)
-        label_rows.append([num, name, cat_field, freq[num], f"{cover[num]:.6f}", ""])
-    write_csv("label.csv", ["number", "name", "category", "frequency", "coverage", "syns"], label_rows)
-    for cat in CATEGORY_ORDER:
-        body = [
-            [codes[cat][NUMBER[name]], NUMBER[name], name, freq[NUMBER[name]], f"{cover[NUMBER[name]]:.6f}"]
-            for name, cats in LABELS
-            if cat in cats
-        ]
-        write_csv(f"c_{cat}.csv", ["code", "number", "name", "frequency", "coverage"], body)
-    tmp.rename(out)
+        write_csv(tmp / "index.csv", ["image", "split", "ih", "iw", "sh", "sw"] + CATEGORY_ORDER, rows)
+        cat_rows, codes = [], {}
+        for cat in CATEGORY_ORDER:
+            members = [(name, NUMBER[name]) for name, cats in LABELS if cat in cats]
+            codes[cat] = {num: k + 1 for k, (_, num) in enumerate(members)}
+            nums = [num for _, num in members]
+            cat_rows.append([cat, min(nums), max(nums), len(members), sum(freq[n] for n in nums)])
+        write_csv(tmp / "category.csv", ["name", "first", "last", "count", "frequency"], cat_rows)
+        label_rows = []
+        for name, cats in LABELS:
+            num = NUMBER[name]
+            cat_field = ";".join(f"{c}({codes[c][num]})" for c in cats)
+            label_rows.append([num, name, cat_field, freq[num], f"{cover[num]:.6f}", ""])
+        write_csv(tmp / "label.csv", ["number", "name", "category", "frequency", "coverage", "syns"], label_rows)
+        for cat in CATEGORY_ORDER:
+            body = [
+                [codes[cat][NUMBER[name]], NUMBER[name], name, freq[NUMBER[name]], f"{cover[NUMBER[name]]:.6f}"]
+                for name, cats in LABELS
+                if cat in cats
+            ]
+            write_csv(tmp / f"c_{cat}.csv", ["code", "number", "name", "frequency", "coverage"], body)
     return out

@@ -4,9 +4,7 @@
   material 32, texture 47, color 11; some object labels are also parts or materials, as in Broden).
 - generate_broden_big(out, n_images, image_size, seed, workers, chunk): write a complete Broden dir
   (index.csv, category.csv, label.csv, c_<category>.csv, JPEG images, R + 256 * G label PNGs).
-- prepare_parallel(broden_root, out_dir, workers, chunk): prepare_dataset on contiguous slices of the
-  dataset in parallel processes, then join the slices into one prepared directory (the same arrays
-  a serial prepare_dataset gives, with the digest of the whole directory).
+  (Its parallel preparation is cnnvis_pipeline.data.prepared.prepare_parallel.)
 
 Content is simple but has the real shape of the workload: a "stuff" background of one or two
 regions and two to seven ellipses and boxes with Zipf-distributed labels; parts in two layered
@@ -20,18 +18,17 @@ images; chunks are encoded in parallel processes. Output is a pure function of t
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import multiprocessing as mp
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from cnnvis_pipeline.data.broden import write_csv
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.fileio import atomic_dir
 
 VERSION = 1
 CATEGORY_ORDER = ["object", "part", "scene", "material", "texture", "color"]
@@ -224,13 +221,6 @@ def _write_chunk(args) -> tuple[list[list], np.ndarray, np.ndarray]:
     return rows, freq, cover
 
 
-def _write_csv(path: Path, header: list[str], body) -> None:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(header)
-        w.writerows(body)
-
-
 def _pool(workers: int):
     return mp.get_context("fork").Pool(workers)
 
@@ -243,173 +233,39 @@ def generate_broden_big(out: str | Path, n_images: int, image_size: int = 224, s
         raise CnnvisError("broden-big: n_images must be >= 1 and image_size an even number >= 8")
     if out.exists():
         raise CnnvisError(f"{out}: already exists; broden-big will not overwrite it")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "images").mkdir(parents=True)
+    with atomic_dir(out) as tmp:
+        (tmp / "images").mkdir()
+        _write_dataset(tmp, n_images, image_size, seed, workers, chunk)
+    return out
+
+
+def _write_dataset(tmp: Path, n_images: int, image_size: int, seed: int, workers: int | None,
+                   chunk: int) -> None:
     jobs = [(str(tmp), seed, k, s, min(chunk, n_images - s), image_size)
             for k, s in enumerate(range(0, n_images, chunk))]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    try:
-        if workers == 1:
-            results = [_write_chunk(j) for j in jobs]
-        else:
-            with _pool(workers) as pool:
-                results = pool.map(_write_chunk, jobs, chunksize=1)
-        rows = [row for r in results for row in r[0]]
-        freq = sum(r[1] for r in results)
-        cover = sum(r[2] for r in results)
-        _write_csv(tmp / "index.csv", ["image", "split", "ih", "iw", "sh", "sw"] + CATEGORY_ORDER,
-                   rows)
-        codes = {cat: {int(num): k + 1 for k, num in enumerate(MEMBERS[cat])}
-                 for cat in CATEGORY_ORDER}
-        _write_csv(tmp / "category.csv", ["name", "first", "last", "count", "frequency"],
-                   [[cat, int(MEMBERS[cat].min()), int(MEMBERS[cat].max()), len(MEMBERS[cat]),
-                     int(freq[MEMBERS[cat]].sum())] for cat in CATEGORY_ORDER])
-        label_rows = []
-        for num in sorted(NAMES):
-            cats = ";".join(f"{c}({codes[c][num]})" for c in CATEGORY_ORDER if num in codes[c])
-            label_rows.append([num, NAMES[num], cats, int(freq[num]), f"{cover[num]:.4f}", ""])
-        _write_csv(tmp / "label.csv", ["number", "name", "category", "frequency", "coverage",
-                                       "syns"], label_rows)
-        for cat in CATEGORY_ORDER:
-            _write_csv(tmp / f"c_{cat}.csv", ["code", "number", "name", "frequency", "coverage"],
-                       [[codes[cat][int(num)], int(num), NAMES[int(num)], int(freq[num]),
-                         f"{cover[num]:.4f}"] for num in MEMBERS[cat]])
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-# -- parallel preparation -----------------------------------------------------------------------
-
-def _prepare_slice(args) -> str:
-    from cnnvis_pipeline.data.prepared import prepare_dataset
-
-    view, out = args
-    prepare_dataset(view, out, progress=False)
-    return out
-
-
-def _npy_offset(path: Path) -> int:
-    m = np.load(path, mmap_mode="r")
-    try:
-        return int(m.offset)
-    finally:
-        del m
-
-
-def _append_bytes(src: Path, dst_fd: int, dst_offset: int) -> int:
-    """Copy the data of .npy `src` into `dst_fd` at `dst_offset` (file I/O, no memory maps)."""
-    start = _npy_offset(src)
-    size = src.stat().st_size - start
-    with open(src, "rb") as f:
-        f.seek(start)
-        done = 0
-        while done < size:
-            block = f.read(min(64 << 20, size - done))
-            if not block:
-                raise CnnvisError(f"{src}: truncated")
-            view = memoryview(block)
-            while len(view):
-                n = os.pwrite(dst_fd, view, dst_offset + done)
-                view, done = view[n:], done + n
-    return size
-
-
-def prepare_parallel(broden_root: str | Path, out_dir: str | Path, *, workers: int | None = None,
-                     progress: bool = True, chunk: int = CHUNK) -> Path:
-    """prepare_dataset over slices of a Broden directory in parallel, joined into `out_dir`.
-
-    Every slice is prepared by prepare_dataset itself (from a view directory sharing images/);
-    the join checks that the slices agree on categories, concepts, sizes and planes and
-    concatenates their arrays, so the result equals a serial prepare_dataset of the whole
-    directory (same arrays and meta, same digest).
-    """
-    from cnnvis_pipeline.data.broden import load_broden
-    from cnnvis_pipeline.data.prepared import FORMAT_VERSION, dataset_digest, prepare_dataset
-
-    broden_root, out_dir = Path(broden_root).resolve(), Path(out_dir)
-    if (out_dir / "meta.json").exists():
-        raise CnnvisError(f"{out_dir}: a prepared dataset is already there; remove it to rebuild")
-    with (broden_root / "index.csv").open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        header = next(reader)
-        rows = list(reader)
-    workers = max(1, workers or os.cpu_count() or 1)
-    n_slices = min(workers * 2, max(1, len(rows) // chunk))
-    if n_slices <= 1:
-        return prepare_dataset(broden_root, out_dir, progress=progress)
-    # Slice boundaries on generation chunks, so every slice has every category and plane count.
-    bounds = np.linspace(0, len(rows) // chunk, n_slices + 1).round().astype(int) * chunk
-    bounds[-1] = len(rows)
-    work = out_dir.with_name(f".{out_dir.name}.slices-{os.getpid()}")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    try:
-        jobs = []
-        for k in range(n_slices):
-            view = work / f"view{k:03d}"
-            view.mkdir()
-            for f in broden_root.glob("*.csv"):
-                if f.name != "index.csv":
-                    shutil.copy(f, view / f.name)
-            (view / "images").symlink_to(broden_root / "images")
-            _write_csv(view / "index.csv", header, rows[bounds[k] : bounds[k + 1]])
-            jobs.append((str(view), str(work / f"prep{k:03d}")))
-        with _pool(min(workers, n_slices)) as pool:
-            parts = [Path(p) for p in pool.map(_prepare_slice, jobs, chunksize=1)]
-        metas = [json.loads((p / "meta.json").read_text()) for p in parts]
-        same = ("categories", "concepts", "image_size", "seg_size")
-        plane_cats = [np.load(p / "plane_category.npy") for p in parts]
-        for m, pc, p in zip(metas, plane_cats, parts, strict=True):
-            if any(m[k] != metas[0][k] for k in same) or not np.array_equal(pc, plane_cats[0]):
-                raise CnnvisError(f"{p}: this slice disagrees with the first one; prepare serially")
-        n = sum(m["n_images"] for m in metas)
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        for name in ("images", "planes"):
-            first = np.load(parts[0] / f"{name}.npy", mmap_mode="r")
-            dtype, row_shape = first.dtype, first.shape[1:]
-            del first
-            with open(tmp / f"{name}.npy", "wb") as f:
-                np.lib.format.write_array_header_1_0(
-                    f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                        "shape": (n, *row_shape)})
-            fd = os.open(tmp / f"{name}.npy", os.O_WRONLY)
-            try:
-                pos = os.fstat(fd).st_size  # the header just written
-                for p in parts:
-                    pos += _append_bytes(p / f"{name}.npy", fd, pos)
-                    (p / f"{name}.npy").unlink()  # keep the disk peak low
-            finally:
-                os.close(fd)
-        slots = [np.load(p / "slots.npy") for p in parts]
-        width = max(s.shape[1] for s in slots)
-        slots = np.concatenate([np.pad(s, ((0, 0), (0, width - s.shape[1])), constant_values=-1)
-                                for s in slots])
-        np.save(tmp / "slots.npy", slots)
-        np.save(tmp / "present.npy", np.concatenate([np.load(p / "present.npy") for p in parts]))
-        np.save(tmp / "plane_category.npy", plane_cats[0])
-        meta = dict(metas[0])
-        meta.update({
-            "format": FORMAT_VERSION,
-            "source": str(broden_root),
-            "digest": dataset_digest(load_broden(broden_root)),
-            "n_images": n,
-            "images": [x for m in metas for x in m["images"]],
-            "splits": [x for m in metas for x in m["splits"]],
-        })
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return out_dir
+    if workers == 1:
+        results = [_write_chunk(j) for j in jobs]
+    else:
+        with _pool(workers) as pool:
+            results = pool.map(_write_chunk, jobs, chunksize=1)
+    rows = [row for r in results for row in r[0]]
+    freq = sum(r[1] for r in results)
+    cover = sum(r[2] for r in results)
+    write_csv(tmp / "index.csv", ["image", "split", "ih", "iw", "sh", "sw"] + CATEGORY_ORDER,
+               rows)
+    codes = {cat: {int(num): k + 1 for k, num in enumerate(MEMBERS[cat])}
+             for cat in CATEGORY_ORDER}
+    write_csv(tmp / "category.csv", ["name", "first", "last", "count", "frequency"],
+               [[cat, int(MEMBERS[cat].min()), int(MEMBERS[cat].max()), len(MEMBERS[cat]),
+                 int(freq[MEMBERS[cat]].sum())] for cat in CATEGORY_ORDER])
+    label_rows = []
+    for num in sorted(NAMES):
+        cats = ";".join(f"{c}({codes[c][num]})" for c in CATEGORY_ORDER if num in codes[c])
+        label_rows.append([num, NAMES[num], cats, int(freq[num]), f"{cover[num]:.4f}", ""])
+    write_csv(tmp / "label.csv", ["number", "name", "category", "frequency", "coverage",
+                                   "syns"], label_rows)
+    for cat in CATEGORY_ORDER:
+        write_csv(tmp / f"c_{cat}.csv", ["code", "number", "name", "frequency", "coverage"],
+                   [[codes[cat][int(num)], int(num), NAMES[int(num)], int(freq[num]),
+                     f"{cover[num]:.4f}"] for num in MEMBERS[cat]])

@@ -4,8 +4,8 @@
         [--batch-size B] [--cache DIR] [--precision fp32|bf16] [--no-forward]
 
 1. Generates (once; cached under benchmarks/cache/ or --cache) a Broden-format dataset with
-   cnnvis_pipeline.data.bigsynth (about 1,200 labels, six categories, layered part planes,
-   image-level scene and texture) and prepares it with prepare_dataset (in parallel slices).
+   cnnvis_pipeline.bench.bigsynth (about 1,200 labels, six categories, layered part planes,
+   image-level scene and texture) and prepares it with data.prepared.prepare_parallel (prepare_dataset in parallel slices).
    Generation and preparation times are reported apart and excluded from the figures.
 2. Builds torchvision ResNet-18 with seeded random weights.
 3. Times, over the same images and batches: the reads alone (load), the input pipeline and
@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-DEFAULT_CACHE = Path(__file__).resolve().parents[1] / "benchmarks" / "cache"
+DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "benchmarks" / "cache"
 
 
 def _log(msg: str) -> None:
@@ -101,7 +101,7 @@ class PeakRSS:
 # -- dataset -------------------------------------------------------------------------------------
 
 def dataset_dirs(cache: Path, images: int, size: int, seed: int) -> tuple[Path, Path]:
-    from cnnvis_pipeline.data.bigsynth import VERSION
+    from cnnvis_pipeline.bench.bigsynth import VERSION
 
     root = Path(cache) / f"broden-big-v{VERSION}-n{images}-s{size}-seed{seed}"
     return root / "broden", root / "prepared"
@@ -109,7 +109,8 @@ def dataset_dirs(cache: Path, images: int, size: int, seed: int) -> tuple[Path, 
 
 def ensure_dataset(cache: Path, images: int, size: int, seed: int, workers: int | None) -> dict:
     """Generate and prepare the dataset unless the cache has it; returns paths and timings."""
-    from cnnvis_pipeline.data.bigsynth import generate_broden_big, prepare_parallel
+    from cnnvis_pipeline.bench.bigsynth import generate_broden_big
+    from cnnvis_pipeline.data.prepared import prepare_parallel
 
     broden, prepared = dataset_dirs(cache, images, size, seed)
     info = {"broden": str(broden), "prepared": str(prepared), "gen_s": 0.0, "prep_s": 0.0,
@@ -381,7 +382,3 @@ def main(argv=None) -> int:
     out = run(args)
     print(json.dumps(out, sort_keys=True), flush=True)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
