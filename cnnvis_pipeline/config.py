@@ -76,9 +76,11 @@ def _schema_message(err) -> str:
 
 
 def check_schema(cfg: dict, schema_path: str | Path) -> None:
-    """Raise CnnvisError naming the config key that breaks the JSON schema, in one short line.
+    """Raise CnnvisError listing every config key that breaks the JSON schema: one line per
+    problem, each naming its key (one problem: one short line).
 
-    (Snakemake's validate() prints the whole schema; the workflow calls this first.)
+    (Snakemake's validate() prints the whole schema and stops at the first problem; the workflow
+    calls this first.)
     """
     import jsonschema
     import yaml
@@ -89,8 +91,10 @@ def check_schema(cfg: dict, schema_path: str | Path) -> None:
         return
     errors.sort(key=lambda e: (len(e.absolute_path) == 0, [str(p) for p in e.absolute_path],
                                e.validator != "additionalProperties"))
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    raise CnnvisError(_schema_message(errors[0]) + more)
+    messages = list(dict.fromkeys(_schema_message(e) for e in errors))
+    if len(messages) == 1:
+        raise CnnvisError(messages[0])
+    raise CnnvisError(f"{len(messages)} problems:\n" + "\n".join(f"  {m}" for m in messages))
 
 
 def spec_digest(obj) -> str:

@@ -193,9 +193,42 @@ def test_unreachable_server_is_retried_then_reported(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     spec = {"url": f"http://127.0.0.1:{port}/a.zip", "md5": "a" * 32}
-    with pytest.raises(CnnvisError, match=r"a\.zip: download interrupted \(cannot connect"):
+    with pytest.raises(CnnvisError) as e:
         fetch_dataset(spec, tmp_path, progress=False, retries=1)
+    message = str(e.value)
+    # whole (no reprs cut mid-string), no "resume" with nothing kept, and the offline ways out
+    assert message.startswith(f"http://127.0.0.1:{port}/a.zip: download failed after 2 attempt(s) "
+                              f"(cannot connect to 127.0.0.1:{port}: Connection refused); "
+                              "nothing was downloaded."), message
+    assert "resume" not in message and "0 bytes" not in message
+    assert "mirror: file:///path/to/" in message and "dataset.path:" in message
+    assert "dataset.mirror:" in message and message.count("(") == message.count(")")
     assert _leftovers(tmp_path) == []
+
+
+def test_file_url_copies_a_local_archive(synth_zip, tmp_path):
+    local = tmp_path / "copied here" / "broden_synth.zip"
+    local.parent.mkdir()
+    local.write_bytes(synth_zip)
+    root = tmp_path / "root"
+    spec = {"download": "broden1_224", "mirror": local.as_uri(),
+            "sha256": hashlib.sha256(synth_zip).hexdigest(), "name": "broden_synth"}
+    path = fetch_dataset(spec, root, progress=False)
+    assert path == root / "broden_synth" and len(load_broden(path)) == N_IMAGES
+    assert is_complete(path) and _leftovers(root) == ["broden_synth"]
+    assert local.read_bytes() == synth_zip  # the source is left alone
+
+    bad = dict(spec, name="other", sha256="0" * 64)
+    with pytest.raises(CnnvisError, match=r"sha256 checksum mismatch.*the copy was deleted"):
+        fetch_dataset(bad, root, progress=False)
+    assert _leftovers(root) == ["broden_synth"]
+    with pytest.raises(CnnvisError, match=r"no such file .*nothere\.zip"):
+        fetch_dataset(dict(spec, mirror=(tmp_path / "nothere.zip").as_uri(), name="x"), root,
+                      progress=False)
+    with pytest.raises(CnnvisError, match=r"dataset\.mirror: 'file://host/x\.zip': a file URL"):
+        resolve_source(dict(spec, mirror="file://host/x.zip"))
+    with pytest.raises(CnnvisError, match=r"dataset\.url: 'ftp://h/x\.zip' must be an http://"):
+        resolve_source({"url": "ftp://h/x.zip", "md5": "a" * 32})
 
 
 def test_not_a_zip_and_not_a_dataset(server, tmp_path):
@@ -288,7 +321,7 @@ def test_resolve_known_and_mirror():
         ({"download": "broden1_227"}, "no checksum is pinned for broden1_227"),
         ({"download": "broden9"}, "unknown dataset 'broden9'"),
         ({"url": "http://h/a.zip"}, "needs sha256: or md5:"),
-        ({"url": "ftp://h/a.zip", "md5": "b" * 32}, "must be an http:// or https:// URL"),
+        ({"url": "ftp://h/a.zip", "md5": "b" * 32}, "must be an http://, https:// or file:// URL"),
         ({"url": "http://h/a.zip", "sha256": "xyz"}, "is not 64 hex digits"),
         ({"url": "http://h/a.zip", "md5": "b" * 32, "name": "../x"}, "name '../x' is not allowed"),
         ({}, "give download:"),

@@ -12,7 +12,8 @@ broden1_224 has a pinned md5, the others need `sha256:` or `md5:`), optionally w
 `mirror:` to fetch the same archive elsewhere; or `{url: ..., sha256: ...}` / `{url: ..., md5: ...}`
 for any Broden-format zip, with an optional `name:` for the directory (default: the URL's file
 stem and 8 hex digits of the URL's hash, as in config.dataset_name). A checksum given in the spec
-replaces the pinned one.
+replaces the pinned one. A `file://` URL (url: or mirror:) copies an archive already on this
+machine (an offline node), verified like a download.
 
 The archive is streamed by pooch with a downloader that resumes `<name>.zip.part` with an HTTP Range
 request, is verified against the checksum, then unpacked into a hidden temporary directory that
@@ -119,8 +120,17 @@ def resolve_source(spec: dict) -> DatasetSource:
         raise CnnvisError(
             f"dataset: give download: ({', '.join(KNOWN_DATASETS)}) or url: with sha256: or md5:"
         )
-    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
-        raise CnnvisError(f"dataset: url {url!r} must be an http:// or https:// URL")
+    parts = urlsplit(url)
+    key = "mirror" if mirror and not spec.get("url") else "url"
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path:
+            raise CnnvisError(
+                f"dataset.{key}: {url!r}: a file URL names a local path, file:///abs/path.zip"
+            )
+    elif parts.scheme not in ("http", "https") or not parts.netloc:
+        raise CnnvisError(
+            f"dataset.{key}: {url!r} must be an http://, https:// or file:// URL"
+        )
     return DatasetSource(name=name, url=url, **checksums)
 
 
@@ -257,13 +267,51 @@ def _content_range(value: str | None) -> tuple[int | None, int | None, int | Non
     )
 
 
+def _local_file(url: str) -> Path:
+    from urllib.request import url2pathname
+
+    return Path(url2pathname(urlsplit(url).path))
+
+
+def _copy_local(src: DatasetSource, archive: Path, part: Path):
+    """A `file://` archive: copied to `part`, verified, renamed to `archive`; return its hashes."""
+    path = _local_file(src.url)
+    if not path.is_file():
+        raise CnnvisError(f"{src.url}: no such file {path} (dataset url:/mirror: file://...)")
+    try:
+        shutil.copyfile(path, part)
+        hashes = file_hashes(part)
+        problem = _checksum_mismatch(src, hashes)
+        if problem:
+            raise CnnvisError(problem.replace("the download was deleted", "the copy was deleted"))
+        os.replace(part, archive)
+    finally:
+        part.unlink(missing_ok=True)
+    return archive, hashes
+
+
+def _connection_reason(e: Exception, url: str) -> str:
+    """`cannot connect to HOST (why)`, whole: requests' message nests urllib3's reprs."""
+    text = str(e)
+    m = (re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text)
+         or re.search(r"(Name or service not known|Temporary failure in name resolution|"
+                      r"Connection refused|Network is unreachable|No route to host|"
+                      r"timed out)", text))
+    why = m.group(1).strip().rstrip(".") if m else type(e).__name__
+    host = urlsplit(url).netloc or url
+    return f"cannot connect to {host}: {why}"
+
+
 def _download(src: DatasetSource, data_root: Path, *, progress, retries, timeout):
     """Fetch and verify `data_root/<name>.zip` (pooch keeps a verified copy); return its hashes."""
+    archive = data_root / f"{src.name}.zip"
+    part = data_root / f"{src.name}.zip.part"
+    if urlsplit(src.url).scheme == "file":
+        return _copy_local(src, archive, part)
+
     import pooch
     import requests
 
-    archive = data_root / f"{src.name}.zip"
-    part = data_root / f"{src.name}.zip.part"
     alg, expected = next(iter(src.checksums.items()))
     for attempt in range(retries + 1):
         dl = ResumingDownloader(part, src, progress=progress, timeout=timeout)
@@ -298,7 +346,7 @@ def _download(src: DatasetSource, data_root: Path, *, progress, retries, timeout
             elif isinstance(e, requests.Timeout):
                 reason = f"no data for {timeout:g} s"
             elif isinstance(e, requests.ConnectionError):
-                reason = f"cannot connect: {str(e)[:200]}"
+                reason = _connection_reason(e, src.url)
             else:
                 reason = str(e)
         except requests.RequestException as e:
@@ -307,9 +355,19 @@ def _download(src: DatasetSource, data_root: Path, *, progress, retries, timeout
             raise CnnvisError(f"{src.url}: {e}") from None
         kept = part.stat().st_size if part.exists() else 0
         if attempt == retries:
+            alternatives = (
+                "give dataset.mirror: with another host's URL, or, on a machine without network, "
+                f"copy {src.name}.zip here and give mirror: file:///path/to/{src.name}.zip, or "
+                "unpack it and give dataset.path: (the directory) instead of download:/url:"
+            )
+            if kept:
+                raise CnnvisError(
+                    f"{src.url}: download interrupted ({reason}); {kept} bytes kept in {part}: "
+                    f"run the same command again to resume; or {alternatives}"
+                )
             raise CnnvisError(
-                f"{src.url}: download interrupted ({reason}); {kept} bytes kept in {part}: "
-                "run the same command again to resume"
+                f"{src.url}: download failed after {retries + 1} attempt(s) ({reason}); "
+                f"nothing was downloaded. To get the dataset anyway, {alternatives}"
             )
         wait = RETRY_WAIT * (attempt + 1)
         log.warning("%s: %s; resuming from byte %d in %.0f s", src.url, reason, kept, wait)
@@ -555,7 +613,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--data-root", type=Path, default=Path("resources"), help="default: resources")
     p.add_argument("--name", help=f"{', '.join(KNOWN_DATASETS)}, or the directory name for --url")
-    p.add_argument("--url", help="a Broden-format zip (or a mirror of a known one)")
+    p.add_argument("--url", help="a Broden-format zip, http(s):// or file:// (or a mirror of a known one)")
     sums = p.add_mutually_exclusive_group()
     sums.add_argument("--sha256", help="expected sha256 of the zip")
     sums.add_argument("--md5", help="expected md5 of the zip")

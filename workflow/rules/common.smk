@@ -105,9 +105,34 @@ def all_targets():
     )
 
 
+# A progress bar (tqdm) redraws its line with "\r" and no newline, so whatever a job prints next
+# (its `error:` line) lands after the bar on the same line.
+_BAR_END = r"(?:^|[\]|])\s*"
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _failed_logs(text):
+    """Log files of the failed jobs in a Snakemake main log: from the `log: ... (check log
+    file(s) ...)` line of a job's error block, else (with `--quiet rules` there is no such block)
+    from the `> LOG 2>&1' returned non-zero exit status` end of its command."""
+    found = []
+    for m in re.finditer(
+        r"^\s*log: (.+?) \(check log file\(s\) for error details\)", text, re.M
+    ):
+        found += m.group(1).split(", ")
+    for m in re.finditer(
+        r"> ('(?:[^']|'\\'')*'|\S+) 2>&1' returned non-zero exit status", text
+    ):
+        try:
+            found += shlex.split(m.group(1))
+        except ValueError:
+            continue
+    return list(dict.fromkeys(found))
+
+
 def failed_job_errors(snakemake_logs):
     """The `error:` line(s) of each failed job's log (else its traceback's exception line, else its
-    last line), each after the log's path.
+    last line that is not a progress bar), each after the log's path.
 
     The commands write to their log files only; this puts the cause on the screen (onerror).
     """
@@ -117,23 +142,30 @@ def failed_job_errors(snakemake_logs):
             text = open(main_log, encoding="utf-8", errors="replace").read()
         except OSError:
             continue
-        pattern = r"^\s*log: (.+?) \(check log file\(s\) for error details\)"
-        for m in re.finditer(pattern, text, re.M):
-            failed += [p for p in m.group(1).split(", ") if p not in failed]
+        failed += [p for p in _failed_logs(text) if p not in failed]
     lines = []
     for path in failed:
         try:
             text = open(path, encoding="utf-8", errors="replace").read()
         except OSError:
             continue
-        text = text.replace("\r", "\n")
-        found = [ln.strip() for ln in text.splitlines() if ln.startswith("error:")]
+        text = _ANSI.sub("", text.replace("\r", "\n"))
+        found = [
+            m.group(1).strip()
+            for m in re.finditer(_BAR_END + r"(error: .*)$", text, re.M)
+        ]
+        found = list(dict.fromkeys(found))
         if not found and "Traceback (most recent call last):" in text:
             tb = text.rsplit("Traceback (most recent call last):", 1)[1].splitlines()
             exception = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
             found = [ln for ln in tb if exception.match(ln)][:1]
         if not found:
-            found = [ln.strip() for ln in text.splitlines() if ln.strip()][-1:]
+            bar = re.compile(r"\d+%\|.*\|")
+            found = [
+                ln.strip()
+                for ln in text.splitlines()
+                if ln.strip() and not bar.search(ln)
+            ][-1:]
         lines += [f"{path}: {ln}" for ln in found]
     return lines
 

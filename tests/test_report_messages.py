@@ -1,0 +1,90 @@
+"""Messages a user sees: every config problem at once, each naming its key; a job's `error:`
+line on the screen even when the job's progress bar had drawn its line first."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cnnvis_pipeline import config as cc
+from cnnvis_pipeline.errors import CnnvisError
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+
+
+def tiny_config(**models) -> dict:
+    return {
+        "dataset": {"synth": {"images": 24, "size": 32, "seed": 1}},
+        "models": models or {"tiny": {"arch": "synthnet", "kwargs": {"width": 4},
+                                      "layers": ["features.relu3"]}},
+        "dissection": {"shards": 1, "batch_size": 8, "device": "cpu"},
+    }
+
+
+def three_problems() -> dict:
+    cfg = tiny_config()
+    cfg["dissection"].update(shards="two", quantile=1.5)
+    cfg["reports"] = {"top_unitz": 3}
+    return cfg
+
+
+def test_every_schema_problem_is_reported_each_with_its_key():
+    with pytest.raises(CnnvisError) as e:
+        cc.check_schema(cc.merge_with_default(three_problems(), {"data_root": "r"}), SCHEMA)
+    lines = str(e.value).splitlines()
+    assert lines[0] == "3 problems:", lines
+    body = sorted(ln.strip() for ln in lines[1:])
+    assert len(body) == 3, lines
+    assert body[0].startswith("config: dissection.quantile: ")
+    assert body[1].startswith("config: dissection.shards: expected integer, got 'two'")
+    assert body[2].startswith("config: reports: unknown key(s) 'top_unitz'; allowed: ")
+    assert "more problem" not in str(e.value)
+
+
+def test_one_problem_is_one_line():
+    cfg = tiny_config()
+    cfg["dissection"]["shards"] = "two"
+    with pytest.raises(CnnvisError) as e:
+        cc.check_schema(cfg, SCHEMA)
+    assert str(e.value) == "config: dissection.shards: expected integer, got 'two'"
+
+
+def snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "cfg.yaml").write_text(yaml.safe_dump(config))
+    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--cores", "2", "--configfile", str(workdir / "cfg.yaml"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_workflow_lists_every_config_problem(tmp_path):
+    proc = snakemake(tmp_path, three_problems(), "-n")
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert "invalid configuration: 3 problems:" in err, err[-3000:]
+    for key in ("config: dissection.quantile:", "config: dissection.shards:",
+                "config: reports: unknown key(s) 'top_unitz'"):
+        assert key in err, (key, err[-3000:])
+
+
+@pytest.mark.slow
+def test_a_jobs_error_after_its_progress_bar_reaches_the_screen(tmp_path):
+    """A Linear layer fails in extract_shard after its progress bar drew `\\r...img/s]` with no
+    newline: the error line must still be printed, with and without `--quiet rules`."""
+    cfg = tiny_config(tiny={"arch": "synthnet", "kwargs": {"width": 4}, "layers": ["classifier"]})
+    want = ("results/logs/tiny/extract_0.log: error: tiny: layer 'classifier' outputs (8, 9), "
+            "not a 4-D feature map")
+    for args in (("--quiet", "rules"), ()):
+        proc = snakemake(tmp_path, cfg, *args)
+        assert proc.returncode != 0
+        log = (tmp_path / "results/logs/tiny/extract_0.log").read_text()
+        assert "img/s]error: tiny: layer 'classifier'" in log.replace("\r", "")  # the case
+        screen = proc.stdout + proc.stderr
+        assert want in screen, (args, screen[-3000:])
+        assert "extract_0.log: extract tiny:" not in screen  # not the bar instead
