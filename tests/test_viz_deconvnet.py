@@ -117,16 +117,27 @@ class FunctionalNet(nn.Module):
             x = F.relu(x, inplace=True)
         elif self.how == "relu6":
             x = F.relu6(x)
+        elif self.how == "clamp":
+            x = x.clamp(min=0)
+        elif self.how == "torch.clamp":
+            x = torch.clamp(x, 0.0)
+        elif self.how == "clamp_min":
+            x = torch.clamp_min(x, 0)
+        elif self.how == "clip":
+            x = x.clip(0, None)
         return F.relu(self.conv2(x))
 
 
-@pytest.mark.parametrize("how", ["F.relu", "torch.relu", "method", "inplace", "relu6"])
+@pytest.mark.parametrize("how", ["F.relu", "torch.relu", "method", "inplace", "relu6", "clamp",
+                                 "torch.clamp", "clamp_min", "clip"])
 def test_functional_relu_is_refused(how):
     net = FunctionalNet(how)
     with pytest.raises(CnnvisError) as err:
         deconvnet(net, "conv2", 0, torch.rand(1, 3, 8, 8), model_name="funcnet")
     msg = str(err.value)
     assert "funcnet" in msg and "conv2" in msg
+    if how.startswith(("clamp", "torch.clamp", "clip")):
+        assert "clamp used as a rectifier" in msg
     for m in net.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks
 
@@ -182,3 +193,98 @@ def test_receptive_field_with_functional_relu_and_strided_conv():
     # a: rows 2y-2..2y+2; pool(3, s2, p1): a-rows 2y-1..2y+1; b: pool rows y-1..y+1.
     # b at y=4: pool rows 3..5 -> a rows 5..11 -> input rows 8..24.
     assert receptive_field(Net(), "b", 64, 4, 4) == (8, 8, 25, 25)
+
+
+def test_clamp_after_the_layer_is_fine():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+            self.relu = nn.ReLU()
+            self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv2(self.relu(self.conv1(x))).clamp(min=0)
+
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    net = Net()
+    got = deconvnet(net, "conv2", 1, images)
+    want = deconvnet(nn.Sequential(net.conv1, nn.ReLU(), net.conv2), "2", 1, images)
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, want)
+
+
+def test_receptive_field_spreads_max_pool_windows():
+    # A 1x1 conv sees one pixel; MaxPool2d(4, 4) after it sees a 4x4 window, whichever pixel of
+    # the window holds the maximum.
+    net = nn.Sequential(nn.Conv2d(3, 2, 1), nn.MaxPool2d(4, 4))
+    assert receptive_field(net, "1", 16, 0, 0) == (0, 0, 4, 4)
+    assert receptive_field(net, "1", 16, 2, 1) == (8, 4, 12, 8)
+    functional = nn.Sequential(nn.Conv2d(3, 2, 1))
+
+    class Pool(nn.Module):
+        def forward(self, x):
+            return F.max_pool2d(x, 4, 4, return_indices=True)[0]
+
+    functional.add_module("pool", Pool())
+    assert receptive_field(functional, "pool", 16, 3, 3) == (12, 12, 16, 16)
+
+
+def analytic_box(chain, size: int, y: int) -> tuple[int, int]:
+    """Rows [lo, hi) of the input that output row y of a chain of (kernel, stride, padding)
+    layers depends on, clipped to the image."""
+    lo = hi = y
+    for k, s, p in reversed(chain):
+        lo, hi = lo * s - p, hi * s - p + k - 1
+    return max(lo, 0), min(hi, size - 1) + 1
+
+
+ALEXNET = [(11, 4, 2), (3, 2, 0), (5, 1, 2), (3, 2, 0), (3, 1, 1), (3, 1, 1), (3, 1, 1),
+           (3, 2, 0)]  # features: conv1, pool1, conv2, pool2, conv3, conv4, conv5, pool5
+ALEXNET_LAYERS = {"features.2": 2, "features.5": 4, "features.7": 5, "features.12": 8}
+
+
+@pytest.mark.parametrize("layer", list(ALEXNET_LAYERS))
+def test_receptive_field_of_alexnet_is_analytic(layer):
+    from torchvision.models import alexnet
+
+    torch.manual_seed(0)
+    net = alexnet(weights=None)
+    chain = ALEXNET[:ALEXNET_LAYERS[layer]]
+    size = 160
+    with torch.no_grad():
+        h = net.features[:int(layer.split(".")[1]) + 1](torch.zeros(1, 3, size, size)).shape[-1]
+    for y, x in [(0, 0), (h // 2, h // 3), (h - 1, h - 1)]:
+        top, bottom = analytic_box(chain, size, y)
+        left, right = analytic_box(chain, size, x)
+        assert receptive_field(net, layer, size, y, x) == (top, left, bottom, right)
+
+
+RESNET_STEM = [(7, 2, 3), (3, 2, 1)]  # conv1, maxpool
+RESNET_STAGE = {1: [(3, 1, 1)] * 4, 2: [(3, 2, 1)] + [(3, 1, 1)] * 3,
+                3: [(3, 2, 1)] + [(3, 1, 1)] * 3}
+
+
+@pytest.mark.parametrize("layer", ["maxpool", "layer1", "layer2", "layer3"])
+def test_receptive_field_of_resnet18_is_analytic(layer):
+    # The main path of each BasicBlock (two 3x3 convs) contains its shortcut's field (identity or
+    # 1x1 stride 2), so the analytic field is that of the chain of main-path convolutions.
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    net = resnet18(weights=None)
+    chain = list(RESNET_STEM)
+    for stage in range(1, 4):
+        if layer == "maxpool" or int(layer[-1]) < stage:
+            break
+        chain += RESNET_STAGE[stage]
+    size = 96
+    h = analytic_size = size
+    for k, s, p in chain:
+        analytic_size = (analytic_size + 2 * p - k) // s + 1
+    h = analytic_size
+    for y, x in [(0, 0), (h // 2, h // 2 + 1), (h - 1, 0)]:
+        top, bottom = analytic_box(chain, size, y)
+        left, right = analytic_box(chain, size, x)
+        assert receptive_field(net, layer, size, y, x) == (top, left, bottom, right)

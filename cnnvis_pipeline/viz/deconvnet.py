@@ -35,6 +35,7 @@ from cnnvis_pipeline.viz._common import (
     size_pair,
 )
 from cnnvis_pipeline.viz.relu import (
+    _CLAMP_FUNCS,
     _OTHER_RECTIFIERS,
     _RELU_FUNCS,
     ActivationCallGuard,
@@ -104,8 +105,14 @@ def deconvnet(model: nn.Module, layer: str, unit: int, images: torch.Tensor, *,
 # --- receptive fields ------------------------------------------------------------------------
 
 
-def _pool_args(func, args, kwargs):
-    bound = inspect.signature(func).bind(*args, **kwargs)
+# F.max_pool2d is a dispatcher (on return_indices) with a (*args, **kwargs) signature; it is what
+# a TorchFunctionMode sees for nn.MaxPool2d and F.max_pool2d calls. Its arguments are those of
+# F._max_pool2d, in the same order as F.max_pool2d_with_indices.
+_MAX_POOL_2D = (F.max_pool2d, F._max_pool2d, F.max_pool2d_with_indices)
+
+
+def _pool_args(args, kwargs):
+    bound = inspect.signature(F._max_pool2d).bind(*args, **kwargs)
     bound.apply_defaults()
     return bound.arguments
 
@@ -116,16 +123,16 @@ class _SupportMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _RELU_FUNCS or func in _OTHER_RECTIFIERS:
+        if func in _RELU_FUNCS or func in _OTHER_RECTIFIERS or func in _CLAMP_FUNCS:
             x = args[0] if args else kwargs.pop("input")
             if not isinstance(x, torch.Tensor) or not x.requires_grad:
                 return func(x, *args[1:], **kwargs)
             # On a copy, so that in-place variants leave x (and its graph) alone.
             out = func(x.detach().clone(), *args[1:], **kwargs)
             return x + (out - x).detach() if out.shape == x.shape else out
-        if func is F._max_pool2d or func is F.max_pool2d_with_indices:
+        if any(func is f for f in _MAX_POOL_2D):
             out = func(*args, **kwargs)
-            a = _pool_args(func, args, kwargs)
+            a = _pool_args(args, kwargs)
             dilation = a["dilation"]
             if dilation not in (1, (1, 1), [1, 1]) or not a["input"].requires_grad:
                 return out

@@ -6,8 +6,8 @@
   is ignored). In-place ReLUs are switched to out-of-place for the duration. Hooks and `inplace`
   flags are restored on exit, also on errors.
 - ActivationCallGuard: a TorchFunctionMode that refuses (CnnvisError) any ReLU called outside an
-  nn.ReLU module (torch.relu / F.relu / x.relu() inside a forward) and any other rectifying
-  activation, since their backward could not be replaced and the result would silently be a
+  nn.ReLU module (torch.relu / F.relu / x.relu() inside a forward, or a clamp used as one:
+  x.clamp(min=0), torch.clamp_min, x.clip(0, ...)) and any other rectifying activation, since their backward could not be replaced and the result would silently be a
   plain gradient.
 """
 
@@ -95,10 +95,28 @@ _RELU_FUNCS = {
     F.relu, F.relu_, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_,
     F.threshold, F.threshold_, torch.threshold, torch.threshold_,
 }
+# Clamping with a lower bound is a ReLU in disguise (x.clamp(min=0), torch.clamp_min(x, 0)); one
+# with only an upper bound rectifies too. Either way the backward is the plain gradient mask.
+_CLAMP_FUNCS = {
+    torch.clamp, torch.clamp_, torch.clip, torch.clip_, torch.clamp_min, torch.clamp_min_,
+    torch.clamp_max, torch.clamp_max_,
+    torch.Tensor.clamp, torch.Tensor.clamp_, torch.Tensor.clip, torch.Tensor.clip_,
+    torch.Tensor.clamp_min, torch.Tensor.clamp_min_, torch.Tensor.clamp_max,
+    torch.Tensor.clamp_max_,
+}
 _OTHER_RECTIFIERS = {
     F.relu6, F.hardtanh, F.hardtanh_, F.leaky_relu, F.leaky_relu_, F.prelu, F.rrelu, F.rrelu_,
     F.elu, F.elu_, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish, F.softplus,
 }
+
+
+def _clamps(func, args, kwargs) -> bool:
+    """Whether a clamp-family call has a bound (a clamp without bounds is the identity)."""
+    name = getattr(func, "__name__", "")
+    if name.startswith(("clamp_min", "clamp_max")):
+        return True
+    bounds = list(args[1:3]) + [kwargs.get("min"), kwargs.get("max")]
+    return any(b is not None for b in bounds)
 
 
 def _describe(func) -> str:
@@ -149,6 +167,13 @@ class ActivationCallGuard(TorchFunctionMode):
                 f"pass calls {_describe(func)} directly (a functional ReLU, not an nn.ReLU module), "
                 "so its backward cannot be replaced; rewrite the model with nn.ReLU modules or "
                 "pick an earlier layer"
+            )
+        if func in _CLAMP_FUNCS and self.depth == 0 and _clamps(func, args, kwargs):
+            raise CnnvisError(
+                f"{self.model_name}: DeconvNet of layer {self.layer!r} is not possible: the forward "
+                f"pass calls {_describe(func)} (a clamp used as a rectifier, e.g. "
+                "x.clamp(min=0) for a ReLU), whose backward cannot be replaced; rewrite the model "
+                "with nn.ReLU modules or pick an earlier layer"
             )
         if func in _OTHER_RECTIFIERS:
             raise CnnvisError(
