@@ -2,6 +2,7 @@
 
 - SCHEMAS: name -> pyarrow schema (iou, units, thresholds, top_images, detectors,
   activation_max, inversion).
+- category_colors(categories): the one colour of each category in every figure and page.
 - write_table(name, columns, path, provenance): check columns against the schema, attach the
   provenance as Parquet key-value metadata, write atomically (temp file, then rename).
 - read_provenance(path): the provenance dict of a written table.
@@ -52,6 +53,22 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("normalized_error", F64),
     ]),
 }
+
+
+# One colour per category, the same in every figure and page (Okabe-Ito; colour-blind safe).
+# Categories beyond Broden's six take the extra colours in the order of their sorted names.
+CATEGORY_COLORS = {"object": "#0072B2", "part": "#E69F00", "scene": "#009E73",
+                   "material": "#CC79A7", "texture": "#56B4E9", "color": "#D55E00"}
+_EXTRA_COLORS = ["#7F7F7F", "#8C564B", "#BCBD22", "#17BECF", "#9467BD", "#F0E442", "#2CA02C",
+                 "#1F1F1F"]
+
+
+def category_colors(categories) -> dict[str, str]:
+    """category -> '#rrggbb' for the given categories (a dataset's category list)."""
+    out = {c: CATEGORY_COLORS[c] for c in categories if c in CATEGORY_COLORS}
+    others = sorted(c for c in set(categories) if c not in CATEGORY_COLORS)
+    out.update({c: _EXTRA_COLORS[k % len(_EXTRA_COLORS)] for k, c in enumerate(others)})
+    return {c: out[c] for c in categories}
 
 
 def provenance(*, config_digest: str, dataset_digest: str | None,

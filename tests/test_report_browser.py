@@ -1,6 +1,9 @@
 """The reports of a tiny workflow run, opened in a real headless browser (Debian's chromium and
 chromedriver, driven by selenium): every image loads, nothing is fetched from anywhere, the sort
-buttons reorder the unit cards; and `snakemake --report` works on the run.
+buttons reorder the unit cards; the Methods values, every category of the dataset (per layer and
+on the summary page, in one colour each) and the flags the tables call for are visible; the
+summary's models x categories table sorts; `snakemake --report` works on the run. Full-page
+screenshots of both pages are kept in results/browser-test/ (of the repository) for a person.
 
 The workflow runs once per module: a 24-image 32-px broden-synth, a width-4 synthnet with random
 weights, 8 activation-maximisation and 10 inversion steps (about a minute on 2 CPU cores).
@@ -20,6 +23,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+SHOTS = REPO / "results" / "browser-test"
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
                                         else None)
@@ -123,6 +127,30 @@ def open_page(driver, path: Path):
     return images
 
 
+def screenshot(driver, path: Path) -> Path:
+    """The whole page as one PNG (the window grown to the page's height)."""
+    driver.execute_script("window.scrollTo(0, 0)")
+    height = driver.execute_script("return document.documentElement.scrollHeight")
+    driver.set_window_size(1400, min(int(height) + 40, 20000))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert driver.save_screenshot(str(path)) and path.stat().st_size > 10_000
+    driver.set_window_size(1400, 1000)
+    return path
+
+
+def visible(driver, css: str) -> list:
+    """The elements matching `css` that a person sees: displayed, with a size and some text."""
+    from selenium.webdriver.common.by import By
+
+    return [e for e in driver.find_elements(By.CSS_SELECTOR, css)
+            if e.is_displayed() and e.size["width"] > 0 and e.size["height"] > 0]
+
+
+def dataset_categories(wd: Path) -> list[str]:
+    meta = next((wd / "resources" / "prepared").glob("*/meta.json"))
+    return [c["name"] for c in json.loads(meta.read_text())["categories"]]
+
+
 def card_order(driver, grid_id: str) -> list[int]:
     return driver.execute_script(
         "return Array.from(document.getElementById(arguments[0]).querySelectorAll(':scope > .card'))"
@@ -141,6 +169,7 @@ def test_report_in_headless_chromium(run, tmp_path):
     try:
         open_page(driver, wd / "results/tiny/report/index.html")
         assert driver.title == "cnnvis report: tiny"
+        print(f"\nscreenshot: {screenshot(driver, SHOTS / 'report_tiny.png')}")
         for layer in LAYERS:
             grid = "grid-" + layer.replace(".", "-")
             want = expected_orders(wd, layer)
@@ -159,11 +188,104 @@ def test_report_in_headless_chromium(run, tmp_path):
             assert first.text.startswith(f"unit {want['label'][0]}")
         errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
         assert not errors, errors
+        check_methods_categories_and_flags(driver, wd)
 
         open_page(driver, wd / "results/summary/index.html")
+        print(f"screenshot: {screenshot(driver, SHOTS / 'summary.png')}")
+        check_summary(driver, wd)
         link = driver.find_element(By.CSS_SELECTOR, "a.model-report")
         assert link.text == "tiny"
         link.click()
         assert driver.title == "cnnvis report: tiny"
     finally:
         driver.quit()
+
+
+def check_methods(driver, wd: Path, viz: bool = True) -> None:
+    """The Methods section states the run's values, visibly."""
+    [methods] = visible(driver, "#methods")
+    text = methods.text
+    meta = json.loads(next((wd / "resources" / "prepared").glob("*/meta.json")).read_text())
+    want = [f"broden-synth-24x32-seed1: {meta['n_images']} images",
+            f"{len(meta['categories'])} categories", f"{len(meta['concepts'])} concepts",
+            "the 0.995 quantile (q = 0.005) of unit k's raw activations",
+            "has IoU > 0.04", "per category, the number of distinct labels",
+            "device cpu, precision fp32"]
+    if viz:
+        want += ["activation maximisation 8 steps at 32 px", "inversion of 2 images, 10 steps"]
+    digest = pq.read_table(wd / f"results/tiny/{LAYERS[0]}/units.parquet").schema.metadata
+    prov = json.loads(digest[b"cnnvis.provenance"])
+    # the model's config digest (on the summary page: after the model's name)
+    want.append(f"{'config digest' if viz else 'config digests: tiny'} {prov['config_digest'][:16]}")
+    want.append(f"torch {prov['torch_version']}")
+    for w in want:
+        assert w in text, (w, text)
+    assert "None" not in text
+
+
+def check_methods_categories_and_flags(driver, wd: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    check_methods(driver, wd)
+    cats = dataset_categories(wd)
+    assert [e.get_attribute("data-category") for e in visible(driver, "#methods .category")] == cats
+    colors = {}
+    for layer in LAYERS:
+        section = f"#layer-{layer.replace('.', '-')}"
+        heads = visible(driver, f"{section} table.per-category th.category")
+        assert [h.text for h in heads] == cats, layer  # every category, none dropped
+        for h in heads:
+            chip = h.find_element(By.CSS_SELECTOR, ".chip")
+            colors.setdefault(h.text, set()).add(chip.value_of_css_property("background-color"))
+        units = pq.read_table(wd / f"results/tiny/{layer}/units.parquet").to_pandas()
+        am = pq.read_table(wd / f"results/tiny/{layer}/activation_max.parquet").to_pandas()
+        ratio = am["activation_ratio" if "activation_ratio" in am.columns else "ratio"]
+        low_am = set(am.loc[ratio < 1, "unit"].astype(int))
+        shown = [int(c.get_attribute("data-unit")) for c in visible(driver, f"{section} .card")]
+        zero_t = set(units.loc[units["threshold"] <= 0, "unit"].astype(int))
+        for u in shown:
+            card = f"{section} .card[data-unit='{u}']"
+            row = units[units["unit"] == u].iloc[0]
+            label = visible(driver, f"{card} p.label")[0].text
+            assert f"{row['concept']} ({row['category']}) IoU {row['iou']:.3f}" in label
+            assert visible(driver, f"{card} .tk"), u  # T_k printed on every card
+            flags = [e.text for e in visible(driver, f"{card} .flag.activity")]
+            assert (flags != []) == (u in zero_t), (layer, u, flags)
+            am_flags = visible(driver, f"{card} .flag.am-low")
+            assert (am_flags != []) == (u in low_am), (layer, u)
+            tiles = visible(driver, f"{card} .top-image")
+            assert len(tiles) == 5 and all(t.text.strip() for t in tiles)
+            strip = visible(driver, f"{card} img.strip")[0]
+            assert strip.size["height"] >= 96  # 32-px images shown 3x
+        flagged = [u for u in shown if u in zero_t or u in low_am]
+        assert flagged, f"{layer}: the tiny run has no flagged unit to check"
+    assert all(len(v) == 1 for v in colors.values()), colors  # one colour per category
+    assert len({next(iter(v)) for v in colors.values()}) == len(cats)
+    assert visible(driver, "#iou-distribution img.plot")
+
+
+def check_summary(driver, wd: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    check_methods(driver, wd, viz=False)
+    cats = dataset_categories(wd)
+    assert [e.get_attribute("data-category") for e in visible(driver, "#methods .category")] == cats
+    heads = visible(driver, "#models-categories th.category")
+    assert [h.text for h in heads] == cats
+    counts = pq.read_table(wd / "results/summary/detectors.parquet").to_pandas()
+    rows = visible(driver, "#models-categories tbody tr")
+    assert [(r.get_attribute("data-model"), r.get_attribute("data-layer")) for r in rows] == [
+        ("tiny", layer) for layer in sorted(LAYERS)]
+    for r in rows:
+        g = counts[(counts["model"] == "tiny") & (counts["layer"] == r.get_attribute("data-layer"))]
+        per_cat = g.set_index("category")["unique_detectors"]
+        cells = [c.text for c in r.find_elements(By.CSS_SELECTOR, "td")][-len(cats):]
+        assert cells == [str(int(per_cat.get(c, 0))) for c in cats]
+    # the table sorts: by layer descending after two clicks on its header
+    head = visible(driver, "#models-categories thead th")[1]
+    head.click()
+    head.click()
+    assert head.get_attribute("aria-sort") == "descending"
+    order = [r.get_attribute("data-layer") for r in visible(driver, "#models-categories tbody tr")]
+    assert order == sorted(LAYERS, reverse=True)
+    assert visible(driver, "a.table-link[href='detectors.parquet']")

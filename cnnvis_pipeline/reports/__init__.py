@@ -1,9 +1,11 @@
-"""Per-layer unit visualisations and the HTML reports built from them.
+"""The HTML reports: tables and images in, self-contained pages out.
 
-- settings.py: the `reports:` config section and its defaults.
-- selection.py: which units of a layer get visualised (top IoU plus the requested ones).
-- visualize.py: run_visualize(...) -> results/<model>/<layer>/{activation_max,inversion}.parquet
-  and results/<model>/<layer>/viz/ (PNGs and manifest.json); the `visualize_layer` rule.
-- html.py: build_model_report(...) -> results/<model>/report/index.html (self-contained) and
+- html.py: build_model_report(...) -> results/<model>/report/index.html and
   build_summary_page(...) -> results/summary/index.html; the `model_report`/`summary_page` rules.
+- figures.py: the IoU distribution per category (the report's own figure).
+- format.py: how numbers are printed and files embedded.
+- templates/ (jinja2) and static/ (report.css, report.js, inlined into every page).
+
+reports/ imports only the table schemas (tables), the errors, the file helper (fileio) and its
+own modules.
 """

@@ -2,17 +2,43 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from cnnvis_pipeline.errors import CnnvisError
+
+
+def _json(value: str | None, flag: str) -> dict | None:
+    if not value:
+        return None
+    try:
+        out = json.loads(value)
+    except ValueError as e:
+        raise CnnvisError(f"{flag}: not valid JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise CnnvisError(f"{flag}: expected a JSON object")
+    return out
+
+
+def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, path = item.partition("=")
+        if not sep or not key or not path:
+            raise CnnvisError(f"{flag}: expected NAME=PATH, got {item!r}")
+        out[key] = path
+    return out
 
 
 def _report(args) -> int:
     from cnnvis_pipeline.reports.html import build_model_report
 
     root = Path(args.results)
-    out = build_model_report(args.model, {layer: root / layer for layer in args.layers}, args.out,
-                             iou_figure=args.iou_figure, iou_threshold=args.iou_threshold)
+    out = build_model_report(
+        args.model, {layer: root / layer for layer in args.layers}, args.out,
+        iou_figure=args.iou_figure, iou_threshold=args.iou_threshold, prepared=args.prepared,
+        dataset_name=args.dataset_name, spec=_json(args.spec, "--spec"),
+        dissection=_json(args.dissection, "--dissection"))
     print(out)
     return 0
 
@@ -20,14 +46,18 @@ def _report(args) -> int:
 def _summary_page(args) -> int:
     from cnnvis_pipeline.reports.html import build_summary_page
 
-    reports = {}
-    for item in args.reports:
-        model, sep, path = item.partition("=")
-        if not sep or not model or not path:
-            raise CnnvisError(f"--reports: expected MODEL=PATH, got {item!r}")
-        reports[model] = path
-    print(build_summary_page(reports, args.detectors, args.figure, args.out))
+    print(build_summary_page(
+        _pairs(args.reports, "--reports"), args.detectors, args.figure, args.out,
+        series=_pairs(args.series, "--series"), prepared=args.prepared,
+        dataset_name=args.dataset_name, dissection=_json(args.dissection, "--dissection")))
     return 0
+
+
+def _method_args(p) -> None:
+    p.add_argument("--prepared", default=None,
+                   help="the prepared dataset (its meta.json: the Methods' dataset facts)")
+    p.add_argument("--dataset-name", default=None)
+    p.add_argument("--dissection", default=None, help="the config's dissection section as JSON")
 
 
 def register(sub) -> None:
@@ -38,11 +68,15 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--iou-figure", default=None, help="where to write the IoU distribution PNG")
     p.add_argument("--iou-threshold", type=float, default=None)
+    p.add_argument("--spec", default=None, help="the model's resolved spec as JSON")
+    _method_args(p)
     p.set_defaults(func=_report)
 
     p = sub.add_parser("summary-page", help="the HTML page linking every model's report")
     p.add_argument("--reports", nargs="+", required=True, help="MODEL=path/to/index.html")
     p.add_argument("--detectors", required=True, help="results/summary/detectors.parquet")
     p.add_argument("--figure", required=True, help="results/summary/unique_detectors.png")
+    p.add_argument("--series", nargs="*", default=[], help="NAME=results/summary/series_NAME.png")
     p.add_argument("--out", required=True)
+    _method_args(p)
     p.set_defaults(func=_summary_page)

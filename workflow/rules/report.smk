@@ -28,6 +28,7 @@ rule visualize_layer:
 
 rule model_report:
     input:
+        prepared=PREPARED,
         units=lambda wc: [
             f"results/{wc.model}/{layer}/units.parquet"
             for layer in MODELS[wc.model]["layers"]
@@ -71,10 +72,15 @@ rule model_report:
         cnnvis=CNNVIS,
         layers=lambda wc: MODELS[wc.model]["layers"],
         iou_threshold=config["dissection"]["iou_threshold"],
+        spec=spec_json,
+        dataset=DATASET,
+        dissection=json.dumps(config["dissection"], sort_keys=True),
     shell:
         "{params.cnnvis} report --model {wildcards.model:q} --results results/{wildcards.model:q}"
         " --layers {params.layers:q} --out {output.html:q} --iou-figure {output.iou:q}"
-        " --iou-threshold {params.iou_threshold:q} > {log:q} 2>&1"
+        " --iou-threshold {params.iou_threshold:q} --spec {params.spec:q}"
+        " --prepared {input.prepared:q} --dataset-name {params.dataset:q}"
+        " --dissection {params.dissection:q} > {log:q} 2>&1"
 
 
 rule summary_page:
@@ -82,6 +88,8 @@ rule summary_page:
         reports=expand("results/{model}/report/index.html", model=MODELS),
         table="results/summary/detectors.parquet",
         figure="results/summary/unique_detectors.png",
+        series=[series_figure(name) for name in SERIES],
+        prepared=PREPARED,
     output:
         report(
             "results/summary/index.html",
@@ -94,6 +102,11 @@ rule summary_page:
     params:
         cnnvis=CNNVIS,
         reports=[f"{m}=results/{m}/report/index.html" for m in MODELS],
+        series=[f"{name}={series_figure(name)}" for name in SERIES],
+        dataset=DATASET,
+        dissection=json.dumps(config["dissection"], sort_keys=True),
     shell:
         "{params.cnnvis} summary-page --reports {params.reports:q} --detectors {input.table:q}"
-        " --figure {input.figure:q} --out {output:q} > {log:q} 2>&1"
+        " --figure {input.figure:q} --series {params.series:q} --prepared {input.prepared:q}"
+        " --dataset-name {params.dataset:q} --dissection {params.dissection:q}"
+        " --out {output:q} > {log:q} 2>&1"

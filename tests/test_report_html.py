@@ -1,0 +1,331 @@
+"""The HTML reports from synthetic tables (no model, no browser): the Methods values, every
+category with its fixed colour, the flags (sparse/dead units, AM below the dataset's top,
+detector but not significant), the columns other stages add when present and their absence
+tolerated, a refused view noted once per layer, the links to the tables behind the figures."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from cnnvis_pipeline.reports.format import fmt, fmt_t, pct
+from cnnvis_pipeline.reports.html import build_model_report, build_summary_page
+from cnnvis_pipeline.tables import CATEGORY_COLORS, category_colors
+
+CATEGORIES = [("object", "pixel"), ("part", "pixel"), ("scene", "image"), ("material", "pixel"),
+              ("texture", "image"), ("color", "pixel")]
+CONCEPTS = [("disc", "object", 1), ("box", "object", 2), ("wheel", "part", 3),
+            ("beach", "scene", 4), ("grass", "material", 5), ("grass", "object", 5),
+            ("zigzag", "texture", 6), ("red", "color", 7)]
+LAYER = "features.relu4"
+PROV = {"cnnvis_pipeline_version": "0.1.0", "torch_version": "9.9.9", "torchvision_version":
+        "8.8.8", "config_digest": "c0ffee" * 10, "dataset_digest": "da7a" * 16,
+        "checkpoint_sha256": None, "precision": "bf16", "device": "cuda:0"}
+SETTINGS = {"top_units": 3, "top_images": 3, "deconvnet": True, "threads": 1,
+            "activation_max": {"steps": 17, "size": 32, "lr": 0.05, "seed": 0},
+            "inversion": {"images": 1, "steps": 5, "lr": 0.01, "lambda_tv": 0.01, "seed": 0,
+                          "spread_images": 4}}
+
+
+def write(path: Path, columns: dict, prov: dict | None = None) -> None:
+    table = pa.table(columns)
+    if prov is not None:
+        table = table.replace_schema_metadata({b"cnnvis.provenance": json.dumps(prov).encode()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def png(path: Path, w: int, h: int, value: int = 90) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((h, w, 3), value, np.uint8)).save(path)
+    return path.name
+
+
+@pytest.fixture
+def prepared(tmp_path) -> Path:
+    d = tmp_path / "prepared"
+    d.mkdir()
+    meta = {"categories": [{"name": n, "kind": k} for n, k in CATEGORIES],
+            "concepts": [{"name": n, "category": c, "label": lab} for n, c, lab in CONCEPTS],
+            "n_images": 10, "images": [f"synth/{i:06d}.jpg" for i in range(10)],
+            "splits": ["train"] * 9 + ["val"], "image_size": [16, 16], "seg_size": [8, 8],
+            "digest": "da7a" * 16}
+    (d / "meta.json").write_text(json.dumps(meta))
+    return d
+
+
+def make_layer(root: Path, *, extras: bool, deconv_error: str | None = None) -> Path:
+    """Four units: 0 a detector (object/disc), 1 a sparse detector (T_k = 0; color/red),
+    2 a dead unit, 3 a plain one; units 0-2 visualised (3 images of 16 px each)."""
+    d = root / "tiny" / LAYER
+    units = {"model": ["tiny"] * 4, "layer": [LAYER] * 4, "unit": np.arange(4, dtype=np.int32),
+             "threshold": [1.23456, 0.0, 0.0, 0.5], "concept": ["disc", "red", "box", "beach"],
+             "label": np.array([1, 7, 2, 4], np.int32),
+             "category": ["object", "color", "object", "scene"],
+             "iou": [0.2, 0.05, 0.0, 0.01], "detector": [True, True, False, False]}
+    if extras:
+        units.update(active_fraction=[0.005, 0.0002, 0.0, 0.005],
+                     activity=["ok", "sparse", "dead", "ok"],
+                     iou_low=[0.15, 0.01, 0.0, 0.0], iou_high=[0.25, 0.09, 0.0, 0.03],
+                     p_value=[0.0001, 0.3, 1.0, 0.9], q_value=[0.0004, 0.6, 1.0, 1.0],
+                     detector_fdr=[True, False, False, False])
+    write(d / "units.parquet", units, PROV)
+    iou_rows = {"model": [], "layer": [], "unit": [], "concept": [], "label": [], "category": [],
+                "iou": []}
+    for u in range(4):
+        for k, (n, c, lab) in enumerate(CONCEPTS):
+            for key, v in (("model", "tiny"), ("layer", LAYER), ("unit", u), ("concept", n),
+                           ("label", lab), ("category", c), ("iou", 0.01 * ((u + k) % 5))):
+                iou_rows[key].append(v)
+    write(d / "iou.parquet", iou_rows, PROV)
+    write(d / "thresholds.parquet", {"unit": np.arange(4, dtype=np.int32),
+                                     "quantile": [0.005] * 4,
+                                     "threshold": units["threshold"]}, PROV)
+    am = {"model": ["tiny"] * 3, "layer": [LAYER] * 3, "unit": np.arange(3, dtype=np.int32),
+          "achieved_activation": [3.0, 0.1, 0.0], "dataset_top_activation": [2.0, 0.4, 0.0],
+          "ratio": [1.5, 0.25, float("nan")]}
+    if extras:
+        am["activation_ratio"] = [1.5, 0.25, float("nan")]
+    write(d / "activation_max.parquet", am, PROV)
+    write(d / "inversion.parquet", {"image": ["synth/000009.jpg"], "error": [0.5]}, PROV)
+    write(d / "top_images.parquet", {"unit": np.zeros(3, np.int32), "rank": np.arange(3),
+                                     "max_activation": [2.0, 1.5, 1.0]}, PROV)
+    viz = d / "viz"
+    cards = []
+    for u, top in ((0, [2.0, 1.5, 1.0]), (1, [0.4, 0.2, 0.1]), (2, [0.0, 0.0, 0.0])):
+        card = {"unit": u, "requested": u == 2, "concept": units["concept"][u],
+                "category": units["category"][u], "iou": units["iou"][u],
+                "detector": units["detector"][u], "threshold": units["threshold"][u],
+                "top_images": [f"synth/{i:06d}.jpg" for i in range(3)],
+                "top_max_activation": top, "dataset_top_activation": top[0],
+                "top_file": png(viz / f"unit{u:04d}_top.png", 3 * 16 + 2 * 2, 16),
+                "am_file": png(viz / f"unit{u:04d}_am.png", 32, 32),
+                "am_activation": 0.5, "am_max_activation": am["achieved_activation"][u],
+                "am_ratio": am["ratio"][u]}
+        if deconv_error is None:
+            card["deconv_file"] = png(viz / f"unit{u:04d}_deconv.png", 3 * 7 + 4, 2 * 7 + 2)
+        cards.append(card)
+    inversion = [{"image_index": 9, "image": "synth/000009.jpg", "error": 0.5,
+                  "normalized_error": 0.25,
+                  "original_file": png(viz / "inversion_0_original.png", 16, 16),
+                  "reconstruction_file": png(viz / "inversion_0_reconstruction.png", 16, 16)}]
+    manifest = {"units": cards, "deconv_error": deconv_error, "inversion": inversion,
+                "inversion_error": None, "settings": SETTINGS, "device": "cpu", "threads": 1,
+                "timings": {"top_images_s": 0.1}}
+    (viz / "manifest.json").write_text(json.dumps(manifest))
+    png(d / "detectors.png", 40, 20)
+    if extras:
+        png(d / "sweep.png", 40, 20)
+        write(d / "sweep.parquet", {"iou_threshold": [0.04]})
+        write(d / "significance.parquet", {"unit": [0]})
+        write(d / "formulas.parquet", {
+            "model": ["tiny"] * 2, "layer": [LAYER] * 2, "unit": np.array([0, 1], np.int32),
+            "formula": ["(disc AND red) OR box", "red AND NOT zigzag"], "length": [3, 2],
+            "iou": [0.31, 0.07], "single_concept": ["disc", "red"], "single_iou": [0.2, 0.05]})
+    return d
+
+
+class Page(HTMLParser):
+    """Text per element class and the attributes of elements, enough to check a page."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.cards: dict[int, list[str]] = {}
+        self.card_classes: dict[int, list[str]] = {}
+        self._card: int | None = None
+        self._depth = 0
+        self.text: list[str] = []
+        self.hrefs: list[str] = []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "a" and "href" in a:
+            self.hrefs.append(a["href"])
+        if tag == "article" and "card" in (a.get("class") or ""):
+            self._card, self._depth = int(a["data-unit"]), 0
+            self.cards[self._card], self.card_classes[self._card] = [], []
+        if self._card is not None:
+            self._depth += tag not in ("img", "br", "meta")
+            self.card_classes[self._card] += (a.get("class") or "").split()
+
+    def handle_endtag(self, tag):
+        if self._card is not None:
+            self._depth -= 1
+            if tag == "article":
+                self._card = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._card is not None:
+            self.cards[self._card].append(data)
+
+    def card(self, unit: int) -> str:
+        return " ".join("".join(self.cards[unit]).split())
+
+    def all_text(self) -> str:
+        return " ".join("".join(self.text).split())
+
+
+def report(tmp_path, prepared, **kw) -> tuple[str, Page, Path]:
+    d = make_layer(tmp_path / "results", **kw)
+    out = tmp_path / "results" / "tiny" / "report" / "index.html"
+    build_model_report("tiny", {LAYER: d}, out, iou_threshold=0.04, prepared=prepared,
+                       dataset_name="mini-broden",
+                       spec={"arch": "synthnet", "seed": 3, "layers": [LAYER]},
+                       dissection={"quantile": 0.005, "iou_threshold": 0.04, "top_k": 3,
+                                   "device": "auto", "precision": "fp32"})
+    text = out.read_text()
+    return text, Page(text), out
+
+
+def test_methods_state_the_dataset_thresholds_settings_and_versions(tmp_path, prepared):
+    text, page, _ = report(tmp_path, prepared, extras=True)
+    words = page.all_text()
+    for want in ("mini-broden: 10 images (9 train, 1 val), 16×16 px (segmentation 8×8); "
+                 "6 categories, 7 labels, 8 concepts (label, category).",
+                 "the 0.995 quantile (q = 0.005) of unit k's raw activations",
+                 "has IoU > 0.04", "per category, the number of distinct labels",
+                 "activation maximisation 17 steps at 32 px",
+                 "synthnet (built in); no checkpoint: seeded random weights (seed 3)",
+                 "device cuda:0, precision bf16",  # the provenance wins over the config
+                 "cnnvis-pipeline 0.1.0, torch 9.9.9, torchvision 8.8.8",
+                 "config digest c0ffeec0ffeec0ff"):
+        assert want in words, want
+    assert "None" not in words
+
+
+def test_every_category_in_its_fixed_colour(tmp_path, prepared):
+    text, page, _ = report(tmp_path, prepared, extras=True)
+    table = text[text.index('<table class="per-category">'):]
+    table = table[:table.index("</table>")]
+    heads = re.findall(r'<th class="category" data-category="([a-z]+)">', table)
+    assert heads == [c for c, _ in CATEGORIES]
+    # one detector of object (unit 0) and one of color (unit 1), 0 elsewhere
+    rows = re.findall(r"<tr><td class=\"l\">(detectors|unique detectors)</td>(.*?)</tr>", table)
+    values = {name: re.findall(r">(\d+)</td>", cells) for name, cells in rows}
+    assert values == {"detectors": ["1", "0", "0", "0", "0", "1"],
+                      "unique detectors": ["1", "0", "0", "0", "0", "1"]}
+    for cat, color in CATEGORY_COLORS.items():
+        assert f'data-category="{cat}"><span class="chip" style="background: {color}">' in text
+    assert len(set(category_colors([c for c, _ in CATEGORIES]).values())) == 6
+
+
+def test_flags_intervals_and_formulas_when_the_columns_are_present(tmp_path, prepared):
+    text, page, _ = report(tmp_path, prepared, extras=True)
+    c0, c1, c2 = page.card(0), page.card(1), page.card(2)
+    assert "IoU 0.200 [0.150, 0.250] p = 1.00e-04, q = 4.00e-04" in c0
+    assert "formula (disc AND red) OR box IoU 0.310 (from disc, 0.200)" in c0
+    assert "mask: activation > Tk = 1.235 (raw activation units); active (above Tk) at 0.5% of all positions" in c0
+    assert "not-significant" not in page.card_classes[0] and "am-low" not in page.card_classes[0]
+    assert "sparse: Tk = 0" in c1 and "detector, not significant (q = 0.600)" in c1
+    assert "AM below the dataset's top (ratio 0.25)" in c1
+    assert "dead: Tk = 0" in c2 and "detector, not significant" not in c2
+    assert "AM below" not in c2  # ratio NaN: the dataset top is 0
+    words = page.all_text()
+    assert "1 unit sparse, 1 unit dead (1 of them detectors)" in words
+    assert "1 of them stay detectors at the false discovery rate control" in words
+    # the figures link the tables behind them, relative to the page
+    for name in ("units", "iou", "top_images", "activation_max", "formulas", "sweep",
+                 "significance", "inversion"):
+        assert f"../{LAYER}/{name}.parquet" in page.hrefs, name
+    assert 'alt="features.relu4: detectors over the IoU threshold"' in text  # sweep.png
+
+
+def test_absent_columns_are_tolerated_and_tk_zero_still_flagged(tmp_path, prepared):
+    text, page, _ = report(tmp_path, prepared, extras=False)
+    c0, c1, c2 = page.card(0), page.card(1), page.card(2)
+    assert "IoU 0.200" in c0 and "[" not in c0 and "formula" not in c0
+    assert "active (above" not in c0
+    assert "sparse: Tk = 0" in c1  # T_k = 0 and a positive top activation
+    assert "dead: Tk = 0" in c2  # T_k = 0 and nothing above 0
+    assert "AM below the dataset's top (ratio 0.25)" in c1  # from `ratio`
+    assert "not significant" not in text and "sweep" not in text
+    assert "2 units with Tk = 0 (1 of them detectors)" in page.all_text()
+
+
+def test_a_refused_view_is_noted_once_per_layer(tmp_path, prepared):
+    msg = "tiny: DeconvNet needs nn.ReLU modules; this model calls a functional ReLU"
+    text, page, _ = report(tmp_path, prepared, extras=False, deconv_error=msg)
+    assert text.count(msg) == 1
+    assert re.search(r'<p class="note layer-note">DeconvNet: ' + re.escape(msg), text)
+    assert "DeconvNet" not in " ".join(page.card(u) for u in page.cards)
+
+
+def test_top_images_at_native_size_or_larger_with_activation_and_name(tmp_path, prepared):
+    text, page, _ = report(tmp_path, prepared, extras=False)
+    strip = re.search(r'<img class="px strip" src="data:image/png;base64,[^"]+" width="(\d+)" '
+                      r'height="(\d+)" alt="unit 0: top images', text)
+    # 3 tiles of 16 px with 2 px gaps, scaled by 6 (the smallest integer giving >= 96 px)
+    assert strip and (int(strip[1]), int(strip[2])) == (52 * 6, 16 * 6)
+    assert "grid-template-columns: repeat(3, 96px); column-gap: 12px" in text
+    card = text[text.index('id="features-relu4-unit-0"'):text.index('id="features-relu4-unit-1"')]
+    captions = re.findall(r'<span class="top-image" title="([^"]+)"><b>([^<]+)</b><br>([^<]+)'
+                          r"</span>", card)
+    assert captions == [("synth/000000.jpg", "2", "000000.jpg"),
+                        ("synth/000001.jpg", "1.5", "000001.jpg"),
+                        ("synth/000002.jpg", "1", "000002.jpg")]
+
+
+def test_summary_lists_every_model_layer_and_category(tmp_path, prepared):
+    _, _, page_path = report(tmp_path, prepared, extras=True)
+    summary = tmp_path / "results" / "summary"
+    rows = {"model": [], "layer": [], "category": [], "units": [], "detectors": [],
+            "unique_detectors": []}
+    for m in ("tiny", "other"):
+        for c, _ in CATEGORIES[:5]:  # a table that misses a category: it is shown anyway
+            for k, v in (("model", m), ("layer", LAYER), ("category", c), ("units", 4),
+                         ("detectors", int(c == "object") * (2 if m == "other" else 1)),
+                         ("unique_detectors", int(c == "object"))):
+                rows[k].append(v)
+    write(summary / "detectors.parquet", rows, PROV)
+    png(summary / "unique_detectors.png", 30, 20)
+    series = png(summary / "series_run.png", 30, 20)
+    out = build_summary_page({"tiny": page_path}, summary / "detectors.parquet",
+                             summary / "unique_detectors.png", summary / "index.html",
+                             series={"run": summary / series}, prepared=prepared,
+                             dataset_name="mini-broden",
+                             dissection={"quantile": 0.005, "iou_threshold": 0.04})
+    text = out.read_text()
+    head = text[text.index('<table class="sortable models-categories"'):]
+    head = head[:head.index("</thead>")]
+    assert re.findall(r'data-category="([a-z]+)"', head) == [c for c, _ in CATEGORIES]
+    body = re.findall(r'<tr data-model="(\w+)" data-layer="([\w.]+)">', text)
+    assert body == [("other", LAYER), ("tiny", LAYER)]
+    assert 'href="../tiny/report/index.html"' in text
+    assert 'href="../tiny/report/index.html#layer-features-relu4"' in text
+    assert 'href="detectors.parquet"' in text
+    assert 'alt="unique detectors over training: run"' in text
+    page = Page(text)
+    assert "the 0.995 quantile (q = 0.005)" in page.all_text()
+    assert "model" not in re.findall(r"<dt>([^<]+)</dt>", text)  # several models: no one source
+
+
+def test_number_formats():
+    assert fmt(0.04) == "0.040" and fmt(float("nan")) == "n/a" and fmt(None) == "n/a"
+    assert fmt(1e-5) == "1.00e-05"
+    assert fmt_t(2.70654) == "2.707" and fmt_t(0.0) == "0" and fmt_t(12345.6) == "1.235e+04"
+    assert pct(0.00031) == "0.031%" and pct(0.25) == "25%" and pct(0) == "0%"
+
+
+def test_templates_and_static_files_are_package_data():
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    data = tomllib.loads((root / "pyproject.toml").read_text())
+    patterns = data["tool"]["setuptools"]["package-data"]["cnnvis_pipeline.reports"]
+    pkg = root / "cnnvis_pipeline" / "reports"
+    files = {p.relative_to(pkg).as_posix() for d in ("templates", "static")
+             for p in (pkg / d).iterdir() if p.is_file()}
+    covered = {f.relative_to(pkg).as_posix() for pat in patterns for f in pkg.glob(pat)}
+    assert files and files <= covered, files - covered
+    assert {"templates/model_report.html", "templates/summary.html", "static/report.css",
+            "static/report.js"} <= files
