@@ -293,7 +293,8 @@ def test_summary_lists_every_model_layer_and_category(tmp_path, prepared):
                              summary / "unique_detectors.png", summary / "index.html",
                              series={"run": summary / series}, prepared=prepared,
                              dataset_name="mini-broden",
-                             dissection={"quantile": 0.005, "iou_threshold": 0.04})
+                             dissection={"quantile": 0.005, "iou_threshold": 0.04},
+                             units=[tmp_path / "results" / "tiny" / LAYER / "units.parquet"])
     text = out.read_text()
     head = text[text.index('<table class="sortable models-categories"'):]
     head = head[:head.index("</thead>")]
@@ -306,6 +307,7 @@ def test_summary_lists_every_model_layer_and_category(tmp_path, prepared):
     assert 'alt="unique detectors over training: run"' in text
     page = Page(text)
     assert "the 0.995 quantile (q = 0.005)" in page.all_text()
+    assert "device cuda:0, precision bf16; config digests: tiny c0ffeec0ffeec0ff" in page.all_text()
     assert "model" not in re.findall(r"<dt>([^<]+)</dt>", text)  # several models: no one source
 
 

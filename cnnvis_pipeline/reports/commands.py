@@ -49,7 +49,8 @@ def _summary_page(args) -> int:
     print(build_summary_page(
         _pairs(args.reports, "--reports"), args.detectors, args.figure, args.out,
         series=_pairs(args.series, "--series"), prepared=args.prepared,
-        dataset_name=args.dataset_name, dissection=_json(args.dissection, "--dissection")))
+        dataset_name=args.dataset_name, dissection=_json(args.dissection, "--dissection"),
+        units=args.units))
     return 0
 
 
@@ -77,6 +78,8 @@ def register(sub) -> None:
     p.add_argument("--detectors", required=True, help="results/summary/detectors.parquet")
     p.add_argument("--figure", required=True, help="results/summary/unique_detectors.png")
     p.add_argument("--series", nargs="*", default=[], help="NAME=results/summary/series_NAME.png")
+    p.add_argument("--units", nargs="*", default=[],
+                   help="the units tables behind the counts (their provenance)")
     p.add_argument("--out", required=True)
     _method_args(p)
     p.set_defaults(func=_summary_page)

@@ -353,13 +353,24 @@ def build_summary_page(reports: dict[str, str | Path], detectors: str | Path,
                        figure: str | Path, out: str | Path, *,
                        series: dict[str, str | Path] | None = None,
                        prepared: str | Path | None = None, dataset_name: str | None = None,
-                       dissection: dict | None = None) -> Path:
+                       dissection: dict | None = None,
+                       units: list[str | Path] | None = None) -> Path:
     """results/summary/index.html: Methods, every model and layer, the sortable models x
     categories table of unique detectors, the figure and the checkpoint-series figures
-    (`series`: name -> PNG), links to each model's report (relative) and to the table."""
+    (`series`: name -> PNG), links to each model's report (relative) and to the table.
+    `units`: the units tables behind the counts (their provenance: each model's config digest,
+    versions, device and precision)."""
     out, detectors = Path(out), Path(detectors)
     counts = _read(detectors, "detectors")
     prov = read_provenance(detectors)
+    digests: dict[str, str] = {}
+    for path in sorted(map(str, units or [])):
+        p = read_provenance(path)
+        model = p.get("model") or Path(path).parent.parent.name
+        digests.setdefault(model, p.get("config_digest"))
+        prov = {**p, **{k: v for k, v in prov.items() if v is not None}}
+    if digests:
+        prov["model_config_digests"] = dict(sorted(digests.items()))
     cats_seen = list(dict.fromkeys(counts["category"]))
     dataset = dataset_info(prepared, dataset_name, cats_seen, 0, prov.get("dataset_digest"))
     dataset["concepts"] = dataset["concepts"] or None

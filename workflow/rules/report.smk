@@ -90,6 +90,7 @@ rule summary_page:
         figure="results/summary/unique_detectors.png",
         series=[series_figure(name) for name in SERIES],
         prepared=PREPARED,
+        units=layer_outputs("units.parquet"),
     output:
         report(
             "results/summary/index.html",
@@ -109,4 +110,4 @@ rule summary_page:
         "{params.cnnvis} summary-page --reports {params.reports:q} --detectors {input.table:q}"
         " --figure {input.figure:q} --series {params.series:q} --prepared {input.prepared:q}"
         " --dataset-name {params.dataset:q} --dissection {params.dissection:q}"
-        " --out {output:q} > {log:q} 2>&1"
+        " --units {input.units:q} --out {output:q} > {log:q} 2>&1"
