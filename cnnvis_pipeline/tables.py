@@ -46,7 +46,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     ]),
     "activation_max": pa.schema([
         ("model", S), ("layer", S), ("unit", I32), ("achieved_activation", F64),
-        ("dataset_top_activation", F64), ("ratio", F64),
+        ("dataset_top_activation", F64), ("activation_ratio", F64),
     ]),
     "inversion": pa.schema([
         ("model", S), ("layer", S), ("image_index", I64), ("image", S), ("error", F64),

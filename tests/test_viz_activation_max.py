@@ -3,6 +3,7 @@ redirected ReLU gradient, batches units, is deterministic, and leaves the model 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from torch import nn
 
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.viz import activation_maximization
+from cnnvis_pipeline.viz._common import layer_forward
 from cnnvis_pipeline.viz.param import FourierImage
 from cnnvis_pipeline.viz.relu import relu_backward_override
 from cnnvis_pipeline.viz.transform import random_affine
@@ -185,3 +187,105 @@ def test_parameterisation_and_transforms():
     same = random_affine(img, g, scales=(1.0,), angles=(0,), jitter=0, pad=2)
     torch.testing.assert_close(same[:, :, 2:-2, 2:-2], img, atol=1e-5, rtol=0)
     torch.testing.assert_close(same[:, :, :2], torch.full_like(same[:, :, :2], 0.5))
+
+
+# --- the default preset reaches the best stimulus; the Lucid preset is kept for comparison ---
+
+PLANTED = {"red": (1, 0, 0), "green": (0, 1, 0), "blue": (0, 0, 1), "yellow": (1, 1, 0)}
+MEAN_STD = {"mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+def planted_colour_net() -> nn.Sequential:
+    """1x1-conv colour detectors: +w on the colour's channels, -w on the others (sum |w| = 2),
+    bias -0.6, after (x - 0.5) / 0.25: silent on grey, 3.4 on a full frame of the pure colour."""
+    conv = nn.Conv2d(3, 4, 1)
+    with torch.no_grad():
+        for u, rgb in enumerate(PLANTED.values()):
+            w = torch.tensor([1.0 if v else -1.0 for v in rgb])
+            conv.weight[u, :, 0, 0] = 2 * w / w.abs().sum()
+        conv.bias.fill_(-0.6)
+    return nn.Sequential(conv, nn.ReLU())
+
+
+def map_max(net, images: torch.Tensor, units) -> torch.Tensor:
+    """The dataset's statistic: the maximum of each unit's map on its image."""
+    x = (images - 0.5) / 0.25
+    with torch.no_grad():
+        return net(x)[torch.arange(len(units)), torch.tensor(units)].amax(dim=(1, 2))
+
+
+def test_planted_colour_units_get_their_colour():
+    net = planted_colour_net()
+    full = torch.stack([torch.tensor(c, dtype=torch.float32).view(3, 1, 1).expand(3, 32, 32)
+                        for c in PLANTED.values()])
+    full_frame = map_max(net, full, range(4))
+    torch.testing.assert_close(full_frame, torch.full((4,), 3.4))
+    assert float(map_max(net, torch.full((4, 3, 32, 32), 0.5), range(4)).max()) == 0.0
+
+    images, _ = activation_maximization(net, "1", range(4), steps=96, size=32, **MEAN_STD)
+    got = map_max(net, images, range(4))
+    assert (got >= 0.95 * full_frame).all(), got
+    colour = images.mean(dim=(2, 3))  # [4, 3] mean RGB of each unit's image
+    for u, rgb in enumerate(PLANTED.values()):
+        on = [c for c in range(3) if rgb[c]]
+        off = [c for c in range(3) if not rgb[c]]
+        assert colour[u, on].min() > colour[u, off].max() + 0.05, (u, colour[u])
+
+    # The Lucid-faithful preset, at the same cost, falls short on at least one unit.
+    lucid, _ = activation_maximization(net, "1", range(4), steps=96, size=32, preset="lucid",
+                                       **MEAN_STD)
+    assert (map_max(net, lucid, range(4)) < 0.95 * full_frame).any()
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(prepared_dir):
+    from cnnvis_pipeline.data.prepared import PreparedDataset
+    from cnnvis_pipeline.models.synthnet import train_synthnet
+
+    torch.set_num_threads(1)
+    ds = PreparedDataset(prepared_dir)
+    model, _history, _names = train_synthnet(ds, epochs=3, width=8, progress=False, **MEAN_STD)
+    images = torch.from_numpy(np.array(ds.images)).permute(0, 3, 1, 2).float() / 255
+    return model.eval(), images
+
+
+def test_am_beats_the_best_natural_image_of_a_trained_model(trained_tiny):
+    model, images = trained_tiny
+    layer = "features.relu3"
+    with torch.no_grad():
+        acts = layer_forward(model, layer, (images - 0.5) / 0.25)
+    dataset_top = acts.amax(dim=(0, 2, 3))  # per unit: max over images and positions
+    units = [u for u in range(acts.shape[1]) if dataset_top[u] > 0]
+    assert len(units) >= 8
+    size = images.shape[-1]
+    am, _ = activation_maximization(model, layer, units, steps=48, size=size, preset="default",
+                                   **MEAN_STD)
+    with torch.no_grad():
+        a = layer_forward(model, layer, (am - 0.5) / 0.25)
+    achieved = a[torch.arange(len(units)), torch.tensor(units)].amax(dim=(1, 2))
+    ratio = achieved / dataset_top[units]
+    assert (ratio >= 1.0).all(), ratio
+    # At twice the size, fed at the dataset's input size, it still does.
+    big, _ = activation_maximization(model, layer, units[:4], steps=48, size=2 * size,
+                                     input_size=size, **MEAN_STD)
+    with torch.no_grad():
+        x = F.interpolate(big, size=(size, size), mode="bilinear", align_corners=False)
+        a = layer_forward(model, layer, (x - 0.5) / 0.25)
+    achieved = a[torch.arange(4), torch.tensor(units[:4])].amax(dim=(1, 2))
+    assert (achieved >= dataset_top[units[:4]]).all()
+
+
+def test_presets_and_overrides():
+    net = planted_colour_net()
+    with pytest.raises(CnnvisError, match="unknown preset 'lucent'"):
+        activation_maximization(net, "1", [0], steps=2, size=8, preset="lucent")
+    with pytest.raises(CnnvisError, match="unknown objective"):
+        activation_maximization(net, "1", [0], steps=2, size=8, objective="median")
+    with pytest.raises(CnnvisError, match="polish_steps"):
+        activation_maximization(net, "1", [0], steps=2, size=8, polish_steps=3)
+    # No polish and the mean objective on the default preset = the Lucid preset with the same
+    # redirect schedule.
+    a, _ = activation_maximization(net, "1", [0, 3], steps=20, size=16, preset="lucid", **MEAN_STD)
+    b, _ = activation_maximization(net, "1", [0, 3], steps=20, size=16, objective="mean",
+                                   polish_steps=0, redirect_steps=16, **MEAN_STD)
+    assert torch.equal(a, b)

@@ -13,7 +13,7 @@ from cnnvis_pipeline.errors import CnnvisError
 REPORT_DEFAULTS: dict = {
     "top_units": 16,  # units with the highest IoU per layer, plus the model's `units:`
     "top_images": 9,  # top-activating images shown per unit (at most dissection.top_k)
-    "activation_max": {"steps": 512, "size": 128, "lr": 0.05, "seed": 0},
+    "activation_max": {"steps": 512, "size": 128, "lr": 0.05, "seed": 0, "preset": "default"},
     "deconvnet": True,
     "inversion": {"images": 4, "steps": 300, "lr": 0.01, "lambda_tv": 0.01, "seed": 0,
                   "spread_images": 64},

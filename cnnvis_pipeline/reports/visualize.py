@@ -10,7 +10,9 @@ writes, next to them:
                             pass over those images: float16 like the dissection, bilinear
                             (align_corners=False) to the image size, > the unit's threshold.
 - viz/unit<U>_am.png        activation maximisation (viz.activation_maximization, all units in
-                            one batch) with the model's mean/std and input_size.
+                            one batch, reports.activation_max.preset) with the model's mean/std,
+                            fed at the dataset's input size (the model's input_size, else the
+                            prepared images' size), as the dataset top was measured.
 - viz/unit<U>_deconv.png    DeconvNet projections of the strongest activation in each top image
                             (bottom row) under the image patch cropped to that location's
                             receptive field (top row). A model whose ReLUs are not nn.ReLU
@@ -21,7 +23,8 @@ writes, next to them:
 - activation_max.parquet    per unit: achieved_activation = the maximum of the unit's map on its
                             final AM image, dataset_top_activation = the highest maximum
                             activation among the unit's top images (the same statistic over
-                            dataset images), ratio = achieved / dataset top. The AM objective
+                            dataset images), activation_ratio = achieved / dataset top
+                            (NaN when the dataset top is 0). The AM objective
                             itself (the mean of the map) is in the manifest and the report.
 - inversion.parquet         per image: error = ||Phi(x*) - Phi0||^2 / ||Phi0||^2 (invert's),
                             normalized_error = ||Phi(x*) - Phi0||^2 / spread, where spread is the
@@ -225,25 +228,27 @@ def run_visualize(spec: dict, prepared: str | Path, layer: str, layer_dir: str |
         # The first torch.optim.Adam of a process imports torch._dynamo (seconds): not the
         # visualisation's cost, so it happens before the clock starts.
         torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+        # AM images are judged as the dataset is: at the dataset's input size.
+        am_input = tuple(input_size) if input_size is not None else (int(ih), int(iw))
         with _Clock(device) as c:
             am_images, am_acts = activation_maximization(
                 model, layer, selected, steps=int(am["steps"]), size=int(am["size"]),
-                lr=float(am["lr"]), seed=int(am["seed"]), device=device, input_size=input_size,
-                mean=mean, std=std, model_name=name,
+                lr=float(am["lr"]), seed=int(am["seed"]), device=device, input_size=am_input,
+                mean=mean, std=std, preset=str(am["preset"]), model_name=name,
             )
         timings["activation_max_s"] = c.t
         cpu_times["activation_max_s"] = c.cpu
         with torch.no_grad():
             x = am_images.to(device)
-            if input_size is not None:
-                x = F.interpolate(x, size=tuple(input_size), mode="bilinear", align_corners=False)
+            if tuple(x.shape[-2:]) != am_input:
+                x = F.interpolate(x, size=am_input, mode="bilinear", align_corners=False)
             x = (x - torch.tensor(mean, device=device).view(1, 3, 1, 1)) / torch.tensor(
                 std, device=device).view(1, 3, 1, 1)
             with LayerRecorder(model, [layer], model_name=name, stop_after_last=True) as rec:
                 a = rec.run(x)[layer]
             am_max = a[torch.arange(len(selected)), torch.tensor(selected)].amax(dim=(1, 2)).cpu()
         am_rows = {"model": [], "layer": [], "unit": [], "achieved_activation": [],
-                   "dataset_top_activation": [], "ratio": []}
+                   "dataset_top_activation": [], "activation_ratio": []}
         for i, u in enumerate(selected):
             im.save_png(am_images[i], tmp / unit_file(u, "am"))
             achieved = float(am_max[i])  # like top_images' max_activation: max over the map
@@ -253,7 +258,7 @@ def run_visualize(spec: dict, prepared: str | Path, layer: str, layer_dir: str |
                             am_max_activation=achieved, am_ratio=ratio)
             for key, v in (("model", name), ("layer", layer), ("unit", u),
                            ("achieved_activation", achieved), ("dataset_top_activation", top),
-                           ("ratio", ratio)):
+                           ("activation_ratio", ratio)):
                 am_rows[key].append(v)
 
         # --- DeconvNet projections next to the receptive-field patches ---
