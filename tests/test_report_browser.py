@@ -128,13 +128,17 @@ def open_page(driver, path: Path):
 
 
 def screenshot(driver, path: Path) -> Path:
-    """The whole page as one PNG (the window grown to the page's height)."""
-    driver.execute_script("window.scrollTo(0, 0)")
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1400, min(int(height) + 40, 20000))
+    """The whole page as one PNG (Chrome DevTools: beyond the viewport, at the page's size)."""
+    import base64
+
+    size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
+    clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], 30000),
+            "scale": 1}
+    shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+        "format": "png", "captureBeyondViewport": True, "clip": clip})
     path.parent.mkdir(parents=True, exist_ok=True)
-    assert driver.save_screenshot(str(path)) and path.stat().st_size > 10_000
-    driver.set_window_size(1400, 1000)
+    path.write_bytes(base64.b64decode(shot["data"]))
+    assert path.stat().st_size > 10_000
     return path
 
 
