@@ -26,18 +26,35 @@ COMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Which module registers each command: a job imports only its command's module (the others
+# pull in what it never needs). tests/test_cli.py checks this against the modules' parsers.
+COMMANDS = {
+    "synth": "cnnvis_pipeline.data.commands", "prepare": "cnnvis_pipeline.data.commands",
+    "download": "cnnvis_pipeline.data.download", "validate": "cnnvis_pipeline.data.validate",
+    "train": "cnnvis_pipeline.models.commands", "layers": "cnnvis_pipeline.models.commands",
+    **{c: "cnnvis_pipeline.dissection.commands"
+       for c in ("extract", "thresholds", "tally", "tables", "summary", "dissect")},
+    "visualize": "cnnvis_pipeline.viz.commands",
+    "report": "cnnvis_pipeline.reports.commands",
+    "summary-page": "cnnvis_pipeline.reports.commands",
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; given a known command, only with the subcommands of that command's module."""
     parser = argparse.ArgumentParser(prog="cnnvis", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"cnnvis-pipeline {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    modules = [m for m in COMMAND_MODULES if m == COMMANDS.get(command)] or COMMAND_MODULES
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if not a.startswith("-")), None))
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

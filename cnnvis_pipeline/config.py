@@ -17,7 +17,11 @@ import re
 from pathlib import Path
 
 from cnnvis_pipeline.errors import SAFE_LAYER, SAFE_NAME, CnnvisError, check_name
-from cnnvis_pipeline.models.registry import IMAGENET_MEAN, IMAGENET_STD
+
+# ImageNet normalisation, the default `mean`/`std` of a model (here, not in models.registry, so
+# that the workflow's own process, which reads the config, never imports torch).
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
 
 REPLACED_SECTIONS = ("dataset", "models")
 

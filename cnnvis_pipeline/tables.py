@@ -71,15 +71,37 @@ def category_colors(categories) -> dict[str, str]:
     return {c: out[c] for c in categories}
 
 
+def _torchvision_version() -> str:
+    """torchvision.__version__ without importing torchvision where it is not loaded yet (its
+    import pulls in torch._dynamo: seconds of start-up for every job that writes a table)."""
+    import sys
+
+    if "torchvision" not in sys.modules:
+        import importlib.util
+        import re
+
+        try:
+            spec = importlib.util.find_spec("torchvision")
+            folder = Path(next(iter(spec.submodule_search_locations)))
+            text = (folder / "version.py").read_text()
+            m = re.search(r"^__version__\s*=\s*['\"]([^'\"]+)['\"]", text, re.M)
+            if m:
+                return m.group(1)
+        except (AttributeError, ImportError, OSError, StopIteration, TypeError):
+            pass
+    import torchvision
+
+    return torchvision.__version__
+
+
 def provenance(*, config_digest: str, dataset_digest: str | None,
                checkpoint_sha256: str | None = None, extra: dict | None = None) -> dict:
     import torch
-    import torchvision
 
     out = {
         "cnnvis_pipeline_version": __version__,
         "torch_version": torch.__version__,
-        "torchvision_version": torchvision.__version__,
+        "torchvision_version": _torchvision_version(),
         "config_digest": config_digest,
         "dataset_digest": dataset_digest,
         "checkpoint_sha256": checkpoint_sha256,

@@ -7,7 +7,7 @@ factory (a module this test writes, on PYTHONPATH) and a checkpoint series (thre
 this test saves). Checks that:
   * the dataset is synthesised, validated and prepared once (one job each) for all models;
   * each model's layers come from one forward pass: one extract_shard job per shard per model
-    (and one thresholds/tables job per layer, one tally job per shard);
+    (and one layer_tables job per layer: thresholds, tally and tables);
   * results/summary/detectors.parquet covers every model and layer, with provenance;
   * the summary rule draws unique_detectors.png and, for the series, series_<name>.png;
   * the series' tables carry the sha256 of their own checkpoint file.
@@ -121,8 +121,7 @@ def expected_jobs(shards: int) -> dict[str, int]:
     n_models, n_layers = len(MODEL_LAYERS), sum(map(len, MODEL_LAYERS.values()))
     return {
         "synth_dataset": 1, "validate_dataset": 1, "prepare_dataset": 1,
-        "extract_shard": n_models * shards, "tally_shard": n_models * shards,
-        "layer_thresholds": n_layers, "layer_tables": n_layers, "summary": 1,
+        "extract_shard": n_models * shards, "layer_tables": n_layers, "summary": 1,
     }
 
 

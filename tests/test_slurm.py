@@ -30,7 +30,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
-GPU_RULES = {"extract_shard", "tally_shard", "train_synthnet", "visualize_layer"}
+GPU_RULES = {"extract_shard", "layer_tables", "train_synthnet", "visualize_layer"}
 # wall-clock bound of the snakemake run (each job takes ~15-20 s to turn around on the CI cluster)
 RUN_TIMEOUT_S = int(os.environ.get("CNNVIS_SLURM_TEST_TIMEOUT", "900"))
 # flags added to the profile for CI: quick first status check, no implicit workflow profile
@@ -128,7 +128,7 @@ SLURM_TARGETS = ["summary"]
 # rule -> number of SLURM jobs the config above makes for SLURM_TARGETS
 SLURM_JOBS = {
     "synth_dataset": 1, "validate_dataset": 1, "prepare_dataset": 1, "train_synthnet": 1,
-    "extract_shard": 4, "layer_thresholds": 2, "tally_shard": 4, "layer_tables": 2, "summary": 1,
+    "extract_shard": 4, "layer_tables": 2, "summary": 1,
 }
 
 

@@ -310,10 +310,24 @@ def run(args) -> dict:
         _log(f"{device.type} tally == cpu tally on the first {min(args.verify, n)} images: "
              f"{verified} ({time.perf_counter() - t:.1f} s)")
 
+    workflow = {}
+    if args.workflow:
+        from cnnvis_pipeline import bench_workflow
+
+        work = Path(args.scratch or cache) / f"workflow-{os.getpid()}"
+        try:
+            workflow = bench_workflow.compare(
+                data["broden"], data["prepared"], work, layers,
+                {"batch_size": batch_size, "device": device.type, "precision": precision,
+                 "quantile": args.quantile, "shards": args.shards},
+                cores=args.cores or os.cpu_count() or 1, repeat=args.repeat, log=_log)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
     def r(x, k=3):
         return None if x != x else round(float(x), k)
 
-    return {
+    return {**workflow,
         "images": n, "size": args.size, "layers": layers, "device": device.type,
         "device_name": _device_name(device), "batch_size": batch_size, "precision": precision,
         "load_s": r(load_s), "load_planes_s": r(load_planes_s), "forward_s": r(forward_s),
@@ -368,6 +382,11 @@ def parse_args(argv=None):
     p.add_argument("--repeat", type=int, default=1,
                    help="alternate forward and dissection this many times; report the fastest")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--workflow", action="store_true",
+                   help="also run the dissection through the Snakemake workflow (tables only) "
+                        "beside pipeline.dissect with tables, alternately, --repeat times")
+    p.add_argument("--shards", type=int, default=2, help="workflow shards (default 2)")
+    p.add_argument("--cores", type=int, default=None, help="snakemake --cores (default: CPUs)")
     p.add_argument("--verify", type=int, default=0, metavar="N",
                    help="also tally the first N images on the device and on the CPU from the "
                         "same activations and check that the integers agree")

@@ -11,6 +11,15 @@ def _spec(args) -> dict:
     return json.loads(args.spec)
 
 
+def _tables(a) -> int:
+    if a.tallies:
+        pipeline.run_tables(_spec(a), a.prepared, a.tallies, a.extracts, a.out_dir, a.layers)
+    else:
+        pipeline.run_layers(_spec(a), a.prepared, a.extracts, a.out_dir, a.layers,
+                            progress=not a.quiet)
+    return 0
+
+
 def register(sub) -> None:
     def add(name, help_, func, *, spec=True, prepared=True):
         p = sub.add_parser(name, help=help_)
@@ -43,11 +52,13 @@ def register(sub) -> None:
     p.add_argument("--out-dir", required=True, help="results/<model> (holds the thresholds)")
     p.add_argument("--out", required=True, help="tally .npz to write")
 
-    p = add("tables", "merge tallies into the iou/units/top_images tables and plots",
-            lambda a: pipeline.run_tables(_spec(a), a.prepared, a.tallies, a.extracts, a.out_dir,
-                                          a.layers))
+    p = add("tables", "the iou/units/top_images tables and plots of layers: from the shards' "
+            "extractions (thresholds, tally and tables in one step), or from --tallies",
+            _tables)
     p.add_argument("--layers", nargs="+", default=None, help="only these layers")
-    p.add_argument("--tallies", nargs="+", required=True)
+    p.add_argument("--tallies", nargs="+", default=None,
+                   help="merge these tally files (`cnnvis tally`; thresholds from --out-dir) "
+                        "instead of computing thresholds and tallying here")
     p.add_argument("--extracts", nargs="+", required=True)
     p.add_argument("--out-dir", required=True)
 

@@ -7,6 +7,8 @@ A `spec` is one resolved model entry (cnnvis_pipeline.config.model_specs) plus `
 - run_thresholds: merged histograms of all shards -> <out>/<layer>/thresholds.parquet.
 - run_tally: one shard's activations + thresholds -> tally .npz (one ConceptTally per layer).
 - run_tables: merged tallies -> <out>/<layer>/{iou,units,top_images}.parquet and detectors.png.
+- run_layers: thresholds + tally + tables of a layer in one step from all shards' extractions
+  (the workflow's layer_tables job).
 - dissect(...): all of the above in one process (no intermediate files unless asked); the
   benchmark and users without Snakemake call this. Same functions, same results.
 """
@@ -228,6 +230,49 @@ def run_tables(spec: dict, prepared: str | Path, tally_files: list, extract_dirs
         if len(maxima) != len(ds):
             raise CnnvisError(f"{spec['name']}: shards cover {len(maxima)} of {len(ds)} images")
         thresholds = _read_thresholds(Path(out_dir) / layer / "thresholds.parquet")
+        _write_layer_tables(spec, ds, layer, tally, thresholds, maxima, out_dir, prov)
+
+
+def run_layers(spec: dict, prepared: str | Path, extract_dirs: list, out_dir: str | Path,
+               layers: list | None = None, *, progress: bool = True) -> None:
+    """Thresholds, tally and tables of each layer in one step, from every shard's extraction.
+
+    What the workflow's `layer_tables` job runs: the merged histograms give T_k
+    (<layer>/thresholds.parquet), every shard's activations are tallied in shard order and the
+    int64 sums merged (the same integers as per-shard tallies), then the tables are written.
+    One job per layer instead of a thresholds job per layer, a tally job per shard and a tables
+    job per layer: the layer's activations are read once, by one process.
+    """
+    digest_spec, spec = spec, _only_layers(spec, layers)
+    s = settings(spec)
+    ds = PreparedDataset(prepared)
+    device = engine.pick_device(s["device"])
+    extract_dirs = sorted((Path(d) for d in extract_dirs),
+                          key=lambda d: json.loads((d / "info.json").read_text())["start"])
+    infos = [json.loads((d / "info.json").read_text()) for d in extract_dirs]
+    prov = _prov(digest_spec, ds, {"checkpoint_sha256": infos[0]["checkpoint_sha256"]})
+    hists = _merged_histograms(spec, extract_dirs)
+    q = float(s["quantile"])
+    for layer in spec["layers"]:
+        thresholds = engine.unit_thresholds(hists[layer], q)
+        write_table("thresholds", _threshold_columns(spec, layer, thresholds),
+                    Path(out_dir) / layer / "thresholds.parquet", prov)
+        tally = None
+        for d, info in zip(extract_dirs, infos, strict=True):
+            store = engine.ActivationStore.open(d / f"acts_{layer}.npy")
+            idx = np.arange(info["start"], info["stop"], dtype=np.int64)
+            t = engine.tally_shard(ds, idx, store, thresholds, device=device,
+                                   batch_size=int(s["batch_size"]),
+                                   desc=f"tally {spec['name']} {layer} shard {info['shard']}",
+                                   progress=progress)
+            store.close()
+            if tally is None:
+                tally = t
+            else:
+                tally.merge(t)
+        maxima = np.concatenate([np.load(d / f"maxima_{layer}.npy") for d in extract_dirs])
+        if len(maxima) != len(ds):
+            raise CnnvisError(f"{spec['name']}: shards cover {len(maxima)} of {len(ds)} images")
         _write_layer_tables(spec, ds, layer, tally, thresholds, maxima, out_dir, prov)
 
 

@@ -22,10 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cnnvis_pipeline.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported)
 from cnnvis_pipeline.errors import CnnvisError
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 
 def file_sha256(path: str | Path) -> str:

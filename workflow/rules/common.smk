@@ -55,6 +55,24 @@ SERIES = {
 }
 
 
+# CPU threads of a job (Snakemake sets OMP_NUM_THREADS to it; 1 when a rule says nothing): the
+# shards of a model's extraction, and a model's layer jobs, share the cores between them.
+def _cores():
+    try:
+        return int(workflow.cores)
+    except WorkflowError:
+        # no --cores (a cluster executor): one thread, as for the other rules
+        return 1
+
+
+def shard_threads():
+    return max(1, _cores() // len(SHARDS))
+
+
+def layer_threads(model):
+    return max(1, _cores() // len(MODELS[model]["layers"]))
+
+
 def series_figure(name):
     return f"results/summary/series_{name}.png"
 

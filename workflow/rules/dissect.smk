@@ -1,5 +1,5 @@
-# Dissection stage: train (synthnet), extract activations per shard, thresholds per layer,
-# tally per shard, tables per layer, and the cross-model summary.
+# Dissection stage: train (synthnet), extract activations per shard, then per layer thresholds,
+# tally and tables in one job, and the cross-model summary.
 
 
 rule train_synthnet:
@@ -28,6 +28,7 @@ rule extract_shard:
         ),
     log:
         "results/logs/{model}/extract_{shard}.log",
+    threads: shard_threads()
     params:
         cnnvis=CNNVIS,
         spec=spec_json,
@@ -37,50 +38,16 @@ rule extract_shard:
         " --shard {wildcards.shard:q} --shards {params.shards:q} --out {output:q} > {log:q} 2>&1"
 
 
-rule layer_thresholds:
-    input:
-        prepared=PREPARED,
-        extracts=expand("results/{{model}}/extract/{shard}", shard=SHARDS),
-    output:
-        "results/{model}/{layer}/thresholds.parquet",
-    log:
-        "results/logs/{model}/thresholds_{layer}.log",
-    params:
-        cnnvis=CNNVIS,
-        spec=spec_json,
-    shell:
-        "{params.cnnvis} thresholds --prepared {input.prepared:q} --spec {params.spec:q}"
-        " --layers {wildcards.layer:q} --extracts {input.extracts:q}"
-        " --out-dir results/{wildcards.model:q} > {log:q} 2>&1"
-
-
-rule tally_shard:
-    input:
-        prepared=PREPARED,
-        extract="results/{model}/extract/{shard}",
-        thresholds=lambda wc: [
-            f"results/{wc.model}/{layer}/thresholds.parquet"
-            for layer in MODELS[wc.model]["layers"]
-        ],
-    output:
-        "results/{model}/tally/{shard}.npz",
-    log:
-        "results/logs/{model}/tally_{shard}.log",
-    params:
-        cnnvis=CNNVIS,
-        spec=spec_json,
-    shell:
-        "{params.cnnvis} tally --prepared {input.prepared:q} --spec {params.spec:q}"
-        " --extract {input.extract:q} --out-dir results/{wildcards.model:q} --out {output:q} > {log:q} 2>&1"
-
-
+# Thresholds, tally and tables of a layer in one job (`cnnvis tables` without --tallies): the
+# merged histograms of all shards give T_k, the layer's activations of every shard are tallied
+# in shard order (the int64 sums equal per-shard tallies merged), the tables are written. One
+# job per layer after the extractions: one process start-up and one read of the activations.
 rule layer_tables:
     input:
         prepared=PREPARED,
-        tallies=expand("results/{{model}}/tally/{shard}.npz", shard=SHARDS),
         extracts=expand("results/{{model}}/extract/{shard}", shard=SHARDS),
-        thresholds="results/{model}/{layer}/thresholds.parquet",
     output:
+        thresholds="results/{model}/{layer}/thresholds.parquet",
         iou="results/{model}/{layer}/iou.parquet",
         units="results/{model}/{layer}/units.parquet",
         top="results/{model}/{layer}/top_images.parquet",
@@ -97,12 +64,13 @@ rule layer_tables:
         ),
     log:
         "results/logs/{model}/tables_{layer}.log",
+    threads: lambda wc: layer_threads(wc.model)
     params:
         cnnvis=CNNVIS,
         spec=spec_json,
     shell:
         "{params.cnnvis} tables --prepared {input.prepared:q} --spec {params.spec:q}"
-        " --layers {wildcards.layer:q} --tallies {input.tallies:q} --extracts {input.extracts:q}"
+        " --layers {wildcards.layer:q} --extracts {input.extracts:q}"
         " --out-dir results/{wildcards.model:q} > {log:q} 2>&1"
 
 
