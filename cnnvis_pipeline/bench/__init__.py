@@ -2,6 +2,7 @@
 
 - bench.py: the benchmark itself (load, forward and whole-dissection timings, peak memory).
 - bigsynth.py: broden-big, the generator of its large Broden-format dataset.
+- workflow.py: the same dissection through the Snakemake workflow (--workflow), bulk audits.
 
 Importing this package imports neither torch nor the workflow's dependencies.
 """

@@ -312,7 +312,7 @@ def run(args) -> dict:
 
     workflow = {}
     if args.workflow:
-        from cnnvis_pipeline import bench_workflow
+        from cnnvis_pipeline.bench import workflow as bench_workflow
 
         work = Path(args.scratch or cache) / f"workflow-{os.getpid()}"
         try:
@@ -321,6 +321,33 @@ def run(args) -> dict:
                 {"batch_size": batch_size, "device": device.type, "precision": precision,
                  "quantile": args.quantile, "shards": args.shards},
                 cores=args.cores or os.cpu_count() or 1, repeat=args.repeat, log=_log)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.first_run:
+        from cnnvis_pipeline.bench import workflow as bench_workflow
+
+        first = bench_workflow.first_run(data["broden"], Path(args.scratch or cache)
+                                         / f"first-run-{os.getpid()}", log=_log)
+        first["prepare_ips"] = round(n / first["prepare_serial_s"], 1)
+        first["validate_ips"] = round(n / first["validate_s"], 1)
+        if forward_s == forward_s:
+            first["prepare_over_forward"] = round(first["prepare_serial_s"] / forward_s, 3)
+            first["first_run_over_forward"] = round(
+                (first["prepare_serial_s"] + first["validate_s"]) / forward_s, 3)
+            _log(f"prepare / forward: {first['prepare_over_forward']:.3f}; validate + prepare "
+                 f"/ forward: {first['first_run_over_forward']:.3f}")
+        workflow.update(first)
+    if args.bulk:
+        from cnnvis_pipeline.bench import workflow as bench_workflow
+
+        work = Path(args.scratch or cache) / f"bulk-{os.getpid()}"
+        try:
+            workflow.update(bench_workflow.bulk(
+                data["broden"], data["prepared"], work, layers,
+                {"batch_size": batch_size, "device": device.type, "precision": precision,
+                 "quantile": args.quantile, "shards": args.shards},
+                counts=args.bulk, cores=args.cores or os.cpu_count() or 1,
+                archs=args.bulk_archs, log=_log))
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -387,6 +414,13 @@ def parse_args(argv=None):
                         "beside pipeline.dissect with tables, alternately, --repeat times")
     p.add_argument("--shards", type=int, default=2, help="workflow shards (default 2)")
     p.add_argument("--cores", type=int, default=None, help="snakemake --cores (default: CPUs)")
+    p.add_argument("--first-run", action="store_true",
+                   help="also time validation and the serial preparation (the workflow's rules) "
+                        "of the dataset, against the forward pass")
+    p.add_argument("--bulk", type=int, nargs="+", default=None, metavar="N",
+                   help="bulk audits through the workflow: one run per N, N models x --layers")
+    p.add_argument("--bulk-archs", nargs="+", default=None, metavar="ARCH",
+                   help="torchvision architectures of the bulk runs, in turn (default resnet18)")
     p.add_argument("--verify", type=int, default=0, metavar="N",
                    help="also tally the first N images on the device and on the CPU from the "
                         "same activations and check that the integers agree")

@@ -11,7 +11,7 @@
   imports, argument parsing): what every job pays before its work.
 - compare_tables(a, b): the tables of two results directories, byte for byte.
 
-Imports nothing of Snakemake itself (it runs as a child process); the bench imports this module
+Imports nothing of Snakemake itself (it runs as a child process); bench.py imports this module
 only with --workflow or --bulk.
 """
 
@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DATASET_NAME = "bench"
 TABLES = ("thresholds.parquet", "iou.parquet", "units.parquet", "top_images.parquet")
 
@@ -292,3 +292,59 @@ def _activation_bytes(spec: dict, prepared) -> int:
     with LayerRecorder(model, spec["layers"], stop_after_last=True) as rec, torch.inference_mode():
         outs = rec.run(torch.zeros(1, 3, *size))
     return int(sum(o[0].numel() * 2 for o in outs.values()) * len(ds))
+
+
+def bulk(broden, prepared, work: Path, layers: list[str], dissection: dict, *, counts: list[int],
+         cores: int, archs: list[str] | None = None, log=print) -> dict:
+    """Bulk audits through the workflow: for each N in `counts`, one run of N torchvision models
+    (random weights: seeds 0..N-1 of each architecture in turn, `archs` default resnet18) x
+    `layers`, to their tables and the cross-model summary. Total wall time, per-model cost and
+    its ratio to the 1-model run (or the smallest N)."""
+    archs = archs or ["resnet18"]
+    work = Path(work)
+    runs = []
+    for n in counts:
+        names = [archs[k % len(archs)] for k in range(n)]
+        models = models_config(names, layers, seeds=list(range(n)))
+        d = work / f"bulk{n}"
+        config = workflow_config(d, broden, prepared, models, dissection)
+        load = _load()
+        r = run_workflow(d, config, cores, table_targets(models)
+                         + ["results/summary/detectors.parquet"])
+        runs.append({"models": n, "total_s": round(r["workflow_s"], 3),
+                     "per_model_s": round(r["workflow_s"] / n, 3), "jobs": r["jobs"],
+                     "loadavg": load})
+        log(f"bulk {n} model(s) x {len(layers)} layers: {r['workflow_s']:8.2f} s, "
+            f"{r['workflow_s'] / n:.2f} s per model, {r['jobs']} jobs (load {load})")
+    base = min(runs, key=lambda r: r["models"])
+    for r in runs:
+        r["per_model_ratio"] = round(r["per_model_s"] / base["per_model_s"], 3)
+    return {"bulk": runs, "bulk_archs": archs}
+
+
+def first_run(broden: str | Path, scratch: Path, log=print) -> dict:
+    """What a first run pays before any model (the download aside): the validate_dataset rule's
+    validate_broden and the prepare_dataset rule's serial prepare_dataset, timed on the
+    benchmark's Broden directory (into a scratch directory, removed afterwards)."""
+    import shutil
+
+    from cnnvis_pipeline.data.prepared import prepare_dataset
+    from cnnvis_pipeline.data.validate import validate_broden
+
+    scratch = Path(scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        t = time.perf_counter()
+        problems = validate_broden(broden, progress=False)
+        validate = time.perf_counter() - t
+        if problems:
+            raise RuntimeError(f"{broden}: {len(problems)} problems, first: {problems[0]}")
+        t = time.perf_counter()
+        prepare_dataset(broden, scratch / "prepared", progress=False)
+        prepare = time.perf_counter() - t
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log(f"first run: validate {validate:.2f} s, prepare (serial, as the workflow's rule) "
+        f"{prepare:.2f} s")
+    return {"validate_s": round(validate, 3), "prepare_serial_s": round(prepare, 3)}
