@@ -12,6 +12,10 @@
 #            from the same activations (default 2048; 0 skips it)
 #   BS2      batch size of an extra layer4 run at the end, if time is left (default 512; 0 skips)
 #   CPU_N    images of the CPU comparison run on the same machine (default 500; 0 skips it)
+#   WORKFLOW 1 (default): the full-scale layer4 run also runs the dissection through the real
+#            Snakemake workflow (bench --workflow; needs snakemake, pyyaml, jsonschema, matplotlib,
+#            seaborn: skipped with a message where they are missing) and the small run times the
+#            first run's validation + serial preparation (--first-run); 0 skips both
 #   DEV, SIZE  the device of the GPU steps (default cuda) and image size (default 224): DEV=cpu
 #            SIZE=32 N=1200 SMALL=1000 CPU_N=16 rehearses the script on a machine without a GPU
 set -u
@@ -29,6 +33,7 @@ BUDGET=${BUDGET:-520}
 GEN_LIMIT=${GEN_LIMIT:-230}
 DEV=${DEV:-cuda}
 SIZE=${SIZE:-224}
+WORKFLOW=${WORKFLOW:-1}
 START=$(date +%s)
 DEADLINE=$((START + BUDGET))
 
@@ -55,6 +60,18 @@ say "cache $CACHE, budget ${BUDGET}s"
 } > "$OUT/machine.txt" 2>&1
 say "machine: $(grep -m1 -o 'NVIDIA [^|]*' "$OUT/machine.txt" | head -1)"
 
+# The workflow comparison needs the workflow's own dependencies on this machine.
+WF_ARGS=()
+FIRST_ARGS=()
+if [ "$WORKFLOW" = 1 ]; then
+  FIRST_ARGS=(--first-run)
+  if $PY -c "import snakemake, yaml, jsonschema, matplotlib, seaborn" >> "$OUT/machine.txt" 2>&1; then
+    WF_ARGS=(--workflow --cores "$(nproc)")
+  else
+    say "skip --workflow: snakemake/pyyaml/jsonschema/matplotlib/seaborn not importable here"
+  fi
+fi
+
 bench() {  # name, seconds limit, bench arguments...
   local name=$1 limit=$2; shift 2
   if [ "$limit" -lt 20 ]; then say "skip $name: ${limit}s left"; return 1; fi
@@ -64,7 +81,7 @@ bench() {  # name, seconds limit, bench arguments...
     > "$OUT/$name.log" 2>&1
   local rc=$?
   tail -n 1 "$OUT/$name.log" | grep '^{' >> "$OUT/results.jsonl"
-  say "end $name rc=$rc: $(grep -E '^(forward|dissect|whole)' "$OUT/$name.log" | tr '\n' ' ')"
+  say "end $name rc=$rc: $(grep -E '^(forward|dissect|whole|in-process|workflow|first run|prepare /)' "$OUT/$name.log" | tr '\n' ' ')"
   return $rc
 }
 
@@ -72,7 +89,8 @@ bench() {  # name, seconds limit, bench arguments...
 proj=0
 if [ "$SMALL" -gt 0 ]; then
   small_limit=$(( $(left) - 60 )); [ "$small_limit" -gt 150 ] && small_limit=150
-  bench "${DEV}_${SMALL}_layer4" "$small_limit" --images "$SMALL" --device "$DEV" --layers layer4
+  bench "${DEV}_${SMALL}_layer4" "$small_limit" --images "$SMALL" --device "$DEV" --layers layer4 \
+    "${FIRST_ARGS[@]}"
 
   # Project generation + preparation of N images from the small run; fall back to 20,000 if slow.
   proj=$($PY - "$OUT/${DEV}_${SMALL}_layer4.log" "$SMALL" "$N" <<'PYEOF'
@@ -93,8 +111,9 @@ PYEOF
   rm -rf "$CACHE"/broden-big-*-n"$SMALL"-* 2>/dev/null
 fi
 
-# 2. Full scale: layer4 (the headline), then layer3 + layer4.
-bench "${DEV}_${N}_layer4" "$(( $(left) - 100 ))" --images "$N" --device "$DEV" --layers layer4
+# 2. Full scale: layer4 (the headline; with the workflow beside it), then layer3 + layer4.
+bench "${DEV}_${N}_layer4" "$(( $(left) - 100 ))" --images "$N" --device "$DEV" --layers layer4 \
+  "${WF_ARGS[@]}"
 bench "${DEV}_${N}_layer3_layer4" "$(( $(left) - 70 ))" --images "$N" --device "$DEV" \
   --layers layer3 layer4 --verify "$VERIFY"
 if [ "$BS2" -gt 0 ]; then
