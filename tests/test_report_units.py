@@ -22,7 +22,7 @@ from cnnvis_pipeline.models.hooks import find_module
 from cnnvis_pipeline.models.registry import build_model
 from cnnvis_pipeline.reports.html import build_model_report, build_summary_page
 from cnnvis_pipeline.reports.selection import requested_units, select_units
-from cnnvis_pipeline.reports.settings import REPORT_DEFAULTS, report_settings
+from cnnvis_pipeline.reports.settings import REPORT_DEFAULTS, inversion_weights, report_settings
 from cnnvis_pipeline.reports.visualize import inversion_candidates, run_visualize
 from cnnvis_pipeline.tables import SCHEMAS, read_provenance
 from cnnvis_pipeline.viz import representation_spread
@@ -83,6 +83,19 @@ def test_report_settings_defaults_and_unknown_keys():
     assert report_settings(None) == REPORT_DEFAULTS
     with pytest.raises(CnnvisError, match="reports.activation_max.step is not a known"):
         report_settings({"activation_max": {"step": 7}})
+
+
+def test_inversion_weights_by_depth_unless_set_per_layer():
+    s = report_settings({"inversion": {"layers": {"layer3": {"lambda_tv": 0.5}}}})
+    assert inversion_weights(s, "layer1") == (None, 1e-4)  # None: the paper's for the depth
+    assert inversion_weights(s, "layer3") == (0.5, 1e-4)
+    s = report_settings({"inversion": {"lambda_tv": 0.02, "lambda_alpha": 0.0,
+                                       "layers": {"b": {"lambda_alpha": 1e-3}}}})
+    assert inversion_weights(s, "a") == (0.02, 0.0) and inversion_weights(s, "b") == (0.02, 1e-3)
+    with pytest.raises(CnnvisError, match="reports.inversion.layers.x must be"):
+        report_settings({"inversion": {"layers": {"x": {"lambda": 1}}}})
+    with pytest.raises(CnnvisError, match="reports.inversion.layers.x must be"):
+        report_settings({"inversion": {"layers": {"x": {"lambda_tv": -1}}}})
 
 
 def test_schema_defaults_match_the_library():
@@ -165,6 +178,12 @@ def test_inversion_table_and_normalisation(visualized, prepared_dir):
     spread = representation_spread(model, LAYER, spread_x, mean=spec["mean"], std=spec["std"])
     norm2 = layer_output(model, x).flatten(1).double().pow(2).sum(1).numpy()
     np.testing.assert_allclose(inv["normalized_error"], inv["error"] * norm2 / spread, rtol=1e-5)
+    # The paper's TV weight for the layer's depth (features.relu4: 14 of 16 leaf calls -> 1.2).
+    assert manifest["inversion_settings"] == {"relative_depth": 14 / 16, "lambda_tv": 1.2,
+                                              "lambda_alpha": 1e-4}
+    assert manifest["inversion_labels"] == {"original": "original",
+                                            "reconstruction": "reconstruction"}
+    assert "1/n^2" in manifest["normalized_error_formula"]
     for r in manifest["inversion"]:
         assert (out / LAYER / "viz" / r["original_file"]).is_file()
         assert (out / LAYER / "viz" / r["reconstruction_file"]).is_file()

@@ -28,8 +28,12 @@ writes, next to them:
                             itself (the mean of the map) is in the manifest and the report.
 - inversion.parquet         per image: error = ||Phi(x*) - Phi0||^2 / ||Phi0||^2 (invert's),
                             normalized_error = ||Phi(x*) - Phi0||^2 / spread, where spread is the
-                            mean pairwise squared distance of the representations of
-                            `inversion.spread_images` dataset images (viz.representation_spread).
+                            mean over all n^2 ordered pairs (diagonal included) of the squared
+                            distances between the representations of `inversion.spread_images`
+                            dataset images (viz.representation_spread; the formula is
+                            viz.NORMALIZED_ERROR_FORMULA, also in the manifest). lambda_tv is the
+                            paper's for the layer's relative depth unless the config sets it
+                            (reports.inversion.lambda_tv, .layers.<layer>.lambda_tv).
 
 The inverted images are the first `inversion.images` images of the val split (all images when
 the split is too small) whose representation at the layer is not all zeros.
@@ -59,14 +63,17 @@ from cnnvis_pipeline.models.hooks import LayerRecorder
 from cnnvis_pipeline.models.registry import build_model
 from cnnvis_pipeline.reports import images as im
 from cnnvis_pipeline.reports.selection import requested_units, select_units
-from cnnvis_pipeline.reports.settings import report_settings
+from cnnvis_pipeline.reports.settings import inversion_weights, report_settings
 from cnnvis_pipeline.tables import provenance, write_table
 from cnnvis_pipeline.viz import (
+    NORMALIZED_ERROR_FORMULA,
     activation_maximization,
     deconvnet,
     invert,
     layer_representation,
+    paper_lambda_tv,
     receptive_field,
+    relative_depth,
     representation_spread,
     strongest_locations,
 )
@@ -307,6 +314,7 @@ def run_visualize(spec: dict, prepared: str | Path, layer: str, layer_dir: str |
                     "normalized_error": []}
         inversions = []
         inversion_error = None
+        inversion_info = {}
         n_inv = int(inv["images"])
         with _Clock(device) as c:
             if n_inv > 0:
@@ -327,10 +335,16 @@ def run_visualize(spec: dict, prepared: str | Path, layer: str, layer_dir: str |
                     inversion_error = f"{name}: layer {layer!r} is all zeros for every image"
                 else:
                     x0 = _float_images(ds, chosen, input_size, device)
+                    lambda_tv, lambda_alpha = inversion_weights(rs, layer)
+                    depth = relative_depth(model, layer, x0, mean=mean, std=std, model_name=name)
+                    if lambda_tv is None:
+                        lambda_tv = paper_lambda_tv(depth)
+                    inversion_info = {"relative_depth": depth, "lambda_tv": lambda_tv,
+                                      "lambda_alpha": lambda_alpha}
                     recon, errors = invert(model, layer, x0, steps=int(inv["steps"]),
-                                           lr=float(inv["lr"]), lambda_tv=float(inv["lambda_tv"]),
-                                           seed=int(inv["seed"]), mean=mean, std=std,
-                                           model_name=name)
+                                           lr=float(inv["lr"]), lambda_tv=lambda_tv,
+                                           lambda_alpha=lambda_alpha, seed=int(inv["seed"]),
+                                           mean=mean, std=std, model_name=name)
                     phi0 = layer_representation(model, layer, x0, mean=mean, std=std,
                                                 model_name=name).flatten(1).double()
                     norm2 = phi0.pow(2).sum(dim=1).cpu().numpy()
@@ -367,6 +381,10 @@ def run_visualize(spec: dict, prepared: str | Path, layer: str, layer_dir: str |
             "deconv_error": deconv_error,
             "inversion": inversions,
             "inversion_error": inversion_error,
+            # The report's labels and the formula of normalized_error (viz.inversion).
+            "inversion_settings": inversion_info,
+            "inversion_labels": {"original": "original", "reconstruction": "reconstruction"},
+            "normalized_error_formula": NORMALIZED_ERROR_FORMULA,
             "top_images_max_abs_diff": max_check,
             "timings": timings,
             "cpu_times": cpu_times,

@@ -12,14 +12,24 @@ in [0, 1]; `mean`/`std`, when given, normalise images before the model.
 
 from cnnvis_pipeline.viz.activation_max import activation_maximization
 from cnnvis_pipeline.viz.deconvnet import deconvnet, receptive_field, strongest_locations
-from cnnvis_pipeline.viz.inversion import invert, layer_representation, representation_spread
+from cnnvis_pipeline.viz.inversion import (
+    NORMALIZED_ERROR_FORMULA,
+    invert,
+    layer_representation,
+    paper_lambda_tv,
+    relative_depth,
+    representation_spread,
+)
 
 __all__ = [
+    "NORMALIZED_ERROR_FORMULA",
     "activation_maximization",
     "deconvnet",
     "invert",
     "layer_representation",
+    "paper_lambda_tv",
     "receptive_field",
+    "relative_depth",
     "representation_spread",
     "strongest_locations",
 ]

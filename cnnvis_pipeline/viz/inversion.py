@@ -20,17 +20,24 @@ Deviation, for a learning rate that works across networks and image sizes: each 
 is divided by its root-mean-square before the momentum update (the paper tunes the rate per
 layer instead). Pixels are kept in [0, 1] (the alpha-norm alone only discourages leaving it).
 
-Default weights: lambda_alpha = 1e-4 (with the [0, 1] clamp, the alpha-norm only has to keep
-colours from saturating), lambda_tv = 1e-2 (the data term dominates at early and middle layers);
-raise lambda_tv (0.1 .. 1) for deep layers, whose representation constrains the image less.
+Default weights: lambda_alpha = 1e-4 at every depth (with the [0, 1] clamp, the alpha-norm only
+has to keep colours from saturating; the paper keeps its alpha weight fixed too) and lambda_tv by
+the layer's relative depth, as the paper does for AlexNet: lambda_TV = 1 / 10 / 100 for its
+layers 1-6 / 7-12 / 13-20 of 20, i.e. 0.012 / 0.12 / 1.2 in this normalisation
+(paper_lambda_tv), with the relative depth = the position of the layer's last module among the
+modules a forward pass runs, over their number (relative_depth).
 
-- representation_spread(model, layer, images): mean pairwise squared distance of the images'
-  representations, for reporting the error normalised the way the paper does.
+- relative_depth(model, layer, images): in (0, 1], where the layer sits in the forward pass.
+- paper_lambda_tv(depth): the paper's TV weight at that relative depth.
+- representation_spread(model, layer, images): the mean over all n^2 ordered pairs (i, j),
+  diagonal included, of ||Phi(x_i) - Phi(x_j)||^2, the normaliser of the paper's reference code:
+  NORMALIZED_ERROR_FORMULA.
 - layer_representation(model, layer, images): the layer's output (detached), in batches.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -47,6 +54,52 @@ from cnnvis_pipeline.viz._common import (
 
 TYPICAL_PIXEL_NORM = 80.0 / 255.0  # the paper's B on the [0, 1] scale
 TV_RATIO = 6.5  # V = B / 6.5
+# The paper's lambda_TV schedule for AlexNet (20 layers): (last layer of the band, weight) in this
+# project's normalisation (the paper's 1 / 10 / 100).
+PAPER_TV_BANDS = ((6, 0.012), (12, 0.12), (20, 1.2))
+NORMALIZED_ERROR_FORMULA = (
+    "||Phi(x*) - Phi(x0)||^2 / ((1/n^2) sum_{i,j=1..n} ||Phi(x_i) - Phi(x_j)||^2), "
+    "x_1..x_n = the spread images, all n^2 ordered pairs (diagonal included)"
+)
+
+
+def relative_depth(model: nn.Module, layer: str, images: torch.Tensor, *,
+                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                   model_name: str = "model") -> float:
+    """Where `layer` sits in a forward pass of `model`, in (0, 1].
+
+    The leaf modules (modules without children) that a full forward pass on the first image runs
+    are counted in the order they finish, every call counted; the layer's position is that of
+    the last leaf call inside it (the layer's own call for a leaf), over the number of calls.
+    """
+    from cnnvis_pipeline.models.hooks import find_module
+
+    images = check_images(images)[:1]
+    target = find_module(model, layer, model_name=model_name)
+    inside = {id(m) for m in target.modules()}
+    leaves = [m for m in model.modules() if not list(m.children())]
+    order: list[bool] = []
+    handles = [m.register_forward_hook(lambda mod, _i, _o: order.append(id(mod) in inside))
+               for m in leaves]
+    try:
+        with frozen_eval(model), torch.no_grad():
+            model(preprocess(images, mean, std))
+    finally:
+        for h in handles:
+            h.remove()
+    hits = [k for k, own in enumerate(order) if own]
+    if not hits:
+        raise CnnvisError(f"{model_name}: layer {layer!r} was not used in the forward pass")
+    return (hits[-1] + 1) / len(order)
+
+
+def paper_lambda_tv(depth: float) -> float:
+    """The paper's TV weight for a layer at relative depth `depth` (AlexNet's 20 layers)."""
+    position = max(1, math.ceil(float(depth) * 20 - 1e-9))
+    for last, weight in PAPER_TV_BANDS:
+        if position <= last:
+            return weight
+    return PAPER_TV_BANDS[-1][1]
 
 
 def layer_representation(model: nn.Module, layer: str, images: torch.Tensor, *,
@@ -66,11 +119,12 @@ def layer_representation(model: nn.Module, layer: str, images: torch.Tensor, *,
 def representation_spread(model: nn.Module, layer: str, images: torch.Tensor, *,
                           mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                           batch_size: int = 64, model_name: str = "model") -> float:
-    """Mean squared distance ||Phi(x_i) - Phi(x_j)||^2 over all pairs i != j of `images`.
+    """(1 / n^2) sum_{i, j} ||Phi(x_i) - Phi(x_j)||^2 over all n^2 ordered pairs of `images`.
 
-    The paper reports ||Phi(x*) - Phi0|| normalised by this kind of typical distance between the
-    representations of different images: a reconstruction error well below the spread means the
-    reconstruction is nearer its own target than other images are.
+    As the paper's reference code computes its normaliser: the mean of the full matrix of
+    squared distances, its zero diagonal included. A reconstruction error well below the spread
+    means the reconstruction is nearer its own target than other images are
+    (NORMALIZED_ERROR_FORMULA).
     """
     phi = layer_representation(model, layer, images, mean=mean, std=std, batch_size=batch_size,
                                model_name=model_name).flatten(1).double()
@@ -78,8 +132,8 @@ def representation_spread(model: nn.Module, layer: str, images: torch.Tensor, *,
     if n < 2:
         raise CnnvisError("representation_spread needs at least 2 images")
     centred = phi - phi.mean(dim=0, keepdim=True)
-    # sum_{i,j} ||p_i - p_j||^2 = 2 n sum_i ||p_i - mean||^2, averaged over the n (n - 1) pairs.
-    return float(2.0 * centred.pow(2).sum(dim=1).sum() / (n - 1))
+    # sum_{i,j} ||p_i - p_j||^2 = 2 n sum_i ||p_i - mean||^2, averaged over the n^2 pairs.
+    return float(2.0 * centred.pow(2).sum(dim=1).sum() / n)
 
 
 def _relative_error(phi: torch.Tensor, phi0: torch.Tensor) -> torch.Tensor:
@@ -128,7 +182,7 @@ def invert(
     alpha: float = 6.0,
     beta: float = 2.0,
     lambda_alpha: float = 1e-4,
-    lambda_tv: float = 1e-2,
+    lambda_tv: float | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     model_name: str = "model",
@@ -139,6 +193,8 @@ def invert(
     Returns (reconstructions [N, 3, H, W] in [0, 1], errors [N]) on the images' device, with
     errors[i] = ||Phi(x*_i) - Phi0_i||^2 / ||Phi0_i||^2 for the returned reconstruction.
     All images are optimised together as one batch; their objectives are independent.
+    lambda_tv None: the paper's weight for the layer's relative depth
+    (paper_lambda_tv(relative_depth(...))).
     """
     images = check_images(images)
     check_mean_std(mean, std)
@@ -148,6 +204,9 @@ def invert(
         raise CnnvisError(f"alpha and beta must be positive, not {alpha} and {beta}")
     dev = images.device
     n = images.shape[0]
+    if lambda_tv is None:
+        lambda_tv = paper_lambda_tv(relative_depth(model, layer, images, mean=mean, std=std,
+                                                   model_name=model_name))
     gen = torch.Generator().manual_seed(int(seed))
     centre = (torch.as_tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1).to(dev)
               if mean is not None else torch.full((1, 1, 1, 1), 0.5, device=dev))
