@@ -1,7 +1,7 @@
 """The one owner of the Parquet schemas; every table the project writes goes through here.
 
 - SCHEMAS: name -> pyarrow schema (iou, units, thresholds, top_images, detectors,
-  activation_max, inversion).
+  activation_max, inversion, formulas).
 - category_colors(categories): the one colour of each category in every figure and page.
 - write_table(name, columns, path, provenance): check columns against the schema, attach the
   provenance as Parquet key-value metadata, write atomically (temp file, then rename).
@@ -47,6 +47,10 @@ SCHEMAS: dict[str, pa.Schema] = {
     "activation_max": pa.schema([
         ("model", S), ("layer", S), ("unit", I32), ("achieved_activation", F64),
         ("dataset_top_activation", F64), ("activation_ratio", F64),
+    ]),
+    "formulas": pa.schema([
+        ("model", S), ("layer", S), ("unit", I32), ("formula", S), ("length", I32), ("iou", F64),
+        ("intersection", I64), ("union", I64), ("single_concept", S), ("single_iou", F64),
     ]),
     "inversion": pa.schema([
         ("model", S), ("layer", S), ("image_index", I64), ("image", S), ("error", F64),
