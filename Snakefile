@@ -4,7 +4,8 @@
 #   snakemake --cores 8 --configfile my.yaml     # your dataset and models
 #   snakemake -s path/to/Snakefile --directory /scratch/run --cores 8 --configfile my.yaml
 #
-# Stages (one rule file each): data -> dissect -> report; every rule is one command of `cnnvis`.
+# Stages (one rule file each): data -> dissect (-> compositional) -> report; every rule is
+# one command of `cnnvis`.
 from pathlib import Path
 
 from snakemake.utils import min_version
@@ -17,6 +18,7 @@ CNNVIS_ROOT = Path(workflow.basedir)
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/dissect.smk"
+include: "workflow/rules/compositional.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -24,3 +26,4 @@ rule all:
     default_target: True
     input:
         all_targets(),
+        compositional_targets(),

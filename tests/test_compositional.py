@@ -359,3 +359,57 @@ def test_bounds_are_upper_bounds_of_every_candidate(planted_data):
                     checked += 1
                     tight += it.score > 0 and it.score == ub[c, op]
     assert checked > 2000 and tight > 50, (checked, tight)
+
+
+@pytest.mark.slow
+def test_workflow_step_writes_formulas_and_shards_merge_as_one_process(tmp_path):
+    """`compositional:` in the config adds the step; its 2 unit shards == one process."""
+    import shlex
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = {
+        "dataset": {"synth": {"images": 24, "size": 32, "seed": 1}},
+        "models": {"tiny": {"arch": "synthnet", "kwargs": {"width": 4},
+                            "layers": ["features.relu3", "features.relu4"]}},
+        "dissection": {"shards": 2, "batch_size": 8, "keep_activations": True},
+        "compositional": {"beam": 3, "max_length": 2},
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    layers = ("features.relu3", "features.relu4")
+    targets = [f"results/tiny/{layer}/formulas.parquet" for layer in layers]
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("snakemake")), "-s", str(repo / "Snakefile"),
+         "--directory", str(tmp_path), "--cores", "2", "--configfile", str(tmp_path / "cfg.yaml"),
+         "--printshellcmds", *targets], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for layer in layers:
+        got = pq.read_table(tmp_path / f"results/tiny/{layer}/formulas.parquet").to_pandas()
+        units = pq.read_table(tmp_path / f"results/tiny/{layer}/units.parquet").to_pandas()
+        assert got["unit"].tolist() == units["unit"].tolist()
+        assert got["single_iou"].tolist() == units["iou"].tolist()
+        assert set(got["length"]) <= {1, 2} and (got["iou"] >= got["single_iou"]).all()
+        assert not list((tmp_path / "results/tiny/compositional").rglob("*.parquet"))  # temp
+    prov = json.loads(pq.read_schema(tmp_path / f"results/tiny/{layers[1]}/formulas.parquet")
+                      .metadata[b"cnnvis.provenance"])
+    assert json.loads(prov["compositional"]) == {"beam": 3, "max_length": 2, "penalty": 1.0,
+                                                 "units": "all"}
+    # the workflow's own command for a shard of relu4, run as one shard over all units
+    line = next(ln for ln in (proc.stdout + proc.stderr).splitlines()
+                if " compositional " in ln and "--layer features.relu4" in ln)
+    args = shlex.split(line.split(" > ")[0])
+    args = args[next(i for i, a in enumerate(args) if a == "-m") - 1 :]  # from the interpreter
+    for flag, value in (("--shard", "0"), ("--shards", "1"),
+                        ("--out", str(tmp_path / "one.parquet"))):
+        args[args.index(flag) + 1] = value
+    assert subprocess.run(args, cwd=tmp_path, capture_output=True, timeout=600).returncode == 0
+    merged = tmp_path / "merged.parquet"
+    assert subprocess.run([*args[: args.index("compositional")], "formulas", "--parts",
+                           str(tmp_path / "one.parquet"), "--out", str(merged)],
+                          cwd=tmp_path, capture_output=True, timeout=600).returncode == 0
+    assert merged.read_bytes() == \
+        (tmp_path / f"results/tiny/{layers[1]}/formulas.parquet").read_bytes()

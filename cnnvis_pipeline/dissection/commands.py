@@ -1,10 +1,11 @@
-"""CLI commands of the dissection stage: extract, thresholds, tally, tables, summary, dissect."""
+"""CLI commands of the dissection stage: extract, thresholds, tally, tables, summary, dissect,
+compositional (formulas of one shard of a layer's units) and formulas (their merge)."""
 
 from __future__ import annotations
 
 import json
 
-from cnnvis_pipeline.dissection import pipeline
+from cnnvis_pipeline.dissection import compositional, pipeline
 
 
 def _spec(args) -> dict:
@@ -78,3 +79,23 @@ def register(sub) -> None:
                                        scratch=a.scratch, progress=not a.quiet) and 0)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--scratch", required=True, help="directory for the float16 activations")
+
+    p = add("compositional", "compositional explanations (formulas of concepts) of one shard of "
+            "a layer's units",
+            lambda a: compositional.run_compositional(
+                _spec(a), a.prepared, a.extracts, a.thresholds, a.layer, a.shard, a.shards,
+                json.loads(a.settings), a.out, progress=not a.quiet) and 0)
+    p.add_argument("--layer", required=True)
+    p.add_argument("--extracts", nargs="+", required=True, help="every shard's extract directory")
+    p.add_argument("--thresholds", required=True, help="the layer's thresholds.parquet")
+    p.add_argument("--shard", type=int, required=True, help="which part of the units")
+    p.add_argument("--shards", type=int, required=True, help="parts the units are split into")
+    p.add_argument("--settings", required=True,
+                   help='JSON: {"max_length", "beam", "penalty", "units"} (config compositional:)')
+    p.add_argument("--out", required=True, help="partial formulas table to write")
+
+    p = add("formulas", "merge the unit shards' formulas into one formulas.parquet",
+            lambda a: compositional.run_formulas(a.parts, a.out) and 0, spec=False,
+            prepared=False)
+    p.add_argument("--parts", nargs="+", required=True, help="the shards' partial tables")
+    p.add_argument("--out", required=True, help="formulas.parquet to write")

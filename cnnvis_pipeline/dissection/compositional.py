@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -716,18 +717,23 @@ def run_compositional(spec: dict, prepared: str | Path, extract_dirs: Sequence[s
     device = engine.pick_device(pipeline.settings(spec)["device"])
     t = pq.read_table(thresholds, columns=["threshold"]).column("threshold").to_numpy()
     units = shard_units(select_units(s["units"], len(t), layer), shards, shard)
+    t0 = time.perf_counter()
     cm = ConceptMasks(ds, device)
+    t1 = time.perf_counter()
     batch = int(pipeline.settings(spec)["batch_size"])
     masks = unit_masks(layer_batches(extract_dirs, layer, batch, device), t, units,
                        tuple(ds.seg_size), device)
+    t2 = time.perf_counter()
     covered = sum(json.loads((Path(d) / "info.json").read_text())["stop"]
                   - json.loads((Path(d) / "info.json").read_text())["start"]
                   for d in extract_dirs)
     if covered != len(ds):
         raise CnnvisError(f"{spec['name']}: extract shards cover {covered} of {len(ds)} images")
     results, stats = explain_units(cm, masks, s, progress=progress)
-    log.info("%s %s shard %d/%d: %d units, search %s", spec["name"], layer, shard, shards,
-             len(units), stats)
+    t3 = time.perf_counter()
+    log.info("%s %s shard %d/%d: %d units; concept masks %.2f s, unit masks %.2f s, search "
+             "%.2f s; %s", spec["name"], layer, shard, shards, len(units), t1 - t0, t2 - t1,
+             t3 - t2, stats)
     ckpt = json.loads((Path(extract_dirs[0]) / "info.json").read_text())["checkpoint_sha256"]
     return write_table("formulas", formula_columns(spec["name"], layer, units, results, cm),
                        out, _provenance(spec, ds, ckpt, s))

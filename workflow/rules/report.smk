@@ -52,6 +52,7 @@ rule model_report:
             f"results/{wc.model}/{layer}/inversion.parquet"
             for layer in MODELS[wc.model]["layers"]
         ],
+        formulas=formulas_input,
     output:
         html=report(
             "results/{model}/report/index.html",
