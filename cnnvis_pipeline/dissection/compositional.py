@@ -33,6 +33,7 @@ How it is fast (and exact):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
@@ -165,7 +166,7 @@ class ConceptMasks:
     """
 
     def __init__(self, ds: PreparedDataset, device: torch.device | str = "cpu",
-                 batch_size: int = 128):
+                 batch_size: int = 32):
         self.device = torch.device(device)
         self.n_images = n = len(ds)
         self.seg = tuple(ds.seg_size)
@@ -216,22 +217,17 @@ class ConceptMasks:
             e0, e1 = int(self.image_ptr[i0]), int(self.image_ptr[i1])
             if e0 == e1:
                 continue
-            B = i1 - i0
+            e_img = self.entry_image[e0:e1] - i0
+            e_con = self.entry_concept[e0:e1]
             bits = np.zeros((e1 - e0, S), bool)
             if P:
-                lab = np.asarray(ds.planes[i0:i1, :P]).reshape(B, P, S).astype(np.int64)
-                conc = lut[np.arange(P)[None, :, None], lab]  # [B, P, S]
-                entry_of = np.full((B, C + 1), -1, np.int64)
-                e_img = self.entry_image[e0:e1] - i0
-                entry_of[e_img, self.entry_concept[e0:e1]] = np.arange(e1 - e0)
-                b, _, s = np.nonzero(conc < C)
-                e = entry_of[b, conc[conc < C]]
-                if (e < 0).any():
-                    raise CnnvisError(f"{ds.path}: label planes and slots.npy disagree; "
-                                      "prepare the dataset again")
-                bits[e, s] = True
-            whole = concept_image_level[self.entry_concept[e0:e1]]
-            bits[whole] = True
+                lab = np.asarray(ds.planes[i0:i1, :P]).reshape(i1 - i0, P, S)
+                for p in range(P):
+                    on_p = np.flatnonzero(self.concept_category[e_con] == plane_category[p])
+                    if len(on_p):
+                        conc = lut[p][lab[:, p]]  # [B, S] the concept of each pixel
+                        bits[on_p] |= conc[e_img[on_p]] == e_con[on_p, None]
+            bits[concept_image_level[e_con]] = True
             rows[e0:e1] = pack_rows(torch.from_numpy(bits), W).numpy()
         self.rows = torch.from_numpy(rows).to(self.device)
         entry_area = popcount_rows(self.rows).cpu().numpy()
@@ -270,6 +266,38 @@ class ConceptMasks:
                 out.index_add_(0, keys, counts_k.to(self.device))
         return out.view(C, G).cpu().numpy()
 
+    def cooccurrence(self) -> np.ndarray:
+        """|c ∩ c'| per annotation group for every pair of concepts: int64 [C, C, G] (computed
+        once, from the pairs of entries of each image)."""
+        if getattr(self, "_cooc", None) is not None:
+            return self._cooc
+        C, G = self.concepts, self.groups
+        out = torch.zeros(C * C * G, dtype=torch.int64, device=self.device)
+        k = np.diff(self.image_ptr)
+        pairs_per_image = k * k
+        budget = max(1, self.chunk_bytes // (self.words * 8 * 2))
+        i0 = 0
+        cum = np.concatenate([[0], np.cumsum(pairs_per_image)])
+        while i0 < self.n_images:
+            i1 = max(i0 + 1, int(np.searchsorted(cum, cum[i0] + budget, side="right")) - 1)
+            i1 = min(i1, self.n_images)
+            e0, e1 = int(self.image_ptr[i0]), int(self.image_ptr[i1])
+            e = np.arange(e0, e1, dtype=np.int64)
+            ke = k[self.entry_image[e]]
+            first = np.repeat(e, ke)
+            start = np.repeat(self.image_ptr[self.entry_image[e]], ke)
+            offsets = np.repeat(np.cumsum(ke) - ke, ke)
+            second = start + np.arange(len(first), dtype=np.int64) - offsets
+            a = torch.as_tensor(first, device=self.device)
+            b = torch.as_tensor(second, device=self.device)
+            counts = popcount_rows(self.rows[a] & self.rows[b]).to(self.device)
+            keys = ((self._t_entry_concept[a] * C + self._t_entry_concept[b]) * G
+                    + self._t_entry_group[a])
+            out.index_add_(0, keys, counts)
+            i0 = i1
+        self._cooc = out.view(C, C, G).cpu().numpy()
+        return self._cooc
+
     def group_area(self, mask: Mask) -> np.ndarray:
         """|mask| per annotation group: int64 [G]."""
         if not len(mask.images):
@@ -293,6 +321,7 @@ def _concept_texts(names: Sequence[str], categories: Sequence[str]) -> list[str]
 # AND), ("and", operands...) / ("or", operands...) with sorted operands, same-operator children
 # flattened. Its sort key orders compound operands first, then concepts, then negated concepts.
 
+@functools.lru_cache(maxsize=1 << 16)
 def _key(node) -> tuple:
     if node[0] == "c":
         return (1, node[1])
@@ -341,10 +370,12 @@ class Item:
     parent: Item | None = None
     op: int = -1
     concept: int = -1
+    key: tuple = field(default=())
     order: tuple = field(default=())
 
     def __post_init__(self):
-        self.order = (-self.score, self.length, _key(self.node))
+        self.key = _key(self.node)
+        self.order = (-self.score, self.length, self.key)
 
 
 def _iou(inter: np.ndarray, union: np.ndarray) -> np.ndarray:
@@ -404,7 +435,7 @@ class Searcher:
 
     # masks and unit-independent overlaps of formulas
     def mask(self, item: Item) -> Mask:
-        key = _key(item.node)
+        key = item.key
         hit = self.masks.get(key)
         if hit is not None:
             return hit[0]
@@ -416,13 +447,26 @@ class Searcher:
         return m
 
     def formula_overlap(self, item: Item) -> np.ndarray:
-        key = _key(item.node)
+        """|F ∩ c| per (concept c, group) of a formula (unit-independent, cached): a row of the
+        co-occurrence matrix for one concept; for F = P op c' from P's, c''s and the overlap of
+        the (small) mask P ∩ c' alone: AND = t, OR = x_P + x_c' - t, AND NOT = x_P - t."""
+        key = item.key
         hit = self.overlaps.get(key)
         if hit is not None:
             self.stats["overlap_hits"] += 1
             return hit[0]
+        cooc = self.cm.cooccurrence()
+        if item.parent is None:
+            return cooc[item.node[1]]
         self.stats["overlaps"] += 1
-        x = self.cm.overlap(self.mask(item))
+        both = combine(self.mask(item.parent), self.cm.concept_mask(item.concept), AND)
+        t = self.cm.overlap(both)
+        if item.op == AND:
+            x = t
+        elif item.op == OR:
+            x = self.formula_overlap(item.parent) + cooc[item.concept] - t
+        else:
+            x = self.formula_overlap(item.parent) - t
         self.overlaps.put(key, x, x.nbytes)
         return x
 
@@ -493,17 +537,23 @@ class Searcher:
                 parent = beam[pi]
                 x, groups = info[pi]
                 sel = b_p == pi
+                c_sel, o_sel = b_c[sel], b_o[sel]
                 wanted = np.zeros(cm.concepts, bool)
-                wanted[b_c[sel]] = True
+                wanted[c_sel] = True
                 y = self._unit_overlap(ctx, parent, wanted)
-                for c, op in zip(b_c[sel].tolist(), b_o[sel].tolist(), strict=True):
+                area, hit, inter, union, iou = self._exact(parent, c_sel, o_sel, x, y, ctx)
+                score = iou * factor
+                self.stats["evaluated"] += len(c_sel)
+                # only what can still enter the beam becomes a formula (tau only grows)
+                for i in np.flatnonzero(score >= tau).tolist():
+                    c, op = int(c_sel[i]), int(o_sel[i])
                     node = extend(parent.node, op, c)
-                    key = _key(node)
-                    if key in pool:
+                    if _key(node) in pool:
                         continue
-                    pool[key] = self._candidate(parent, node, c, op, x[c], y[c], groups[c],
-                                                ctx, factor)
-                    self.stats["evaluated"] += 1
+                    pool[_key(node)] = Item(
+                        node=node, length=length, groups=groups[c], area=area[i], hit=hit[i],
+                        intersection=int(inter[i]), union=int(union[i]), iou=float(iou[i]),
+                        score=float(score[i]), parent=parent, op=op, concept=c)
             top = sorted(pool.values(), key=lambda it: it.order)[:B]
         return top
 
@@ -538,8 +588,23 @@ class Searcher:
             ctx.hits[key] = hit
         return self.cm.overlap(hit, wanted)
 
+    def _exact(self, parent: Item, cs: np.ndarray, ops: np.ndarray, x: np.ndarray,
+               y: np.ndarray, ctx: _UnitContext):
+        """Exact per-group areas and hits, intersections, unions and IoUs of `parent op c`."""
+        cm = self.cm
+        groups = parent.groups[None, :] & cm.category_groups[cm.concept_category[cs]]
+        xs, ys, cc, uc = x[cs], y[cs], cm.area[cs], ctx.uc[cs]
+        f, uf = parent.area[None, :], parent.hit[None, :]
+        is_and, is_or = (ops == AND)[:, None], (ops == OR)[:, None]
+        area = np.where(is_and, xs, np.where(is_or, f + cc - xs, f - xs))
+        hit = np.where(is_and, ys, np.where(is_or, uf + uc - ys, uf - ys))
+        inter = (hit * groups).sum(1)
+        union = ((ctx.u[None, :] + area - hit) * groups).sum(1)
+        return area, hit, inter, union, _iou(inter, union)
+
     def _candidate(self, parent: Item, node, c: int, op: int, x, y, groups, ctx,
                    factor: float) -> Item:
+        """One candidate, evaluated on its own (the reference for the vectorised _exact)."""
         cc, uc = self.cm.area[c], ctx.uc[c]
         f, uf = parent.area, parent.hit
         if op == AND:
@@ -575,7 +640,7 @@ def unit_masks(batches: Iterable[tuple[int, torch.Tensor]], thresholds: np.ndarr
     units = np.asarray(units, np.int64)
     S = seg[0] * seg[1]
     W = words_for(S)
-    t_all = torch.as_tensor(np.asarray(thresholds), dtype=torch.float32, device=device)
+    t_all = torch.as_tensor(np.array(thresholds, dtype=np.float32), device=device)
     t = t_all[torch.as_tensor(units, device=device)]
     images: list[list[np.ndarray]] = [[] for _ in units]
     rows: list[list[torch.Tensor]] = [[] for _ in units]
