@@ -33,7 +33,8 @@ COMMANDS = {
     "download": "cnnvis_pipeline.data.download", "validate": "cnnvis_pipeline.data.validate",
     "train": "cnnvis_pipeline.models.commands", "layers": "cnnvis_pipeline.models.commands",
     **{c: "cnnvis_pipeline.dissection.commands"
-       for c in ("extract", "thresholds", "tally", "tables", "summary", "dissect")},
+       for c in ("extract", "thresholds", "tally", "tables", "summary", "dissect",
+                 "compositional", "formulas")},
     "visualize": "cnnvis_pipeline.viz.commands",
     "report": "cnnvis_pipeline.reports.commands",
     "summary-page": "cnnvis_pipeline.reports.commands",

@@ -34,6 +34,7 @@ rule compositional_shard:
         temp("results/{model}/compositional/{layer}/{part}.parquet"),
     log:
         "results/logs/{model}/compositional_{layer}_{part}.log",
+    threads: lambda wc: shard_threads()
     params:
         cnnvis=CNNVIS,
         spec=spec_json,
