@@ -278,3 +278,27 @@ def test_manifest_is_json_and_tables_are_deterministic(visualized, prepared_dir,
     run_visualize(spec, prepared_dir, LAYER, copy, TINY_REPORTS)
     for name in ("activation_max.parquet", "inversion.parquet"):
         assert (copy / name).read_bytes() == (out / LAYER / name).read_bytes()
+
+
+def test_am_benchmark_shows_both_presets(visualized, prepared_dir):
+    from cnnvis_pipeline.viz.am_bench import benchmark_presets, summarise
+
+    spec, out, manifest = visualized
+    model, _ = build_model("tiny", spec)
+    df = benchmark_presets(model, spec, prepared_dir, LAYER, out / LAYER, steps=24, size=32,
+                           top_units=3)
+    units = [c["unit"] for c in manifest["units"]]
+    assert df["preset"].tolist() == ["default"] * len(units) + ["lucid"] * len(units)
+    assert df["unit"].tolist() == units * 2
+    active = df[df["dataset_top_activation"] > 0]
+    np.testing.assert_allclose(active["activation_ratio"],
+                               active["achieved_activation"] / active["dataset_top_activation"])
+    # Same settings as the visualize step: the default preset's row is the table's.
+    am = pq.read_table(out / LAYER / "activation_max.parquet").to_pandas()
+    np.testing.assert_allclose(df[df["preset"] == "default"]["achieved_activation"],
+                               am["achieved_activation"], rtol=1e-5)
+    s = summarise(df).set_index("preset")
+    assert s.loc["default", "fraction_ge_1"] == 1.0
+    assert s.loc["default", "ratio_min"] == pytest.approx(
+        active[active["preset"] == "default"]["activation_ratio"].min())
+    assert (s["cpu_s_per_unit"] > 0).all()
