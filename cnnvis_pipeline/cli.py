@@ -1,8 +1,8 @@
 """Command line of cnnvis-pipeline: `python -m cnnvis_pipeline <command>` or `cnnvis <command>`.
 
-Each stage module that offers commands defines `register(subparsers)`, which adds its subcommands
-with `set_defaults(func=...)`; a func takes the parsed args and returns an exit status. The list
-below is the one place that names them. A CnnvisError becomes `error: <message>` and exit status 2.
+Each stage's `commands.py` (and only those) defines `register(subparsers)`, which adds its
+subcommands with `set_defaults(func=...)`; a func takes the parsed args and returns an exit
+status. The lists below are the one place that names them. A CnnvisError becomes `error: <message>` and exit status 2.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from cnnvis_pipeline.errors import CnnvisError
 
 COMMAND_MODULES = [
     "cnnvis_pipeline.data.commands",
-    "cnnvis_pipeline.data.download",
-    "cnnvis_pipeline.data.validate",
     "cnnvis_pipeline.models.commands",
     "cnnvis_pipeline.dissection.commands",
     "cnnvis_pipeline.viz.commands",
@@ -29,11 +27,10 @@ COMMAND_MODULES = [
 # Which module registers each command: a job imports only its command's module (the others
 # pull in what it never needs). tests/test_cli.py checks this against the modules' parsers.
 COMMANDS = {
-    "synth": "cnnvis_pipeline.data.commands", "prepare": "cnnvis_pipeline.data.commands",
-    "download": "cnnvis_pipeline.data.download", "validate": "cnnvis_pipeline.data.validate",
-    "train": "cnnvis_pipeline.models.commands", "layers": "cnnvis_pipeline.models.commands",
+    **{c: "cnnvis_pipeline.data.commands" for c in ("synth", "download", "validate", "prepare")},
+    "layers": "cnnvis_pipeline.models.commands",
     **{c: "cnnvis_pipeline.dissection.commands"
-       for c in ("extract", "thresholds", "tally", "tables", "summary", "dissect",
+       for c in ("train", "extract", "thresholds", "tally", "tables", "summary", "dissect",
                  "compositional", "formulas")},
     "visualize": "cnnvis_pipeline.viz.commands",
     "report": "cnnvis_pipeline.reports.commands",

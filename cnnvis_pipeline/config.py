@@ -6,22 +6,28 @@
 - model_specs(cfg): every model to dissect, with defaults filled in and checkpoint series
   expanded into one model per checkpoint (`<name>-<checkpoint stem>`).
 - spec_digest(obj): sha256 of a canonical JSON encoding (the tables' config digest).
+- check_schema(cfg): the config against workflow/schemas/config.schema.yaml, one line naming
+  the bad key.
+- with_defaults(section, value): one section (`dissection`, `reports`) checked against the schema
+  and filled with the schema's defaults, for library callers that do not go through Snakemake.
+  The schema is the only place that holds defaults.
+
+Imports neither torch nor any stage, so that `snakemake -n` stays light.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import re
 from pathlib import Path
 
 from cnnvis_pipeline.errors import SAFE_LAYER, SAFE_NAME, CnnvisError, check_name
+from cnnvis_pipeline.models import IMAGENET_MEAN, IMAGENET_STD
 
-# ImageNet normalisation, the default `mean`/`std` of a model (here, not in models.registry, so
-# that the workflow's own process, which reads the config, never imports torch).
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+SCHEMA_PATH = Path(__file__).resolve().parents[1] / "workflow" / "schemas" / "config.schema.yaml"
 
 REPLACED_SECTIONS = ("dataset", "models")
 
@@ -79,18 +85,32 @@ def _schema_message(err) -> str:
     return f"{where}: {err.message}"
 
 
-def check_schema(cfg: dict, schema_path: str | Path) -> None:
-    """Raise CnnvisError listing every config key that breaks the JSON schema: one line per
-    problem, each naming its key (one problem: one short line).
-
-    (Snakemake's validate() prints the whole schema and stops at the first problem; the workflow
-    calls this first.)
-    """
-    import jsonschema
+@functools.cache
+def load_schema(schema_path: str | Path = SCHEMA_PATH) -> dict:
     import yaml
 
-    schema = yaml.safe_load(Path(schema_path).read_text())
-    errors = list(jsonschema.Draft202012Validator(schema).iter_errors(cfg))
+    return yaml.safe_load(Path(schema_path).read_text())
+
+
+def _filling_validator():
+    """Draft 2020-12 that also fills in every `default:` of the properties it visits."""
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    properties = base.VALIDATORS["properties"]
+
+    def fill(validator, props, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in props.items():
+                if isinstance(sub, dict) and "default" in sub:
+                    instance.setdefault(key, copy.deepcopy(sub["default"]))
+        yield from properties(validator, props, instance, schema)
+
+    return jsonschema.validators.extend(base, {"properties": fill})
+
+
+def _raise_all(errors: list) -> None:
+    """One line per problem, each naming its key (one problem: one short line)."""
     if not errors:
         return
     errors.sort(key=lambda e: (len(e.absolute_path) == 0, [str(p) for p in e.absolute_path],
@@ -99,6 +119,29 @@ def check_schema(cfg: dict, schema_path: str | Path) -> None:
     if len(messages) == 1:
         raise CnnvisError(messages[0])
     raise CnnvisError(f"{len(messages)} problems:\n" + "\n".join(f"  {m}" for m in messages))
+
+
+def with_defaults(section: str, value: dict | None, schema_path: str | Path = SCHEMA_PATH) -> dict:
+    """A copy of config section `section` with the schema's defaults filled in; a value that
+    breaks the schema raises CnnvisError naming its key (`config: reports.top_units: ...`)."""
+    sub = load_schema(schema_path)["properties"][section]
+    cfg = {section: copy.deepcopy(value) if value is not None else {}}
+    wrapper = {"type": "object", "properties": {section: sub}}
+    _raise_all(list(_filling_validator()(wrapper).iter_errors(cfg)))
+    return cfg[section]
+
+
+def check_schema(cfg: dict, schema_path: str | Path = SCHEMA_PATH) -> None:
+    """Raise CnnvisError listing every config key that breaks the JSON schema: one line per
+    problem, each naming its key (one problem: one short line).
+
+    (Snakemake's validate() prints the whole schema and stops at the first problem; the workflow
+    calls this first.)
+    """
+    import jsonschema
+
+    schema = load_schema(schema_path)
+    _raise_all(list(jsonschema.Draft202012Validator(schema).iter_errors(cfg)))
 
 
 def spec_digest(obj) -> str:

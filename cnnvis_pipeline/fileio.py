@@ -6,6 +6,8 @@ complete, so that an interrupted run never leaves a half-written output that loo
   `suffix` keeps the extension that a writer insists on (np.savez adds `.npz`, matplotlib reads
   the format from it).
 - write_text(path, text) / write_bytes(path, data): atomic_file for a whole text or byte string.
+- save_figure(fig, path): a matplotlib figure as PNG without time stamps (same inputs, same
+  bytes), through atomic_file.
 - atomic_dir(out, stale=False): the same for a directory: yields an empty temporary sibling
   directory, renamed to `out` (replacing an incomplete leftover) when the block completes.
   `stale=True` first removes temporary siblings of earlier, killed attempts (they may hold
@@ -68,3 +70,10 @@ def atomic_dir(out: str | Path, *, stale: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_figure(fig, path: str | Path, **kw) -> Path:
+    """A PNG without time stamps (same inputs, same bytes), written atomically."""
+    with atomic_file(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110, metadata={"Software": None, "Creation Time": None}, **kw)
+    return Path(path)

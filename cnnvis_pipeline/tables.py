@@ -4,8 +4,10 @@
   activation_max, inversion, formulas).
 - category_colors(categories): the one colour of each category in every figure and page.
 - write_table(name, columns, path, provenance): check columns against the schema, attach the
-  provenance as Parquet key-value metadata, write atomically (temp file, then rename).
+  provenance as Parquet key-value metadata, write atomically (fileio.atomic_file).
 - read_provenance(path): the provenance dict of a written table.
+- unique_detectors(units): the one detector count: distinct (category, label) pairs among the
+  rows of a units table flagged `detector` (the paper's unique detectors).
 - provenance(...): the provenance every table carries (package, torch and torchvision
   versions, config digest, dataset digest, checkpoint sha256); no wall-clock time, so the same
   inputs give byte-identical files.
@@ -14,13 +16,13 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cnnvis_pipeline import __version__
+from cnnvis_pipeline.fileio import atomic_file
 
 S, I64, I32, F64, B = pa.string(), pa.int64(), pa.int32(), pa.float64(), pa.bool_()
 
@@ -124,17 +126,18 @@ def write_table(name: str, columns: dict, path: str | Path, prov: dict) -> Path:
     meta = {b"cnnvis.table": name.encode(), b"cnnvis.provenance": json.dumps(prov, sort_keys=True).encode()}
     table = table.replace_schema_metadata(meta)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
 
 
 def read_provenance(path: str | Path) -> dict:
     meta = pq.read_schema(path).metadata or {}
     return json.loads(meta.get(b"cnnvis.provenance", b"{}"))
+
+
+def unique_detectors(units) -> int:
+    """Distinct (category, label) pairs among the rows of a units table (a DataFrame) whose
+    `detector` is true: the unique detectors of those units."""
+    det = units[units["detector"].astype(bool)]
+    return int(det[["category", "label"]].drop_duplicates().shape[0])

@@ -16,19 +16,14 @@ Also: the series plot helpers in-process (no Snakemake).
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 600
 
 FACTORY = '''
@@ -49,23 +44,11 @@ def build(width=4):
 SYNTHNET_LAYERS = ["features.relu4"]
 
 
-def bulk_config(tmp: Path, shards: int) -> dict:
-    return {
-        "data_root": "resources",
-        "dataset": {"synth": {"images": 24, "size": 32, "seed": 5}},
-        "models": {
-            "resnet18": {"torchvision": "resnet18", "weights": None, "input_size": [64, 64],
-                         "layers": ["layer3", "layer4"], "seed": 1},
-            "tiny": {"factory": "cnnvis_bulk_factory:build", "kwargs": {"width": 4},
-                     "layers": ["relu2"], "mean": [0.5, 0.5, 0.5],
-                     "std": [0.25, 0.25, 0.25]},
-            "snap": {"arch": "synthnet", "kwargs": {"width": 4},
-                     "checkpoints": [str(tmp / "ckpt" / f"e{k}.pt") for k in (1, 2, 3)],
-                     "layers": SYNTHNET_LAYERS, "mean": [0.5, 0.5, 0.5],
-                     "std": [0.25, 0.25, 0.25]},
-        },
-        "dissection": {"shards": shards, "batch_size": 8, "device": "cpu", "top_k": 3},
-    }
+def bulk_config(workflow, tmp: Path, shards: int) -> dict:
+    cfg = workflow.config("bulk")
+    cfg["models"]["snap"]["checkpoints"] = [str(tmp / "ckpt" / f"e{k}.pt") for k in (1, 2, 3)]
+    cfg["dissection"]["shards"] = shards
+    return cfg
 
 
 MODEL_LAYERS = {
@@ -96,15 +79,6 @@ def bulk_dir(tmp_path_factory) -> Path:
     return tmp
 
 
-def snakemake_env(tmp: Path) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp / "pylib"), env.get("PYTHONPATH")]))
-    env.setdefault("OMP_NUM_THREADS", "2")
-    # the workflow's shell commands run `python -m cnnvis_pipeline` with this interpreter
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    return env
-
-
 def job_stats(log: str) -> dict[str, int]:
     """rule -> job count, from the 'Job stats:' table Snakemake prints before running."""
     m = re.search(r"Job stats:\n(.*?)\n\s*\n", log, re.S)
@@ -125,33 +99,30 @@ def expected_jobs(shards: int) -> dict[str, int]:
     }
 
 
-def run_snakemake(tmp: Path, workdir: Path, cfg: dict, *extra: str) -> tuple[str, float]:
-    workdir.mkdir(exist_ok=True)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
-    # targets and flags first: --configfile takes every word after it
-    cmd = [sys.executable, "-m", "snakemake", *extra, "-s", str(REPO / "Snakefile"),
-           "--directory", str(workdir), "--cores", "2", "--configfile", str(workdir / "config.yaml")]
+def run_snakemake(workflow, tmp: Path, workdir: Path, cfg: dict, *extra: str) -> tuple[str, float]:
     t0 = time.monotonic()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=snakemake_env(tmp),
-                         timeout=RUN_TIMEOUT_S, check=False)
+    res = workflow.run(workdir, cfg, *extra, env=workflow.env(tmp / "pylib"),
+                       timeout=RUN_TIMEOUT_S)
     log = res.stdout + res.stderr
     assert res.returncode == 0, f"snakemake failed ({res.returncode}):\n{log[-6000:]}"
     return log, time.monotonic() - t0
 
 
-def test_bulk_dry_run_two_shards(bulk_dir):
+def test_bulk_dry_run_two_shards(bulk_dir, workflow):
     """The DAG with 2 shards: one prepare job, one extract job per shard per model."""
-    log, _ = run_snakemake(bulk_dir, bulk_dir / "dry", bulk_config(bulk_dir, 2), "summary", "-n")
+    log, _ = run_snakemake(workflow, bulk_dir, bulk_dir / "dry", bulk_config(workflow, bulk_dir, 2),
+                           "summary", "-n")
     assert job_stats(log) == expected_jobs(2)
 
 
 @pytest.mark.slow
-def test_bulk_audit(bulk_dir):
+def test_bulk_audit(bulk_dir, workflow):
     from cnnvis_pipeline.models.registry import file_sha256
     from cnnvis_pipeline.tables import read_provenance
 
     work = bulk_dir / "run"
-    log, elapsed = run_snakemake(bulk_dir, work, bulk_config(bulk_dir, 1), "summary")
+    log, elapsed = run_snakemake(workflow, bulk_dir, work, bulk_config(workflow, bulk_dir, 1),
+                                 "summary")
     print(f"\nbulk audit: {sum(map(len, MODEL_LAYERS.values()))} model layers in {elapsed:.1f}s")
     assert job_stats(log) == expected_jobs(1)
     # every job ran exactly once (each job's "rule <name>:" header, counted from the log)
@@ -183,7 +154,8 @@ def test_bulk_audit(bulk_dir):
 
 
 def test_series_counts_and_plot(tmp_path):
-    from cnnvis_pipeline.dissection.pipeline import plot_series, series_counts
+    from cnnvis_pipeline.dissection.figures import plot_series
+    from cnnvis_pipeline.dissection.results import series_counts
 
     rows = []
     for k, stem in enumerate(["e1", "e2", "e10"]):

@@ -1,7 +1,7 @@
 """Thresholds and IoU against a brute-force numpy implementation of docs/DEFINITIONS.md.
 
 The brute force reads labels through the Broden reader (PNG decoding), not the prepared
-arrays, and upsamples with its own bilinear code, so it shares nothing with the engine.
+arrays, and upsamples with its own bilinear code, so it shares nothing with dissection/.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import torch
 
 from cnnvis_pipeline.data.broden import load_broden
 from cnnvis_pipeline.data.prepared import PreparedDataset
-from cnnvis_pipeline.dissection import engine
-from cnnvis_pipeline.dissection.stats import ConceptTally, Float16Histogram
+from cnnvis_pipeline.dissection.extract import shard_indices, unit_thresholds
+from cnnvis_pipeline.dissection.stats import Float16Histogram
+from cnnvis_pipeline.dissection.stores import ActivationStore
+from cnnvis_pipeline.dissection.tally import ConceptTally, tally_shard
 
 
 def bilinear_upsample(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -72,12 +74,12 @@ def test_thresholds_and_iou_match_brute_force(synth_dir, prepared_dir, quantile)
     hist = Float16Histogram(u)
     for start in range(0, n, 7):  # odd batches: the histogram must not care
         hist.add(torch.from_numpy(acts[start : start + 7]))
-    got_t = engine.unit_thresholds(hist, quantile)
+    got_t = unit_thresholds(hist, quantile)
     np.testing.assert_array_equal(got_t, want_t)  # exact: float16 data, same interpolation
 
-    store = engine.ActivationStore(n, (u, h, w), None, torch.device("cpu"))
+    store = ActivationStore(n, (u, h, w), None, torch.device("cpu"))
     store.write(0, torch.from_numpy(acts))
-    tally = engine.tally_shard(ds, np.arange(n), store, got_t, device=torch.device("cpu"),
+    tally = tally_shard(ds, np.arange(n), store, got_t, device=torch.device("cpu"),
                                batch_size=5, progress=False)
     iou, inter, union = tally.iou(ds.concept_category)
     np.testing.assert_array_equal(inter, want_inter)
@@ -99,18 +101,18 @@ def test_histogram_and_tally_merge_exactly(prepared_dir):
     for p in parts[1:]:
         merged.merge(p)
     assert torch.equal(merged.counts, whole.counts)
-    t = engine.unit_thresholds(whole, 0.05)
+    t = unit_thresholds(whole, 0.05)
     np.testing.assert_array_equal(t, np.quantile(acts.astype(np.float64).transpose(1, 0, 2, 3)
                                                  .reshape(4, -1), 0.95, axis=1))
 
     def tally(idx):
-        store = engine.ActivationStore(len(idx), (4, 3, 3), None, torch.device("cpu"))
+        store = ActivationStore(len(idx), (4, 3, 3), None, torch.device("cpu"))
         store.write(0, torch.from_numpy(acts[idx]))
-        return engine.tally_shard(ds, idx, store, t, device=torch.device("cpu"), progress=False)
+        return tally_shard(ds, idx, store, t, device=torch.device("cpu"), progress=False)
 
     one = tally(np.arange(len(ds)))
-    merged_tally = ConceptTally.from_state(tally(engine.shard_indices(len(ds), 3, 0)).state())
+    merged_tally = ConceptTally.from_state(tally(shard_indices(len(ds), 3, 0)).state())
     for s in (1, 2):
-        merged_tally.merge(tally(engine.shard_indices(len(ds), 3, s)))
+        merged_tally.merge(tally(shard_indices(len(ds), 3, s)))
     for f in ConceptTally.FIELDS:
         assert torch.equal(getattr(one, f), getattr(merged_tally, f)), f

@@ -16,6 +16,7 @@ import pytest
 from loopback_http import LoopbackServer
 
 from cnnvis_pipeline import cli
+from cnnvis_pipeline.data import commands as data_commands
 from cnnvis_pipeline.data import download
 from cnnvis_pipeline.data.broden import load_broden
 from cnnvis_pipeline.data.download import (
@@ -336,7 +337,7 @@ def test_bad_specs(spec, message):
 # -- command line -------------------------------------------------------------------------------
 def _parse(argv):
     parser = argparse.ArgumentParser()
-    download.register(parser.add_subparsers(dest="command", required=True))
+    data_commands.register(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(argv)
 
 
@@ -357,7 +358,7 @@ def test_cli_download_prints_path(server, synth_zip, tmp_path, capsys):
 
 
 def test_cli_errors_exit_2(monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["cnnvis_pipeline.data.download"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["cnnvis_pipeline.data.commands"])
     assert cli.main(["download", "--data-root", str(tmp_path), "--name", "broden1_227"]) == 2
     assert "error: dataset: no checksum is pinned for broden1_227" in capsys.readouterr().err
     assert cli.main(["download", "--data-root", str(tmp_path)]) == 2

@@ -9,10 +9,8 @@ checkpoint with pickled code, and an extraction that fails midway.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,7 +27,6 @@ from cnnvis_pipeline.errors import CnnvisError
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
 # A factory module for the model cases: a model whose layer "3" is a Linear layer, and one
 # that raises on its second forward pass (an extraction that fails midway).
@@ -223,12 +220,8 @@ def test_empty_directory(capsys, tmp_path):
 
 # -- configuration ------------------------------------------------------------------------------
 def base_config() -> dict:
-    return {
-        "dataset": {"synth": {"images": 24, "size": 32, "seed": 1}},
-        "models": {"tiny": {"arch": "synthnet", "kwargs": {"width": 4},
-                            "layers": ["features.relu3"]}},
-        "dissection": {"shards": 1},
-    }
+    """.test/config/tiny.yaml, a fresh copy (the cases below change it in place)."""
+    return yaml.safe_load((REPO / ".test" / "config" / "tiny.yaml").read_text())
 
 
 def _set(cfg: dict, dotted: str, value) -> dict:
@@ -472,14 +465,6 @@ def test_interrupted_prepare_leaves_nothing(capsys, dataset, tmp_path, monkeypat
 
 
 # -- through the whole snakemake command line (tiny data) ---------------------------------------
-def run_snakemake(workdir: Path, config: dict, *extra: str, env=None):
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "cfg.yaml").write_text(yaml.safe_dump(config))
-    cmd = [str(SNAKEMAKE), *extra, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", "--configfile", str(workdir / "cfg.yaml")]  # (--configfile takes 1+)
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-
-
 def outputs(workdir: Path) -> list[str]:
     """Results and datasets a run left behind (not Snakemake's own metadata, not logs)."""
     return sorted(
@@ -490,10 +475,10 @@ def outputs(workdir: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_workflow_malformed_config_names_the_key(tmp_path):
+def test_workflow_malformed_config_names_the_key(tmp_path, workflow):
     cfg = base_config()
     cfg["dissection"]["shardz"] = 2
-    proc = run_snakemake(tmp_path / "a", cfg)
+    proc = workflow.run(tmp_path / "a", cfg)
     assert proc.returncode != 0
     assert ("invalid configuration: config: dissection: unknown key(s) 'shardz'; allowed:"
             in proc.stderr), proc.stderr
@@ -502,7 +487,7 @@ def test_workflow_malformed_config_names_the_key(tmp_path):
 
     cfg = base_config()
     cfg["models"] = {"a/b": cfg["models"]["tiny"]}
-    proc = run_snakemake(tmp_path / "b", cfg)
+    proc = workflow.run(tmp_path / "b", cfg)
     assert proc.returncode != 0
     assert "invalid configuration: config: models: model name 'a/b' is not allowed" in proc.stderr
     assert outputs(tmp_path / "b") == []
@@ -510,7 +495,7 @@ def test_workflow_malformed_config_names_the_key(tmp_path):
 
 @pytest.mark.slow
 def test_workflow_refuses_pickled_code_and_failed_extraction_leaves_nothing(
-    tmp_path, factories, pristine
+    tmp_path, factories, pristine, workflow
 ):
     """Two models on one tiny synth dataset: one with a code-carrying checkpoint, one whose
     forward pass fails on the second batch. Neither leaves a shard, a table or a marker."""
@@ -524,10 +509,9 @@ def test_workflow_refuses_pickled_code_and_failed_extraction_leaves_nothing(
         "midway": {"factory": "hostile_models:fails_midway", "layers": ["relu"]},
     }
     cfg["dissection"].update(batch_size=4, device="cpu")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(factories), os.environ.get("PYTHONPATH", "")]))
+    env = workflow.env(factories)
     work = tmp_path / "w"
-    proc = run_snakemake(work, cfg, "--keep-going", env=env)
+    proc = workflow.run(work, cfg, "--keep-going", env=env)
     assert proc.returncode != 0
     err = proc.stderr
     assert re.search(r"extract_0\.log: error: \S*evil\.pt: refused: the checkpoint holds pickled",
@@ -543,13 +527,13 @@ def test_workflow_refuses_pickled_code_and_failed_extraction_leaves_nothing(
 
 
 @pytest.mark.slow
-def test_workflow_corrupt_image_stops_at_validation(dataset, tmp_path):
+def test_workflow_corrupt_image_stops_at_validation(dataset, tmp_path, workflow):
     rel = first_cell(dataset, "image")
     (dataset / "images" / rel).write_bytes(b"not a JPEG at all")
     cfg = base_config()
     cfg["dataset"] = {"path": str(dataset)}
     work = tmp_path / "w"
-    proc = run_snakemake(work, cfg)
+    proc = workflow.run(work, cfg)
     assert proc.returncode != 0
     assert re.search(rf"index\.csv: line 2: \S*images/{re.escape(rel)}: cannot decode image",
                      proc.stderr), proc.stderr[-3000:]

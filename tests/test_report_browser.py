@@ -14,17 +14,14 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "results" / "browser-test"
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists()
                                         else None)
 CHROMEDRIVER = shutil.which("chromedriver") or (
@@ -33,33 +30,22 @@ LAYERS = ["features.relu3", "features.relu4"]
 
 pytestmark = pytest.mark.slow
 
-CONFIG = {
-    "dataset": {"synth": {"images": 24, "size": 32, "seed": 1}},
-    "models": {
-        "tiny": {"arch": "synthnet", "kwargs": {"width": 4}, "layers": LAYERS,
-                 "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-                 "units": {"features.relu4": [7]}},
-    },
-    "dissection": {"shards": 1, "batch_size": 8, "top_k": 5, "device": "cpu"},
-    "reports": {"top_units": 4, "top_images": 5, "activation_max": {"steps": 8, "size": 32},
-                "inversion": {"images": 2, "steps": 10, "spread_images": 8}},
-}
-
-
-def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", *args, "--configfile", str(workdir / "cfg.yaml")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode:
-        print(proc.stdout[-4000:], proc.stderr[-4000:])
-    return proc
+@pytest.fixture(scope="module")
+def snakemake(workflow):
+    def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+        """`snakemake *args` on the run's workdir and its cfg.yaml (.test/config/report.yaml)."""
+        proc = subprocess.run(workflow.cmd(workdir, *args), capture_output=True, text=True,
+                              timeout=timeout)
+        if proc.returncode:
+            print(proc.stdout[-4000:], proc.stderr[-4000:])
+        return proc
+    return snakemake
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def run(tmp_path_factory, workflow) -> Path:
     wd = tmp_path_factory.mktemp("report_run")
-    (wd / "cfg.yaml").write_text(yaml.safe_dump(CONFIG))
-    proc = snakemake(wd, "--quiet", "rules")
+    proc = workflow.run(wd, workflow.config("report"), "--quiet", "rules")
     assert proc.returncode == 0, "the tiny workflow failed (see the captured output)"
     return wd
 
@@ -77,7 +63,7 @@ def expected_orders(wd: Path, layer: str) -> dict[str, list[int]]:
     }
 
 
-def test_workflow_outputs_and_snakemake_report(run):
+def test_workflow_outputs_and_snakemake_report(run, snakemake):
     wd = run
     for layer in LAYERS:
         am = pd.read_parquet(wd / f"results/tiny/{layer}/activation_max.parquet")

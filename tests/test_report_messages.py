@@ -3,8 +3,6 @@ line on the screen even when the job's progress bar had drawn its line first."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,16 +13,15 @@ from cnnvis_pipeline.errors import CnnvisError
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
 
 def tiny_config(**models) -> dict:
-    return {
-        "dataset": {"synth": {"images": 24, "size": 32, "seed": 1}},
-        "models": models or {"tiny": {"arch": "synthnet", "kwargs": {"width": 4},
-                                      "layers": ["features.relu3"]}},
-        "dissection": {"shards": 1, "batch_size": 8, "device": "cpu"},
-    }
+    """.test/config/tiny.yaml on the CPU in batches of 8, with other `models` if given."""
+    cfg = yaml.safe_load((REPO / ".test" / "config" / "tiny.yaml").read_text())
+    cfg["dissection"].update(batch_size=8, device="cpu")
+    if models:
+        cfg["models"] = models
+    return cfg
 
 
 def three_problems() -> dict:
@@ -55,16 +52,8 @@ def test_one_problem_is_one_line():
     assert str(e.value) == "config: dissection.shards: expected integer, got 'two'"
 
 
-def snakemake(workdir: Path, config: dict, *args: str) -> subprocess.CompletedProcess:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "cfg.yaml").write_text(yaml.safe_dump(config))
-    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", "--configfile", str(workdir / "cfg.yaml"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-
-
-def test_workflow_lists_every_config_problem(tmp_path):
-    proc = snakemake(tmp_path, three_problems(), "-n")
+def test_workflow_lists_every_config_problem(tmp_path, workflow):
+    proc = workflow.run(tmp_path, three_problems(), "-n", timeout=600)
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
     assert "invalid configuration: 3 problems:" in err, err[-3000:]
@@ -74,14 +63,14 @@ def test_workflow_lists_every_config_problem(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_jobs_error_after_its_progress_bar_reaches_the_screen(tmp_path):
+def test_a_jobs_error_after_its_progress_bar_reaches_the_screen(tmp_path, workflow):
     """A Linear layer fails in extract_shard after its progress bar drew `\\r...img/s]` with no
     newline: the error line must still be printed, with and without `--quiet rules`."""
     cfg = tiny_config(tiny={"arch": "synthnet", "kwargs": {"width": 4}, "layers": ["classifier"]})
     want = ("results/logs/tiny/extract_0.log: error: tiny: layer 'classifier' outputs (8, 9), "
             "not a 4-D feature map")
     for args in (("--quiet", "rules"), ()):
-        proc = snakemake(tmp_path, cfg, *args)
+        proc = workflow.run(tmp_path, cfg, *args, timeout=600)
         assert proc.returncode != 0
         log = (tmp_path / "results/logs/tiny/extract_0.log").read_text()
         assert "img/s]error: tiny: layer 'classifier'" in log.replace("\r", "")  # the case

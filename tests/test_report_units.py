@@ -21,11 +21,11 @@ from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.models.hooks import find_module
 from cnnvis_pipeline.models.registry import build_model
 from cnnvis_pipeline.reports.html import build_model_report, build_summary_page
-from cnnvis_pipeline.reports.selection import requested_units, select_units
-from cnnvis_pipeline.reports.settings import REPORT_DEFAULTS, inversion_weights, report_settings
-from cnnvis_pipeline.reports.visualize import inversion_candidates, run_visualize
 from cnnvis_pipeline.tables import SCHEMAS, read_provenance
 from cnnvis_pipeline.viz import representation_spread
+from cnnvis_pipeline.viz.selection import requested_units, select_units
+from cnnvis_pipeline.viz.settings import inversion_weights, report_settings
+from cnnvis_pipeline.viz.visualize import inversion_candidates, run_visualize
 
 LAYER = "features.relu4"
 TINY_REPORTS = {"top_units": 3, "top_images": 4, "activation_max": {"steps": 24, "size": 32},
@@ -76,15 +76,6 @@ def test_requested_units_from_the_model_spec():
         requested_units({"name": "m", "layers": ["a"], "units": {"c": [1]}}, "a")
 
 
-def test_report_settings_defaults_and_unknown_keys():
-    s = report_settings({"activation_max": {"steps": 7}})
-    assert s["activation_max"] == {**REPORT_DEFAULTS["activation_max"], "steps": 7}
-    assert s["top_units"] == 16 and s["inversion"]["images"] == 4
-    assert report_settings(None) == REPORT_DEFAULTS
-    with pytest.raises(CnnvisError, match="reports.activation_max.step is not a known"):
-        report_settings({"activation_max": {"step": 7}})
-
-
 def test_inversion_weights_by_depth_unless_set_per_layer():
     s = report_settings({"inversion": {"layers": {"layer3": {"lambda_tv": 0.5}}}})
     assert inversion_weights(s, "layer1") == (None, 1e-4)  # None: the paper's for the depth
@@ -92,23 +83,43 @@ def test_inversion_weights_by_depth_unless_set_per_layer():
     s = report_settings({"inversion": {"lambda_tv": 0.02, "lambda_alpha": 0.0,
                                        "layers": {"b": {"lambda_alpha": 1e-3}}}})
     assert inversion_weights(s, "a") == (0.02, 0.0) and inversion_weights(s, "b") == (0.02, 1e-3)
-    with pytest.raises(CnnvisError, match="reports.inversion.layers.x must be"):
+    with pytest.raises(CnnvisError, match=r"config: reports\.inversion\.layers\.x"):
         report_settings({"inversion": {"layers": {"x": {"lambda": 1}}}})
-    with pytest.raises(CnnvisError, match="reports.inversion.layers.x must be"):
+    with pytest.raises(CnnvisError, match=r"config: reports\.inversion\.layers\.x"):
         report_settings({"inversion": {"layers": {"x": {"lambda_tv": -1}}}})
 
 
-def test_schema_defaults_match_the_library():
+def test_report_settings_defaults_come_from_the_schema():
     import yaml
 
     schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml")
                             .read_text())["properties"]["reports"]["properties"]
-    for key, value in REPORT_DEFAULTS.items():
-        if isinstance(value, dict):
-            for k, v in value.items():
-                assert schema[key]["properties"][k]["default"] == v, (key, k)
-        else:
-            assert schema[key]["default"] == value, key
+    s = report_settings({"activation_max": {"steps": 7}})
+    am = schema["activation_max"]["properties"]
+    assert s["activation_max"] == {**{k: v["default"] for k, v in am.items()}, "steps": 7}
+    assert s["activation_max"]["size"] == 128 and s["activation_max"]["lr"] == 0.05
+    full = report_settings(None)
+    assert set(full) == set(schema)
+    assert full["top_units"] == schema["top_units"]["default"] == 16
+    assert full["inversion"]["images"] == schema["inversion"]["properties"]["images"]["default"]
+    # The caller's dict is not filled in place.
+    user = {"inversion": {"steps": 3}}
+    report_settings(user)
+    assert user == {"inversion": {"steps": 3}}
+    with pytest.raises(CnnvisError, match=r"config: reports.activation_max: unknown key\(s\) 'step'"):
+        report_settings({"activation_max": {"step": 7}})
+    with pytest.raises(CnnvisError, match="config: reports.top_units: -1 is less than"):
+        report_settings({"top_units": -1})
+
+
+def test_dissection_settings_for_library_callers_come_from_the_schema():
+    from cnnvis_pipeline.dissection.pipeline import settings
+
+    s = settings({"dissection": {"quantile": 0.01}})
+    assert s["quantile"] == 0.01 and s["iou_threshold"] == 0.04 and s["top_k"] == 9
+    assert settings({})["batch_size"] == 64 and settings({})["device"] == "auto"
+    with pytest.raises(CnnvisError, match="config: dissection.precision: 'fp8' is not one of"):
+        settings({"dissection": {"precision": "fp8"}})
 
 
 # --- the visualize step on a tiny dissection -------------------------------------------------
@@ -281,7 +292,7 @@ def test_manifest_is_json_and_tables_are_deterministic(visualized, prepared_dir,
 
 
 def test_am_benchmark_shows_both_presets(visualized, prepared_dir):
-    from cnnvis_pipeline.viz.am_bench import benchmark_presets, summarise
+    from cnnvis_pipeline.bench.am import benchmark_presets, summarise
 
     spec, out, manifest = visualized
     model, _ = build_model("tiny", spec)

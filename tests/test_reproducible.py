@@ -21,15 +21,12 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 900
 
 SLOW_FACTORY = '''
@@ -56,22 +53,6 @@ class SlowNet(nn.Module):
         return self.features(x)
 '''
 
-CONFIG = {
-    "data_root": "resources",
-    "dataset": {"synth": {"images": 24, "size": 32, "seed": 2}},
-    "models": {
-        "synthnet": {"arch": "synthnet", "kwargs": {"width": 4}, "train": {"epochs": 1, "seed": 0},
-                     "layers": ["features.relu4"], "mean": [0.5, 0.5, 0.5],
-                     "std": [0.25, 0.25, 0.25]},
-        "slow": {"factory": "cnnvis_slow_factory:SlowNet", "kwargs": {"width": 4, "delay": 0.5},
-                 "layers": ["features.relu2"], "seed": 3, "mean": [0.5, 0.5, 0.5],
-                 "std": [0.25, 0.25, 0.25]},
-    },
-    "dissection": {"shards": 2, "batch_size": 3, "device": "cpu", "top_k": 3},
-    # the visualisation stage (activation_max and inversion tables) at a token size
-    "reports": {"top_units": 1, "top_images": 2, "deconvnet": False,
-                "activation_max": {"steps": 2, "size": 16}, "inversion": {"images": 1, "steps": 2}},
-}
 MODEL_LAYERS = {"synthnet": ["features.relu4"], "slow": ["features.relu2"]}
 PROVENANCE_KEYS = {"cnnvis_pipeline_version", "torch_version", "torchvision_version",
                    "config_digest", "dataset_digest", "checkpoint_sha256"}
@@ -79,35 +60,30 @@ TIMESTAMP = re.compile(rb"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}|\d{2}:\d{2}:\d{2}")
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
+def env(tmp_path_factory, workflow) -> dict:
     lib = tmp_path_factory.mktemp("pylib")
     (lib / "cnnvis_slow_factory.py").write_text(SLOW_FACTORY)
-    e = dict(os.environ)
-    e["PYTHONPATH"] = os.pathsep.join(filter(None, [str(lib), e.get("PYTHONPATH")]))
-    e["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), e.get("PATH", "")])
-    e.setdefault("OMP_NUM_THREADS", "2")
-    return e
+    return workflow.env(lib)
 
 
-def snakemake_cmd(workdir: Path, *extra: str) -> list[str]:
-    # flags first: --configfile takes every word after it
-    return [sys.executable, "-m", "snakemake", *extra, "-s", str(REPO / "Snakefile"),
-            "--directory", str(workdir), "--cores", "2", "--configfile",
-            str(workdir / "config.yaml")]
+@pytest.fixture(scope="module")
+def prepare(workflow):
+    def prepare(workdir: Path) -> Path:
+        workdir.mkdir(parents=True)
+        return workflow.write(workdir, workflow.config("reproducible"))
+    return prepare
 
 
-def prepare(workdir: Path) -> Path:
-    workdir.mkdir(parents=True)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(CONFIG))
-    return workdir
-
-
-def run(workdir: Path, env: dict, *extra: str) -> float:
-    t0 = time.monotonic()
-    res = subprocess.run(snakemake_cmd(workdir, *extra), env=env, capture_output=True, text=True,
-                         timeout=RUN_TIMEOUT_S, check=False)
-    assert res.returncode == 0, f"snakemake {' '.join(extra)} failed:\n{(res.stdout + res.stderr)[-6000:]}"
-    return time.monotonic() - t0
+@pytest.fixture(scope="module")
+def run(workflow):
+    def run(workdir: Path, env: dict, *extra: str) -> float:
+        t0 = time.monotonic()
+        res = subprocess.run(workflow.cmd(workdir, *extra), env=env, capture_output=True,
+                             text=True, timeout=RUN_TIMEOUT_S, check=False)
+        log = res.stdout + res.stderr
+        assert res.returncode == 0, f"snakemake {' '.join(extra)} failed:\n{log[-6000:]}"
+        return time.monotonic() - t0
+    return run
 
 
 def tables(workdir: Path) -> dict[str, bytes]:
@@ -127,7 +103,7 @@ def expected_tables() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def clean_runs(tmp_path_factory, env):
+def clean_runs(tmp_path_factory, env, prepare, run):
     base = tmp_path_factory.mktemp("repro")
     times = {}
     for name in ("one", "two"):
@@ -194,11 +170,12 @@ def _extract_in_progress(workdir: Path, model: str) -> Path | None:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_tables(clean_runs, tmp_path, env):
+def test_killed_run_resumes_to_the_same_tables(clean_runs, tmp_path, env, prepare, run,
+                                               workflow):
     one, _ = clean_runs
     work = prepare(tmp_path / "killed")
     log = open(work / "killed.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(snakemake_cmd(work), env=env, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(workflow.cmd(work), env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # its own process group: snakemake + jobs
     deadline = time.monotonic() + RUN_TIMEOUT_S
     caught = None

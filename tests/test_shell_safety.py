@@ -9,16 +9,10 @@ data root may change.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +37,7 @@ def snapshot(root: Path, skip: list[Path]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def test_hostile_paths_are_never_run(tmp_path, synth_dir):
+def test_hostile_paths_are_never_run(tmp_path, synth_dir, workflow):
     base = tmp_path / "base dir ; $(x)"
     base.mkdir()
     work = base / hostile("work")
@@ -55,31 +49,19 @@ def test_hostile_paths_are_never_run(tmp_path, synth_dir):
     (base / "my data").mkdir()
     (base / "my data" / "keep.txt").write_text("keep me too\n")
 
-    cfg = {
-        "data_root": str(data_root),
-        "dataset": {"path": str(dataset)},
-        "models": {"tiny": {"arch": "synthnet", "kwargs": {"width": 4},
-                            "layers": ["features.relu4"]}},
-        "dissection": {"shards": 2, "batch_size": 16, "device": "cpu"},
-        "reports": {"top_units": 1, "top_images": 2,
-                    "activation_max": {"steps": 2, "size": 16},
-                    "inversion": {"images": 1, "steps": 2, "spread_images": 2}},
-    }
-    work.mkdir()
-    cfgfile = work / "cfg.yaml"
-    cfgfile.write_text(yaml.safe_dump(cfg))
-    before = snapshot(tmp_path, [work / "results", data_root, work / ".snakemake"])
+    cfg = workflow.config("shell_safety")
+    cfg["data_root"] = str(data_root)
+    cfg["dataset"]["path"] = str(dataset)
+    # (the run writes its own cfg.yaml: not part of what must stay untouched)
+    skip = [work / "results", data_root, work / ".snakemake", work / "cfg.yaml"]
+    before = snapshot(tmp_path, skip)
 
-    proc = subprocess.run(
-        [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(work),
-         "--cores", "2", "--configfile", str(cfgfile)],
-        capture_output=True, text=True, timeout=900, cwd=base,
-    )
+    proc = workflow.run(work, cfg, cwd=base)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     planted = [p for p in tmp_path.rglob("PWNED*")] + list(Path.cwd().glob("PWNED*"))
     assert planted == [], planted
-    after = snapshot(tmp_path, [work / "results", data_root, work / ".snakemake"])
+    after = snapshot(tmp_path, skip)
     assert after == before
     assert (base / "my").read_text() == "keep me\n"
 

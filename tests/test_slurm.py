@@ -9,7 +9,7 @@ Holds:
 
 The live test needs a cluster: ``sudo .ci/slurm-up.sh`` starts a single-node one (see docs/HPC.md);
 without it the test is skipped. It runs the REAL workflow (the repository's Snakefile) on a tiny
-config (``SLURM_CONFIG``: broden-synth 24 images at 32 px, 2 shards, a width-4 synthnet trained for
+config (``SLURM_CONFIG``, .test/config/slurm.yaml: broden-synth 24 images at 32 px, 2 shards, a width-4 synthnet trained for
 1 epoch and a random one), from a temporary directory, up to the cross-model summary. On the CI node (2 CPUs, one fake GPU) GPU
 jobs run one at a time; the run takes a few minutes (``CNNVIS_SLURM_TEST_TIMEOUT`` bounds it).
 """
@@ -107,21 +107,9 @@ class SlurmWorkflow:
     extra: dict = field(default_factory=dict)
 
 
-# The real workflow on tiny data: every rule of the data and dissection stages runs as a SLURM job.
-SLURM_CONFIG = {
-    "data_root": "resources",
-    "dataset": {"synth": {"images": 24, "size": 32, "seed": 4}},
-    "models": {
-        "synthnet": {"arch": "synthnet", "kwargs": {"width": 4}, "train": {"epochs": 1, "seed": 0},
-                     "layers": ["features.relu4"], "mean": [0.5, 0.5, 0.5],
-                     "std": [0.25, 0.25, 0.25]},
-        "synthnet_random": {"arch": "synthnet", "kwargs": {"width": 4}, "seed": 1,
-                            "layers": ["features.relu4"], "mean": [0.5, 0.5, 0.5],
-                            "std": [0.25, 0.25, 0.25]},
-    },
-    # device auto: the fake GPU has no CUDA behind it, so the GPU jobs compute on the CPU
-    "dissection": {"shards": 2, "batch_size": 8, "device": "auto", "top_k": 3},
-}
+# The real workflow on tiny data (.test/config/slurm.yaml): every rule of the data and
+# dissection stages runs as a SLURM job.
+SLURM_CONFIG = yaml.safe_load((REPO / ".test" / "config" / "slurm.yaml").read_text())
 # The run's target: the dissection and the cross-model summary (the unit visualisations and HTML
 # reports of the default target would add ~5 serial jobs, ~2 min on the CI node).
 SLURM_TARGETS = ["summary"]
@@ -154,12 +142,12 @@ def _real_outputs_check(workdir: Path):
 
 
 @pytest.fixture
-def slurm_workflow(tmp_path) -> SlurmWorkflow:
+def slurm_workflow(tmp_path, workflow) -> SlurmWorkflow:
     """The workflow the live test runs: the repository's Snakefile with SLURM_CONFIG."""
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(SLURM_CONFIG))
+    workflow.write(tmp_path, SLURM_CONFIG)
     return SlurmWorkflow(
         cmd=[sys.executable, "-m", "snakemake", *SLURM_TARGETS, "--snakefile",
-             str(REPO / "Snakefile"), "--configfile", str(tmp_path / "config.yaml")],
+             str(REPO / "Snakefile"), "--configfile", str(tmp_path / "cfg.yaml")],
         workdir=tmp_path,
         expect_rules=set(SLURM_JOBS),
         check_outputs=_real_outputs_check(tmp_path),

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnvis_pipeline.data import validate
+from cnnvis_pipeline.data import commands as data_commands
 from cnnvis_pipeline.data.synth import LABELS, generate_broden_synth
 from cnnvis_pipeline.data.validate import validate_broden
 
@@ -211,7 +211,7 @@ def test_empty_dataset_and_missing_directory(ds, tmp_path):
 
 def _run_cli(argv) -> int:
     parser = argparse.ArgumentParser()
-    validate.register(parser.add_subparsers(dest="command", required=True))
+    data_commands.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 

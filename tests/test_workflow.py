@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,10 +15,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
 pytestmark = pytest.mark.slow
 
@@ -37,29 +31,10 @@ def build(width=4):
 '''
 
 
-def run_workflow(workdir: Path, config: dict, *extra: str, env=None) -> subprocess.CompletedProcess:
-    cfg = workdir / "cfg.yaml"
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg.write_text(yaml.safe_dump(config))
-    cmd = [str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", "--configfile", str(cfg), "--quiet", "rules", *extra]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
-    if proc.returncode:
-        print(proc.stdout[-4000:], proc.stderr[-4000:])
-    return proc
-
-
-def tiny_config(shards=1, **dataset):
-    return {
-        "dataset": dataset or {"synth": {"images": 24, "size": 32, "seed": 1}},
-        "models": {
-            "tiny": {"arch": "synthnet", "kwargs": {"width": 4}, "train": {"epochs": 1},
-                     "layers": ["features.relu3", "features.relu4"]},
-            "tiny_random": {"arch": "synthnet", "kwargs": {"width": 4},
-                            "layers": ["features.relu4"]},
-        },
-        "dissection": {"shards": shards, "batch_size": 8},
-    }
+def tiny_config(workflow, shards: int) -> dict:
+    cfg = workflow.config("two_models")
+    cfg["dissection"]["shards"] = shards
+    return cfg
 
 
 def tables(workdir: Path) -> dict[str, bytes]:
@@ -67,11 +42,13 @@ def tables(workdir: Path) -> dict[str, bytes]:
             for p in sorted((workdir / "results").rglob("*.parquet"))}
 
 
-def test_tiny_workflow_elsewhere_and_shards_equal_one_pass(tmp_path):
+def test_tiny_workflow_elsewhere_and_shards_equal_one_pass(tmp_path, workflow):
     one = tmp_path / "one"
     two = tmp_path / "two"
-    assert run_workflow(one, tiny_config(shards=1), "--until", "summary").returncode == 0
-    assert run_workflow(two, tiny_config(shards=2), "--until", "summary").returncode == 0
+    for wd, shards in ((one, 1), (two, 2)):
+        proc = workflow.run(wd, tiny_config(workflow, shards), "--quiet", "rules", "--until",
+                            "summary", timeout=600)
+        assert proc.returncode == 0
     for wd in (one, two):
         units = pd.read_parquet(wd / "results/tiny/features.relu3/units.parquet")
         assert len(units) == 8 and {"model", "layer", "unit", "threshold", "concept", "category",
@@ -93,7 +70,7 @@ def test_tiny_workflow_elsewhere_and_shards_equal_one_pass(tmp_path):
         assert a[k] == b[k], k
 
 
-def test_user_dataset_and_factory_model_with_checkpoint(tmp_path, synth_dir):
+def test_user_dataset_and_factory_model_with_checkpoint(tmp_path, synth_dir, workflow):
     pkg = tmp_path / "pkg"
     (pkg / "mynets").mkdir(parents=True)
     (pkg / "mynets" / "__init__.py").write_text("")
@@ -104,15 +81,11 @@ def test_user_dataset_and_factory_model_with_checkpoint(tmp_path, synth_dir):
     finally:
         sys.path.remove(str(pkg))
     torch.save(build(width=4).state_dict(), tmp_path / "w.pt")
-    config = {
-        "dataset": {"path": str(synth_dir)},
-        "models": {"mynet": {"factory": "mynets.nets:build", "kwargs": {"width": 4},
-                             "checkpoint": str(tmp_path / "w.pt"), "layers": ["0", "2.1"],
-                             "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}},
-        "dissection": {"quantile": 0.01, "iou_threshold": 0.04, "shards": 1},
-    }
-    env = dict(os.environ, PYTHONPATH=str(pkg))
-    proc = run_workflow(tmp_path / "run", config, "--until", "summary", env=env)
+    config = workflow.config("factory")
+    config["dataset"]["path"] = str(synth_dir)
+    config["models"]["mynet"]["checkpoint"] = str(tmp_path / "w.pt")
+    proc = workflow.run(tmp_path / "run", config, "--quiet", "rules", "--until", "summary",
+                        env=workflow.env(pkg), timeout=600)
     assert proc.returncode == 0
     units = pd.read_parquet(tmp_path / "run/results/mynet/2.1/units.parquet")
     assert len(units) == 4 and (units["threshold"] > 0).all()

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -28,7 +26,6 @@ from cnnvis_pipeline.data.download import COMPLETE_MARKER, resolve_source
 from cnnvis_pipeline.data.synth import generate_broden_synth
 
 REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 ZERO = "0" * 64
 
 
@@ -55,12 +52,11 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-TINY_MODELS = {"tiny": {"arch": "synthnet", "kwargs": {"width": 4}, "layers": ["features.relu3"]}}
-
-
 def config(dataset: dict, **top) -> dict:
-    return {"dataset": dataset, "models": TINY_MODELS,
-            "dissection": {"shards": 1, "device": "cpu"}, **top}
+    """.test/config/tiny.yaml with `dataset` (and the `top` sections) in place, on the CPU."""
+    cfg = yaml.safe_load((REPO / ".test" / "config" / "tiny.yaml").read_text())
+    cfg["dissection"]["device"] = "cpu"
+    return {**cfg, "dataset": dataset, **top}
 
 
 # -- fast: the directory cnnvis download writes is the one the workflow reads -------------------
@@ -111,30 +107,19 @@ def test_cli_spec_honours_mirror_and_name(server, synth_zip, tmp_path, capsys):
     ],
 )
 def test_cli_spec_errors(argv, message, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["cnnvis_pipeline.data.download"])
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["cnnvis_pipeline.data.commands"])
     assert cli.main(["download", "--data-root", str(tmp_path), *argv]) == 2
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
 
 # -- slow: the whole snakemake command line ----------------------------------------------------
-def run_snakemake(workdir: Path, cfg: dict, *targets: str) -> subprocess.CompletedProcess:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "cfg.yaml").write_text(yaml.safe_dump(cfg))
-    cmd = [str(SNAKEMAKE), *targets, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2", "--configfile", str(workdir / "cfg.yaml")]  # (--configfile takes 1+)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if proc.returncode:
-        print(proc.stdout[-3000:], proc.stderr[-3000:])
-    return proc
-
-
 @pytest.mark.slow
-def test_workflow_downloads_validates_prepares_and_dissects(server, synth_zip, tmp_path):
+def test_workflow_downloads_validates_prepares_and_dissects(server, synth_zip, tmp_path, workflow):
     url = server.url("/data/x.zip")
     cfg = config({"url": url, "sha256": sha256(synth_zip)})
     # the dissection targets only (the default target adds the visualisations and reports)
-    proc = run_snakemake(tmp_path, cfg, "results/tiny/features.relu3/units.parquet",
+    proc = workflow.run(tmp_path, cfg, "results/tiny/features.relu3/units.parquet",
                          "results/summary/detectors.parquet")
     assert proc.returncode == 0
     dataset_dir = tmp_path / cc.dataset_source_dir(cfg)
@@ -150,19 +135,20 @@ def test_workflow_downloads_validates_prepares_and_dissects(server, synth_zip, t
 
 
 @pytest.mark.slow
-def test_workflow_mirror_is_used(server, synth_zip, tmp_path):
+def test_workflow_mirror_is_used(server, synth_zip, tmp_path, workflow):
     cfg = config({"download": "broden1_224", "mirror": server.url("/data/x.zip"),
                   "sha256": sha256(synth_zip)})
-    proc = run_snakemake(tmp_path, cfg, "resources/datasets/broden1_224")
+    proc = workflow.run(tmp_path, cfg, "resources/datasets/broden1_224")
     assert proc.returncode == 0
     assert (tmp_path / "resources/datasets/broden1_224" / COMPLETE_MARKER).is_file()
     assert len(server.gets("/data/x.zip")) == 1
 
 
 @pytest.mark.slow
-def test_workflow_checksum_mismatch_stops_before_anything_valid(server, synth_zip, tmp_path):
+def test_workflow_checksum_mismatch_stops_before_anything_valid(server, synth_zip, tmp_path,
+                                                               workflow):
     url = server.url("/data/x.zip")
-    proc = run_snakemake(tmp_path, config({"url": url, "sha256": ZERO}))
+    proc = workflow.run(tmp_path, config({"url": url, "sha256": ZERO}))
     assert proc.returncode != 0
     # the failed job's error line is repeated on the terminal by the workflow's onerror
     assert (f"error: {url}: sha256 checksum mismatch: expected {ZERO}, got {sha256(synth_zip)}"
@@ -174,8 +160,8 @@ def test_workflow_checksum_mismatch_stops_before_anything_valid(server, synth_zi
 
 
 @pytest.mark.slow
-def test_workflow_url_without_checksum_fails_before_any_job(tmp_path):
-    proc = run_snakemake(tmp_path, config({"url": "http://127.0.0.1:9/x.zip"}))
+def test_workflow_url_without_checksum_fails_before_any_job(tmp_path, workflow):
+    proc = workflow.run(tmp_path, config({"url": "http://127.0.0.1:9/x.zip"}))
     assert proc.returncode != 0
     assert ("invalid configuration: dataset: url http://127.0.0.1:9/x.zip needs sha256: or md5:"
             in proc.stderr), proc.stderr[-3000:]

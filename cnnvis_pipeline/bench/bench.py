@@ -5,7 +5,8 @@
 
 1. Generates (once; cached under benchmarks/cache/ or --cache) a Broden-format dataset with
    cnnvis_pipeline.bench.bigsynth (about 1,200 labels, six categories, layered part planes,
-   image-level scene and texture) and prepares it with data.prepared.prepare_parallel (prepare_dataset in parallel slices).
+   image-level scene and texture) and prepares it with data.prepared.prepare_parallel
+   (prepare_dataset in parallel slices).
    Generation and preparation times are reported apart and excluded from the figures.
 2. Builds torchvision ResNet-18 with seeded random weights.
 3. Times, over the same images and batches: the reads alone (load), the input pipeline and
@@ -154,12 +155,13 @@ def _device_name(device) -> str:
 
 
 def _detectors(result: dict, ds, iou_threshold: float = 0.04) -> dict:
-    out = {}
-    for layer, tally in result["tallies"].items():
-        iou, _, _ = tally.iou(ds.concept_category)
-        best = iou.max(axis=1) if iou.shape[1] else iou.sum(axis=1)
-        out[layer] = int((best > iou_threshold).sum())
-    return out
+    """Detectors per layer: units whose top concept has IoU > iou_threshold (the units table's
+    `detector` column, by results.unit_columns)."""
+    from cnnvis_pipeline.dissection.results import unit_columns
+
+    return {layer: int(unit_columns("bench", layer, tally, ds, result["thresholds"][layer],
+                                    iou_threshold)["detector"].sum())
+            for layer, tally in result["tallies"].items()}
 
 
 def verify_on_cpu(model, layers, ds, n: int, common: dict) -> dict:
@@ -168,21 +170,22 @@ def verify_on_cpu(model, layers, ds, n: int, common: dict) -> dict:
     import numpy as np
     import torch
 
-    from cnnvis_pipeline.dissection import engine
-    from cnnvis_pipeline.dissection.stats import ConceptTally
+    from cnnvis_pipeline.dissection.extract import extract_shard, unit_thresholds
+    from cnnvis_pipeline.dissection.stores import ActivationStore
+    from cnnvis_pipeline.dissection.tally import ConceptTally, tally_shard
 
     device = common["device"]
     idx = np.arange(min(n, len(ds)), dtype=np.int64)
-    stores, hists, _ = engine.extract_shard(model, layers, ds, idx, out_dir=None, progress=False,
+    stores, hists, _ = extract_shard(model, layers, ds, idx, out_dir=None, progress=False,
                                             **common)
     cpu = torch.device("cpu")
     out = {}
     for layer in layers:
-        t = engine.unit_thresholds(hists[layer], 0.005)
-        here = engine.tally_shard(ds, idx, stores[layer], t, device=device, progress=False)
-        host = engine.ActivationStore(len(idx), stores[layer].shape[1:], None, cpu)
+        t = unit_thresholds(hists[layer], 0.005)
+        here = tally_shard(ds, idx, stores[layer], t, device=device, progress=False)
+        host = ActivationStore(len(idx), stores[layer].shape[1:], None, cpu)
         host.write(0, stores[layer].data.cpu())
-        there = engine.tally_shard(ds, idx, host, t, device=cpu, progress=False)
+        there = tally_shard(ds, idx, host, t, device=cpu, progress=False)
         out[layer] = all(torch.equal(getattr(here, f).cpu(), getattr(there, f))
                          for f in ConceptTally.FIELDS)
     return out
@@ -197,12 +200,15 @@ def run(args) -> dict:
     import torchvision
 
     from cnnvis_pipeline.data.prepared import PreparedDataset
-    from cnnvis_pipeline.dissection import engine, pipeline
-    from cnnvis_pipeline.models.registry import IMAGENET_MEAN, IMAGENET_STD
+    from cnnvis_pipeline.dissection import pipeline
+    from cnnvis_pipeline.dissection.extract import forward_only
+    from cnnvis_pipeline.dissection.stores import load_only
+    from cnnvis_pipeline.models import IMAGENET_MEAN, IMAGENET_STD
+    from cnnvis_pipeline.models.input import pick_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = engine.pick_device(args.device)
+    device = pick_device(args.device)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cudnn.benchmark = True
@@ -221,17 +227,17 @@ def run(args) -> dict:
          f"batch {batch_size}, precision {precision}")
 
     # Warm-up (not timed): kernels, cuDNN autotuning (full and last batch sizes), page cache.
-    engine.forward_only(model, layers, ds, idx[: min(n, 2 * batch_size)], **common)
+    forward_only(model, layers, ds, idx[: min(n, 2 * batch_size)], **common)
     if n % batch_size and n > batch_size:
-        engine.forward_only(model, layers, ds, idx[: n % batch_size], **common)
-    engine.load_only(ds, idx, batch_size=batch_size, fields=("images", "planes"), device=device)
+        forward_only(model, layers, ds, idx[: n % batch_size], **common)
+    load_only(ds, idx, batch_size=batch_size, fields=("images", "planes"), device=device)
     sync()
 
     t = time.perf_counter()
-    engine.load_only(ds, idx, batch_size=batch_size, fields=("images",), device=device)
+    load_only(ds, idx, batch_size=batch_size, fields=("images",), device=device)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    engine.load_only(ds, idx, batch_size=batch_size, fields=("planes",), device=device)
+    load_only(ds, idx, batch_size=batch_size, fields=("planes",), device=device)
     load_planes_s = time.perf_counter() - t
     _log(f"load (images):  {load_s:8.2f} s  {n / load_s:9.1f} images/s")
     _log(f"load (planes):  {load_planes_s:8.2f} s  {n / load_planes_s:9.1f} images/s")
@@ -239,7 +245,7 @@ def run(args) -> dict:
     def time_forward() -> tuple[float, float]:
         sync()
         t, c = time.perf_counter(), time.process_time()
-        engine.forward_only(model, layers, ds, idx, progress=args.progress, **common)
+        forward_only(model, layers, ds, idx, progress=args.progress, **common)
         sync()
         return time.perf_counter() - t, time.process_time() - c
 

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from cnnvis_pipeline.data.broden import write_csv
-from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.data.synth import check_new_dataset
 from cnnvis_pipeline.fileio import atomic_dir
 
 VERSION = 1
@@ -228,11 +228,7 @@ def _pool(workers: int):
 def generate_broden_big(out: str | Path, n_images: int, image_size: int = 224, seed: int = 0,
                         workers: int | None = None, chunk: int = CHUNK) -> Path:
     """Write a Broden-format directory of `n_images` images (image_size px, segmentations half)."""
-    out = Path(out)
-    if n_images < 1 or image_size < 8 or image_size % 2:
-        raise CnnvisError("broden-big: n_images must be >= 1 and image_size an even number >= 8")
-    if out.exists():
-        raise CnnvisError(f"{out}: already exists; broden-big will not overwrite it")
+    out = check_new_dataset("broden-big", out, n_images, image_size)
     with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         _write_dataset(tmp, n_images, image_size, seed, workers, chunk)

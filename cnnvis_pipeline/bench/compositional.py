@@ -39,9 +39,10 @@ def _activations(cache: Path, data: dict, layer: str, seed: int, device, batch_s
     import torchvision
 
     from cnnvis_pipeline.data.prepared import PreparedDataset
-    from cnnvis_pipeline.dissection import engine
+    from cnnvis_pipeline.dissection.extract import extract_shard, unit_thresholds
     from cnnvis_pipeline.dissection.stats import Float16Histogram
-    from cnnvis_pipeline.models.registry import IMAGENET_MEAN, IMAGENET_STD
+    from cnnvis_pipeline.dissection.stores import ActivationStore
+    from cnnvis_pipeline.models import IMAGENET_MEAN, IMAGENET_STD
 
     ds = PreparedDataset(data["prepared"])
     out = Path(data["prepared"]).parent / f"acts-resnet18-seed{seed}-{layer}"
@@ -51,15 +52,15 @@ def _activations(cache: Path, data: dict, layer: str, seed: int, device, batch_s
         torch.manual_seed(seed)
         model = torchvision.models.resnet18(weights=None).eval()
         t = time.perf_counter()
-        _, hists, _ = engine.extract_shard(
+        _, hists, _ = extract_shard(
             model, [layer], ds, np.arange(len(ds)), input_size=None, mean=IMAGENET_MEAN,
             std=IMAGENET_STD, device=device, batch_size=batch_size, out_dir=out,
             model_name="resnet18", progress=False)
         hists[layer].save(hist)
         _log(f"extracted {layer} of {len(ds)} images in {time.perf_counter() - t:.1f} s "
              "(not part of the compositional figures)")
-    store = engine.ActivationStore.open(acts)
-    thresholds = engine.unit_thresholds(Float16Histogram.load(hist), quantile)
+    store = ActivationStore.open(acts)
+    thresholds = unit_thresholds(Float16Histogram.load(hist), quantile)
     return ds, store, thresholds
 
 
@@ -69,11 +70,11 @@ def run(args) -> dict:
 
     from cnnvis_pipeline.bench.bench import ensure_dataset
     from cnnvis_pipeline.dissection import compositional as cp
-    from cnnvis_pipeline.dissection import engine
+    from cnnvis_pipeline.models.input import pick_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = engine.pick_device(args.device)
+    device = pick_device(args.device)
     cache = Path(args.cache or DEFAULT_CACHE)
     data = ensure_dataset(cache, args.images, 224, args.seed, args.workers)
     ds, store, thresholds = _activations(cache, data, args.layer, args.seed, device,

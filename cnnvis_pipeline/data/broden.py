@@ -48,22 +48,37 @@ class ImageRecord:
     labels: dict[str, list[int]] = field(default_factory=dict)  # image-level category -> labels
 
 
-def _read_csv(path: Path, required: list[str]) -> list[dict[str, str]]:
+def read_csv_rows(path: Path, required: list[str], problems: list[str], *,
+                  duplicates: bool = False) -> list[tuple[int, dict]] | None:
+    """Rows of a CSV as (line number, dict), or None if unreadable; each problem (missing file or
+    column, duplicate column when `duplicates`, not UTF-8, malformed) is appended to `problems`."""
     if not path.is_file():
-        raise CnnvisError(f"{path}: required file is missing")
+        problems.append(f"{path}: required file is missing")
+        return None
     try:
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             missing = [c for c in required if c not in header]
             if missing:
-                raise CnnvisError(f"{path}: line 1: missing column(s) {', '.join(missing)}")
-            rows = list(reader)
+                problems.append(f"{path}: line 1: missing column(s) {', '.join(missing)}")
+            dupes = sorted({c for c in header if header.count(c) > 1}) if duplicates else []
+            if dupes:
+                problems.append(f"{path}: line 1: duplicate column(s) {', '.join(dupes)}")
+            return [(reader.line_num, row) for row in reader]
     except UnicodeDecodeError as e:
-        raise CnnvisError(f"{path}: not UTF-8 text ({e})") from e
+        problems.append(f"{path}: not UTF-8 text ({e})")
     except csv.Error as e:
-        raise CnnvisError(f"{path}: malformed CSV ({e})") from e
-    return rows
+        problems.append(f"{path}: malformed CSV ({e})")
+    return None
+
+
+def _read_csv(path: Path, required: list[str]) -> list[dict[str, str]]:
+    problems: list[str] = []
+    rows = read_csv_rows(path, required, problems)
+    if problems:
+        raise CnnvisError(problems[0])
+    return [row for _, row in rows]
 
 
 def write_csv(path: Path, header: list[str], rows) -> None:

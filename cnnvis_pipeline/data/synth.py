@@ -226,17 +226,23 @@ def _write_planes(images: Path, base: str, cat: str, planes: list[np.ndarray], f
     return ";".join(names)
 
 
+def check_new_dataset(kind: str, out: str | Path, n_images: int, image_size: int) -> Path:
+    """`out` as a Path, if a generator of `kind` may write a new dataset there."""
+    out = Path(out)
+    if n_images < 1 or image_size < 8 or image_size % 2:
+        raise CnnvisError(f"{kind}: n_images must be >= 1 and image_size an even number >= 8")
+    if out.exists():
+        raise CnnvisError(f"{out}: already exists; {kind} will not overwrite it")
+    return out
+
+
 def generate_broden_synth(out: str | Path, n_images: int = 1000, image_size: int = 64, seed: int = 0):
     """Write a Broden-format dataset to `out` (created; refuses to overwrite an existing one).
 
     The directory is built under a temporary name and renamed at the end, so an interrupted run
     never leaves a directory that looks complete.
     """
-    out = Path(out)
-    if n_images < 1 or image_size < 8 or image_size % 2:
-        raise CnnvisError("broden-synth: n_images must be >= 1 and image_size an even number >= 8")
-    if out.exists():
-        raise CnnvisError(f"{out}: already exists; broden-synth will not overwrite it")
+    out = check_new_dataset("broden-synth", out, n_images, image_size)
     with atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         seg = image_size // 2

@@ -16,7 +16,6 @@ large datasets.
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import sys
@@ -32,6 +31,7 @@ from cnnvis_pipeline.data.broden import (
     BrodenDataset,
     decode_label_png,
     parse_label_categories,
+    read_csv_rows,
     read_rgb,
 )
 from cnnvis_pipeline.errors import CnnvisError
@@ -63,28 +63,7 @@ class ValidationReport:
 
 def _read_table(path: Path, required: list[str], problems: list[str]):
     """Rows of a CSV as (line number, dict); None if unreadable. Missing columns are reported."""
-    if not path.is_file():
-        problems.append(f"{path}: required file is missing")
-        return None
-    try:
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            missing = [c for c in required if c not in header]
-            if missing:
-                problems.append(f"{path}: line 1: missing column(s) {', '.join(missing)}")
-            dupes = sorted({c for c in header if header.count(c) > 1})
-            if dupes:
-                problems.append(f"{path}: line 1: duplicate column(s) {', '.join(dupes)}")
-            rows = []
-            for row in reader:
-                rows.append((reader.line_num, row))
-            return rows
-    except UnicodeDecodeError as e:
-        problems.append(f"{path}: not UTF-8 text ({e})")
-    except csv.Error as e:
-        problems.append(f"{path}: malformed CSV ({e})")
-    return None
+    return read_csv_rows(path, required, problems, duplicates=True)
 
 
 def _int(value) -> int | None:
@@ -121,7 +100,7 @@ def _check_file(job: _FileCheck, label_numbers: set[int]) -> list[str]:
     return problems
 
 
-def _validate(root: Path, *, progress: bool = True, workers: int | None = None):
+def validation_report(root: Path, *, progress: bool = True, workers: int | None = None):
     report = ValidationReport()
     problems = report.problems
     if not root.is_dir():
@@ -298,35 +277,4 @@ def validate_broden(
     root: str | Path, *, progress: bool = True, workers: int | None = None
 ) -> list[str]:
     """Every problem of the Broden dataset at `root`, each naming its file and line."""
-    return _validate(Path(root), progress=progress, workers=workers).problems
-
-
-# -- command line -------------------------------------------------------------------------------
-def _cmd_validate(args) -> int:
-    root = Path(args.dataset_dir)
-    report = _validate(root, progress=not args.quiet, workers=args.workers)
-    if report.problems:
-        for message in report.problems:
-            print(message)
-        n = len(report.problems)
-        print(f"{root}: {n} problem{'s' if n != 1 else ''}", file=sys.stderr)
-        return 1
-    splits = ", ".join(f"{v} {k}" for k, v in sorted(report.splits.items()))
-    print(
-        f"{root}: OK: {report.images} images ({splits}), {report.labels} labels, "
-        f"{report.categories} categories, {report.files_checked} files checked"
-    )
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "validate",
-        help="check a Broden-format dataset and list every problem",
-        description="Check a Broden-format dataset directory: CSVs, paths, image and PNG sizes, "
-        "label numbers, corrupt files. Prints every problem and exits 1, or a one-line summary.",
-    )
-    p.add_argument("dataset_dir", metavar="DATASET_DIR")
-    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: up to 8)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_validate)
+    return validation_report(Path(root), progress=progress, workers=workers).problems

@@ -1,15 +1,42 @@
-"""CLI commands of the dissection stage: extract, thresholds, tally, tables, summary, dissect,
-compositional (formulas of one shard of a layer's units) and formulas (their merge)."""
+"""CLI commands of the dissection stage: train (synthnet), extract, thresholds, tally, tables,
+summary, dissect, compositional (formulas of one shard of a layer's units) and formulas (their
+merge)."""
 
 from __future__ import annotations
 
 import json
 
 from cnnvis_pipeline.dissection import compositional, pipeline
+from cnnvis_pipeline.fileio import atomic_file
 
 
 def _spec(args) -> dict:
     return json.loads(args.spec)
+
+
+def _train(args) -> int:
+    import torch
+
+    from cnnvis_pipeline.data.prepared import PreparedDataset
+    from cnnvis_pipeline.models.synthnet import train_synthnet
+
+    spec = json.loads(args.spec)
+    train = dict(spec.get("train") or {})
+    ds = PreparedDataset(args.prepared)
+    # What the spec leaves out takes train_synthnet's defaults (the seed: the model's seed).
+    kw = {k: train[k] for k in ("epochs", "batch_size", "lr", "category") if k in train}
+    if "width" in spec.get("kwargs", {}):
+        kw["width"] = spec["kwargs"]["width"]
+    model, history, names = train_synthnet(
+        ds, seed=int(train.get("seed", spec.get("seed", 0))), mean=spec["mean"], std=spec["std"],
+        progress=not args.quiet, **kw,
+    )
+    with atomic_file(args.out) as tmp:
+        torch.save(model.state_dict(), tmp)
+    loss, acc, val = history[-1]
+    print(f"trained {spec.get('name')}: {len(names)} classes, final loss {loss:.3f}, "
+          f"train acc {acc:.3f}, val acc {val:.3f}")
+    return 0
 
 
 def _tables(a) -> int:
@@ -31,6 +58,9 @@ def register(sub) -> None:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.set_defaults(func=func)
         return p
+
+    p = add("train", "train the built-in synthnet on a prepared dataset", _train)
+    p.add_argument("--out", required=True, help="state dict file to write")
 
     p = add("extract", "forward pass over one shard; float16 activations + histograms",
             lambda a: pipeline.run_extract(_spec(a), a.prepared, a.shard, a.shards, a.out,

@@ -635,7 +635,7 @@ def unit_masks(batches: Iterable[tuple[int, torch.Tensor]], thresholds: np.ndarr
                units: Sequence[int], seg: tuple[int, int], device: torch.device) -> list[Mask]:
     """Bit-packed masks of the given units from (first image index, float16 [B, U, h, w]) batches
     in image order: the tally's own upsampling and threshold (so the masks are the tally's)."""
-    from cnnvis_pipeline.dissection import engine
+    from cnnvis_pipeline.dissection import tally
 
     units = np.asarray(units, np.int64)
     S = seg[0] * seg[1]
@@ -644,7 +644,7 @@ def unit_masks(batches: Iterable[tuple[int, torch.Tensor]], thresholds: np.ndarr
     t = t_all[torch.as_tensor(units, device=device)]
     images: list[list[np.ndarray]] = [[] for _ in units]
     rows: list[list[torch.Tensor]] = [[] for _ in units]
-    scratch = engine._Scratch() if device.type == "cpu" else None
+    scratch = tally.Scratch() if device.type == "cpu" else None
     sel = torch.as_tensor(units, device=device)
     step_maps = max(1, (1 << 26) // (S * 4))
     for start, acts in batches:
@@ -653,11 +653,11 @@ def unit_masks(batches: Iterable[tuple[int, torch.Tensor]], thresholds: np.ndarr
         flat = acts.reshape(B, U, -1)
         lo, hi = torch.aminmax(flat, dim=2)
         lo, hi = lo.float(), hi.float()
-        reach = hi + engine._SKIP_SLACK * torch.maximum(hi.abs(), lo.abs())
+        reach = hi + tally.SKIP_SLACK * torch.maximum(hi.abs(), lo.abs())
         ab, au = (reach > t.view(1, U)).nonzero(as_tuple=True)
         for i in range(0, len(ab), step_maps):
             b_i, u_i = ab[i : i + step_maps], au[i : i + step_maps]
-            r, s = engine._mask_pixels(flat[b_i, u_i], acts.shape[2:], seg, t[u_i], scratch)
+            r, s = tally.mask_pixels(flat[b_i, u_i], acts.shape[2:], seg, t[u_i], scratch)
             mask = torch.zeros((len(b_i), S), dtype=torch.bool, device=device)
             mask[r, s] = True
             packed = pack_rows(mask, W)
@@ -742,7 +742,7 @@ def explain_units(cm: ConceptMasks, masks: Sequence[Mask], settings: dict, *,
 
 
 def shard_units(selected: np.ndarray, shards: int, shard: int) -> np.ndarray:
-    from cnnvis_pipeline.dissection.engine import shard_indices
+    from cnnvis_pipeline.dissection.extract import shard_indices
 
     return selected[shard_indices(len(selected), shards, shard)]
 
@@ -751,13 +751,13 @@ def layer_batches(extract_dirs: Sequence[str | Path], layer: str, batch_size: in
                   device: torch.device):
     """(first image index, float16 [B, U, h, w]) over the shards' stored activations of a layer,
     in image order (through the project's activation store reader)."""
-    from cnnvis_pipeline.dissection import engine
+    from cnnvis_pipeline.dissection.stores import ActivationStore
 
     dirs = sorted((Path(d) for d in extract_dirs),
                   key=lambda d: json.loads((d / "info.json").read_text())["start"])
     for d in dirs:
         info = json.loads((d / "info.json").read_text())
-        store = engine.ActivationStore.open(d / f"acts_{layer}.npy")
+        store = ActivationStore.open(d / f"acts_{layer}.npy")
         try:
             n = store.shape[0]
             for i in range(0, n, batch_size):
@@ -774,12 +774,13 @@ def run_compositional(spec: dict, prepared: str | Path, extract_dirs: Sequence[s
     """Formulas of one shard of a layer's (selected) units -> a partial formulas table `out`."""
     import pyarrow.parquet as pq
 
-    from cnnvis_pipeline.dissection import engine, pipeline
+    from cnnvis_pipeline.dissection import pipeline
+    from cnnvis_pipeline.models.input import pick_device
     from cnnvis_pipeline.tables import write_table
 
     s = resolve_settings(settings)
     ds = PreparedDataset(prepared)
-    device = engine.pick_device(pipeline.settings(spec)["device"])
+    device = pick_device(pipeline.settings(spec)["device"])
     t = pq.read_table(thresholds, columns=["threshold"]).column("threshold").to_numpy()
     units = shard_units(select_units(s["units"], len(t), layer), shards, shard)
     t0 = time.perf_counter()

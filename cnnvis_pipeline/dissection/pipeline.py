@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -27,35 +25,31 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 
-from cnnvis_pipeline.config import spec_digest
+from cnnvis_pipeline.config import spec_digest, with_defaults
 from cnnvis_pipeline.data.prepared import PreparedDataset
-from cnnvis_pipeline.dissection import engine
+from cnnvis_pipeline.dissection.extract import extract_shard, shard_indices, unit_thresholds
+from cnnvis_pipeline.dissection.figures import plot_layer_detectors, plot_series, plot_summary
 from cnnvis_pipeline.dissection.results import (
     detector_counts,
     iou_columns,
-    plot_layer_detectors,
     top_image_columns,
     unit_columns,
 )
-from cnnvis_pipeline.dissection.stats import ConceptTally, Float16Histogram
+from cnnvis_pipeline.dissection.stats import Float16Histogram
+from cnnvis_pipeline.dissection.stores import ActivationStore
+from cnnvis_pipeline.dissection.tally import ConceptTally, tally_shard
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.fileio import atomic_dir, atomic_file
+from cnnvis_pipeline.models.input import pick_device
 from cnnvis_pipeline.models.registry import build_model
 from cnnvis_pipeline.tables import provenance, write_table
 
 log = logging.getLogger(__name__)
 
-DISSECTION_DEFAULTS = {
-    "quantile": 0.005,
-    "iou_threshold": 0.04,
-    "batch_size": 64,
-    "device": "auto",
-    "precision": "fp32",
-    "top_k": 9,
-}
-
 
 def settings(spec: dict) -> dict:
-    return {**DISSECTION_DEFAULTS, **(spec.get("dissection") or {})}
+    """The spec's `dissection` settings, with the schema's defaults for what it leaves out."""
+    return with_defaults("dissection", spec.get("dissection"))
 
 
 def _config_digest(spec: dict) -> str:
@@ -75,34 +69,17 @@ def _prov(spec: dict, ds: PreparedDataset, info: dict | None = None) -> dict:
     )
 
 
-def _atomic_dir(out: Path) -> Path:
-    # A temporary sibling of an earlier attempt is stale (that process was killed: Snakemake
-    # runs one job per output at a time); remove it, it may hold gigabytes of activations.
-    if out.parent.is_dir():
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-
-
 def run_extract(spec: dict, prepared: str | Path, shard: int, shards: int, out: str | Path,
                 *, progress: bool = True) -> Path:
     s = settings(spec)
     ds = PreparedDataset(prepared)
     model, info = build_model(spec["name"], spec)
-    device = engine.pick_device(s["device"])
-    idx = engine.shard_indices(len(ds), shards, shard)
+    device = pick_device(s["device"])
+    idx = shard_indices(len(ds), shards, shard)
     out = Path(out)
-    tmp = _atomic_dir(out)
-    try:
-        stores, hists, maxima = engine.extract_shard(
+    # stale=True: a temporary sibling of a killed attempt may hold gigabytes of activations.
+    with atomic_dir(out, stale=True) as tmp:
+        stores, hists, maxima = extract_shard(
             model, spec["layers"], ds, idx, input_size=spec.get("input_size"), mean=spec["mean"],
             std=spec["std"], device=device, batch_size=int(s["batch_size"]), out_dir=tmp,
             precision=s["precision"], model_name=spec["name"], progress=progress,
@@ -116,10 +93,6 @@ def run_extract(spec: dict, prepared: str | Path, shard: int, shards: int, out: 
             "shapes": {k: list(v.shape) for k, v in stores.items()},
         }, indent=1, sort_keys=True))
         del stores
-        _publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -160,7 +133,7 @@ def run_thresholds(spec: dict, prepared: str | Path, extract_dirs: list, out_dir
     q = float(settings(spec)["quantile"])
     ckpt = json.loads((Path(extract_dirs[0]) / "info.json").read_text())["checkpoint_sha256"]
     for layer, hist in _merged_histograms(spec, [Path(d) for d in extract_dirs]).items():
-        t = engine.unit_thresholds(hist, q)
+        t = unit_thresholds(hist, q)
         write_table("thresholds", _threshold_columns(spec, layer, t),
                     Path(out_dir) / layer / "thresholds.parquet",
                     _prov(digest_spec, ds, {"checkpoint_sha256": ckpt}))
@@ -174,23 +147,21 @@ def run_tally(spec: dict, prepared: str | Path, extract_dir: str | Path, thresho
               out: str | Path, *, progress: bool = True) -> Path:
     s = settings(spec)
     ds = PreparedDataset(prepared)
-    device = engine.pick_device(s["device"])
+    device = pick_device(s["device"])
     extract_dir = Path(extract_dir)
     info = json.loads((extract_dir / "info.json").read_text())
     idx = np.arange(info["start"], info["stop"], dtype=np.int64)
     states = {}
     for layer in spec["layers"]:
-        store = engine.ActivationStore.open(extract_dir / f"acts_{layer}.npy")
+        store = ActivationStore.open(extract_dir / f"acts_{layer}.npy")
         t = _read_thresholds(Path(thresholds_dir) / layer / "thresholds.parquet")
-        tally = engine.tally_shard(ds, idx, store, t, device=device, batch_size=int(s["batch_size"]),
+        tally = tally_shard(ds, idx, store, t, device=device, batch_size=int(s["batch_size"]),
                                    desc=f"tally {spec['name']} {layer}", progress=progress)
         for k, v in tally.state().items():
             states[f"{layer}/{k}"] = v
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, **states)
-    os.replace(tmp, out)
+    with atomic_file(out, suffix=".npz") as tmp:  # np.savez adds .npz to any other name
+        np.savez(tmp, **states)
     return out
 
 
@@ -246,7 +217,7 @@ def run_layers(spec: dict, prepared: str | Path, extract_dirs: list, out_dir: st
     digest_spec, spec = spec, _only_layers(spec, layers)
     s = settings(spec)
     ds = PreparedDataset(prepared)
-    device = engine.pick_device(s["device"])
+    device = pick_device(s["device"])
     extract_dirs = sorted((Path(d) for d in extract_dirs),
                           key=lambda d: json.loads((d / "info.json").read_text())["start"])
     infos = [json.loads((d / "info.json").read_text()) for d in extract_dirs]
@@ -254,17 +225,17 @@ def run_layers(spec: dict, prepared: str | Path, extract_dirs: list, out_dir: st
     hists = _merged_histograms(spec, extract_dirs)
     q = float(s["quantile"])
     for layer in spec["layers"]:
-        thresholds = engine.unit_thresholds(hists[layer], q)
+        thresholds = unit_thresholds(hists[layer], q)
         write_table("thresholds", _threshold_columns(spec, layer, thresholds),
                     Path(out_dir) / layer / "thresholds.parquet", prov)
         tally = None
         for d, info in zip(extract_dirs, infos, strict=True):
-            store = engine.ActivationStore.open(d / f"acts_{layer}.npy")
+            store = ActivationStore.open(d / f"acts_{layer}.npy")
             idx = np.arange(info["start"], info["stop"], dtype=np.int64)
-            t = engine.tally_shard(ds, idx, store, thresholds, device=device,
-                                   batch_size=int(s["batch_size"]),
-                                   desc=f"tally {spec['name']} {layer} shard {info['shard']}",
-                                   progress=progress)
+            t = tally_shard(ds, idx, store, thresholds, device=device,
+                            batch_size=int(s["batch_size"]),
+                            desc=f"tally {spec['name']} {layer} shard {info['shard']}",
+                            progress=progress)
             store.close()
             if tally is None:
                 tally = t
@@ -289,13 +260,13 @@ def dissect(spec: dict, prepared: str | Path | PreparedDataset, out_dir: str | P
     info = {"checkpoint_sha256": None}
     if model is None:
         model, info = build_model(spec["name"], spec)
-    device = engine.pick_device(s["device"])
+    device = pick_device(s["device"])
     idx = np.arange(len(ds), dtype=np.int64)
     if not keep_on_device:
         Path(scratch).mkdir(parents=True, exist_ok=True)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     t0 = time.perf_counter()
-    stores, hists, maxima = engine.extract_shard(
+    stores, hists, maxima = extract_shard(
         model, spec["layers"], ds, idx, input_size=spec.get("input_size"), mean=spec["mean"],
         std=spec["std"], device=device, batch_size=int(s["batch_size"]),
         out_dir=None if keep_on_device else Path(scratch), precision=s["precision"],
@@ -303,9 +274,9 @@ def dissect(spec: dict, prepared: str | Path | PreparedDataset, out_dir: str | P
     )
     sync()
     t1 = time.perf_counter()
-    thresholds = {k: engine.unit_thresholds(h, float(s["quantile"])) for k, h in hists.items()}
+    thresholds = {k: unit_thresholds(h, float(s["quantile"])) for k, h in hists.items()}
     tallies = {
-        k: engine.tally_shard(ds, idx, stores[k], thresholds[k], device=device,
+        k: tally_shard(ds, idx, stores[k], thresholds[k], device=device,
                               batch_size=int(s["batch_size"]), progress=progress)
         for k in spec["layers"]
     }
@@ -345,81 +316,3 @@ def run_summary(units_files: list, out: str | Path, figure: str | Path | None = 
             raise CnnvisError(f"series {name}: no units tables for models {missing}")
         plot_series(counts, name, models, entry["figure"])
     return counts
-
-
-def _savefig(fig, path: str | Path, **kw) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Software": None, "Creation Time": None}, **kw)
-
-
-def plot_summary(counts: pd.DataFrame, path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    data = counts.assign(where=counts["model"] + "\n" + counts["layer"])
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * data["where"].nunique() + 2), 4))
-    if data["unique_detectors"].sum() > 0:
-        totals = data.groupby("where", sort=False)["unique_detectors"].sum()
-        bottom = pd.Series(0, index=totals.index)
-        palette = sns.color_palette("tab10", data["category"].nunique())
-        for color, (cat, g) in zip(palette, data.groupby("category", sort=True), strict=False):
-            vals = g.set_index("where")["unique_detectors"].reindex(totals.index, fill_value=0)
-            ax.bar(totals.index, vals, bottom=bottom, label=cat, color=color)
-            bottom += vals
-        ax.legend(title="category", fontsize=8)
-    ax.set_ylabel("unique detectors")
-    ax.set_title("Unique detectors per category, by model and layer")
-    ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    _savefig(fig, path)
-    plt.close(fig)
-
-
-def series_counts(counts: pd.DataFrame, name: str, models: list[str]) -> pd.DataFrame:
-    """The rows of `counts` for one checkpoint series, with `checkpoint` (index in the series)
-    and `checkpoint_name` (the checkpoint's stem: the model name without `<series>-`)."""
-    index = {m: k for k, m in enumerate(models)}
-    data = counts[counts["model"].isin(index)].copy()
-    data["checkpoint"] = data["model"].map(index).astype(int)
-    prefix = f"{name}-"
-    data["checkpoint_name"] = [m[len(prefix):] if m.startswith(prefix) else m for m in data["model"]]
-    return data.sort_values(["layer", "checkpoint", "category"]).reset_index(drop=True)
-
-
-def plot_series(counts: pd.DataFrame, name: str, models: list[str], path: str | Path) -> None:
-    """Unique detectors over training: x = checkpoint index in the series, y = unique detectors,
-    hue = category, one panel per layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    data = series_counts(counts, name, models)
-    layers = sorted(data["layer"].unique())
-    categories = sorted(data["category"].unique())
-    ticks = sorted(set(data["checkpoint"]))
-    labels = dict(zip(data["checkpoint"], data["checkpoint_name"], strict=False))
-    cols = min(len(layers), 4)
-    grid = sns.relplot(
-        data=data, x="checkpoint", y="unique_detectors", hue="category", hue_order=categories,
-        col="layer", col_order=layers, col_wrap=cols if len(layers) > cols else None,
-        kind="line", marker="o", height=3.2, aspect=1.2, palette="tab10",
-        facet_kws={"sharey": True},
-    )
-    from matplotlib.ticker import MaxNLocator
-
-    top = max(1, int(data["unique_detectors"].max()) if len(data) else 1)
-    for ax in grid.axes.flat:
-        ax.set_xticks(ticks)
-        ax.set_xticklabels([f"{k}\n{labels[k]}" for k in ticks], fontsize=8)
-        ax.set_ylim(-0.05 * top, top * 1.08)  # counts: integer ticks, zero lines visible
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    grid.set_axis_labels("checkpoint (index in the series)", "unique detectors")
-    grid.set_titles(col_template="{col_name}")
-    grid.figure.suptitle(f"Unique detectors over training: {name}", y=1.02)
-    _savefig(grid.figure, path, bbox_inches="tight")
-    plt.close(grid.figure)

@@ -3,20 +3,20 @@
 - iou_columns / unit_columns: the iou and units tables of one layer from a ConceptTally.
 - top_image_columns: per unit the k images with the highest maximum activation.
 - detector_counts(units_df): per (model, layer, category) the detectors and unique detectors
-  (the paper's counting rule: distinct labels that are some unit's top concept with IoU above the
-  threshold, per category).
-- plot_layer_detectors(units_df, path): seaborn bar chart of detectors per concept by category.
+  (tables.unique_detectors, the paper's counting rule).
+- series_counts(counts, name, models): the rows of one checkpoint series, in checkpoint order.
+
+The figures drawn from these are in figures.py.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from cnnvis_pipeline.data.prepared import PreparedDataset
-from cnnvis_pipeline.dissection.stats import ConceptTally
+from cnnvis_pipeline.dissection.tally import ConceptTally
+from cnnvis_pipeline.tables import unique_detectors
 
 
 def iou_columns(model: str, layer: str, tally: ConceptTally, ds: PreparedDataset) -> dict:
@@ -84,41 +84,18 @@ def detector_counts(units: pd.DataFrame, categories: list[str] | None = None) ->
             d = det[det["category"] == cat]
             rows.append({
                 "model": model, "layer": layer, "category": cat, "units": len(g),
-                "detectors": len(d), "unique_detectors": d["label"].nunique(),
+                "detectors": len(d), "unique_detectors": unique_detectors(d),
             })
     return pd.DataFrame(rows, columns=["model", "layer", "category", "units", "detectors",
                                        "unique_detectors"])
 
 
-def plot_layer_detectors(units: pd.DataFrame, path: str | Path, title: str,
-                         categories: list[str]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    det = units[units["detector"]]
-    counts = det.groupby(["category", "concept"]).size().reset_index(name="detectors")
-    order = {c: i for i, c in enumerate(categories)}
-    counts = counts.sort_values(
-        ["category", "detectors", "concept"], key=lambda s: s.map(order) if s.name == "category" else s,
-        ascending=[True, False, True],
-    )
-    fig_w = max(6.0, 0.28 * len(counts) + 2)
-    fig, ax = plt.subplots(figsize=(fig_w, 3.6))
-    if len(counts):
-        sns.barplot(data=counts, x="concept", y="detectors", hue="category", dodge=False,
-                    hue_order=[c for c in categories if c in set(counts["category"])], ax=ax)
-        ax.tick_params(axis="x", rotation=90)
-        ax.legend(title="category", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no detectors", ha="center", va="center", transform=ax.transAxes)
-    n_units = len(units)
-    ax.set_title(f"{title}: {int(units['detector'].sum())}/{n_units} units are detectors, "
-                 f"{det.groupby('category')['label'].nunique().sum()} unique concepts", fontsize=10)
-    ax.set_xlabel("")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Software": None, "Creation Time": None})
-    plt.close(fig)
+def series_counts(counts: pd.DataFrame, name: str, models: list[str]) -> pd.DataFrame:
+    """The rows of `counts` for one checkpoint series, with `checkpoint` (index in the series)
+    and `checkpoint_name` (the checkpoint's stem: the model name without `<series>-`)."""
+    index = {m: k for k, m in enumerate(models)}
+    data = counts[counts["model"].isin(index)].copy()
+    data["checkpoint"] = data["model"].map(index).astype(int)
+    prefix = f"{name}-"
+    data["checkpoint_name"] = [m[len(prefix):] if m.startswith(prefix) else m for m in data["model"]]
+    return data.sort_values(["layer", "checkpoint", "category"]).reset_index(drop=True)

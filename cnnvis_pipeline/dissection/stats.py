@@ -2,10 +2,10 @@
 
 - Float16Histogram: per-unit counts of every float16 bit pattern; gives EXACT quantiles of float16
   activations (numpy's 'linear' method), and merges across shards by addition.
-- ConceptTally: per (unit, concept) intersections, per (unit, category) mask areas, per concept
-  label areas: everything IoU needs, as int64 sums (so any sharding gives identical results).
 
-Both keep their state in torch tensors on the device where they are fed, and save to .npz.
+It keeps its state in torch tensors on the device where it is fed, and saves to .npz. The other
+statistics object of a dissection, the IoU tally, is tally.ConceptTally (same shape: add, merge,
+state, save, load).
 """
 
 from __future__ import annotations
@@ -34,7 +34,19 @@ def _keys_to_float(keys: np.ndarray) -> np.ndarray:
     return bits.view(np.float16).astype(np.float64)
 
 
-class Float16Histogram:
+class SavedState:
+    """save/load through state()/from_state(): one .npz of numpy arrays."""
+
+    def save(self, path: str | Path) -> None:
+        np.savez(path, **self.state())
+
+    @classmethod
+    def load(cls, path: str | Path, device="cpu"):
+        with np.load(path) as z:
+            return cls.from_state(dict(z), device)
+
+
+class Float16Histogram(SavedState):
     """Exact per-unit distribution of float16 activations."""
 
     def __init__(self, units: int, device: torch.device | str = "cpu"):
@@ -99,58 +111,3 @@ class Float16Histogram:
         h.counts[idx] = torch.as_tensor(np.asarray(state["count"]), device=device)
         return h
 
-    def save(self, path: str | Path) -> None:
-        np.savez(path, **self.state())
-
-    @classmethod
-    def load(cls, path: str | Path, device="cpu") -> Float16Histogram:
-        with np.load(path) as z:
-            return cls.from_state(dict(z), device)
-
-
-class ConceptTally:
-    """Sums of |M ∩ L_c|, |M| per annotated category and |L_c| over images, for every unit."""
-
-    FIELDS = ("intersection", "mask_area", "concept_area", "category_images")
-
-    def __init__(self, units: int, concepts: int, categories: int, device="cpu"):
-        self.units, self.concepts, self.categories = units, concepts, categories
-        kw = {"dtype": torch.int64, "device": device}
-        self.intersection = torch.zeros(units, concepts + 1, **kw)  # last column: padding sink
-        self.mask_area = torch.zeros(units, categories, **kw)  # Σ |M_k| over images with category
-        self.concept_area = torch.zeros(concepts + 1, **kw)  # Σ |L_c| (over images having c)
-        self.category_images = torch.zeros(categories, **kw)  # images annotated per category
-
-    def merge(self, other: ConceptTally) -> None:
-        for f in self.FIELDS:
-            getattr(self, f).add_(getattr(other, f).to(getattr(self, f).device))
-
-    def iou(self, concept_category: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(iou, intersection, union), each [units, concepts] (float64, int64, int64)."""
-        inter = self.intersection[:, : self.concepts].cpu().numpy()
-        mask = self.mask_area.cpu().numpy()[:, concept_category]
-        union = mask + self.concept_area[: self.concepts].cpu().numpy()[None, :] - inter
-        with np.errstate(invalid="ignore", divide="ignore"):
-            iou = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
-        return iou, inter, union
-
-    def state(self) -> dict[str, np.ndarray]:
-        out = {f: getattr(self, f).cpu().numpy() for f in self.FIELDS}
-        out["shape"] = np.array([self.units, self.concepts, self.categories])
-        return out
-
-    @classmethod
-    def from_state(cls, state, device="cpu") -> ConceptTally:
-        u, c, k = (int(v) for v in state["shape"])
-        t = cls(u, c, k, device)
-        for f in cls.FIELDS:
-            getattr(t, f).copy_(torch.as_tensor(np.asarray(state[f])))
-        return t
-
-    def save(self, path: str | Path) -> None:
-        np.savez(path, **self.state())
-
-    @classmethod
-    def load(cls, path: str | Path, device="cpu") -> ConceptTally:
-        with np.load(path) as z:
-            return cls.from_state(dict(z), device)

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cnnvis_pipeline.config import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (re-exported)
 from cnnvis_pipeline.errors import CnnvisError
 
 

@@ -4,6 +4,9 @@
   classifier on global max pooling (presence of each object anywhere in the image).
 - train_synthnet(dataset, ...): seeded multi-label object classification on the train split;
   returns the trained model and per-epoch (loss, train accuracy, val accuracy) per label.
+
+`dataset` is a prepared dataset (data.prepared.PreparedDataset, or anything with its categories,
+concepts, slots, present, meta and batch()); models/ imports no stage.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from cnnvis_pipeline.data.prepared import PreparedDataset
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.models.input import images_to_input
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ class SynthNet(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
-def class_targets(dataset: PreparedDataset, category: str) -> tuple[np.ndarray, list[str]]:
+def class_targets(dataset, category: str) -> tuple[np.ndarray, list[str]]:
     """Multi-hot [N, K] presence of each label of `category` per image, and the class names.
 
     Images not annotated for the category get -1 rows (excluded from training)."""
@@ -63,12 +66,10 @@ def class_targets(dataset: PreparedDataset, category: str) -> tuple[np.ndarray, 
     return targets, names
 
 
-def train_synthnet(dataset: PreparedDataset, *, epochs: int = 12, batch_size: int = 16,
+def train_synthnet(dataset, *, epochs: int = 12, batch_size: int = 16,
                    lr: float = 0.003, seed: int = 0, width: int = 32, mean=None, std=None,
                    category: str = "object", progress: bool = True):
     """Multi-label classification of the labels of `category` present in each image (BCE)."""
-    from cnnvis_pipeline.dissection.engine import images_to_input
-
     torch.manual_seed(seed)
     targets, names = class_targets(dataset, category)
     splits = np.array(dataset.meta["splits"])
@@ -112,8 +113,6 @@ def train_synthnet(dataset: PreparedDataset, *, epochs: int = 12, batch_size: in
 
 @torch.no_grad()
 def evaluate(model, dataset, idx, targets, mean, std, batch_size: int = 128) -> float:
-    from cnnvis_pipeline.dissection.engine import images_to_input
-
     model.eval()
     correct, total = 0, 0
     for start in range(0, len(idx), batch_size):

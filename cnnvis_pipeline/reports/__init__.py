@@ -8,4 +8,6 @@
 
 reports/ imports only the table schemas (tables), the errors, the file helper (fileio) and its
 own modules.
+
+The unit visualisations the report shows are made by the visualise stage (cnnvis_pipeline.viz).
 """

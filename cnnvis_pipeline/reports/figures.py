@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cnnvis_pipeline.fileio import atomic_file
+from cnnvis_pipeline.fileio import save_figure
 
 
 def best_iou_per_category(iou: pd.DataFrame) -> pd.DataFrame:
@@ -54,7 +54,6 @@ def plot_iou_distribution(iou: pd.DataFrame, path: str | Path, title: str,
     axes[0][0].set_ylabel("best IoU of each unit in the category")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_file(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110, metadata={"Software": None, "Creation Time": None})
+    save_figure(fig, path)
     plt.close(fig)
     return Path(path)

@@ -42,16 +42,15 @@ from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.fileio import write_text
 from cnnvis_pipeline.reports import figures
 from cnnvis_pipeline.reports.format import data_uri, fmt, fmt_t, pct, png_size, slug
-from cnnvis_pipeline.tables import category_colors, read_provenance
+from cnnvis_pipeline.tables import category_colors, read_provenance, unique_detectors
 
 MIN_TILE_PX = 96  # top images are shown at an integer scale of at least this width
 
 
 def layer_counts(units: pd.DataFrame) -> dict:
     """detectors / units, and unique concepts (distinct (category, label) among detectors)."""
-    det = units[units["detector"]]
-    return {"units": int(len(units)), "detectors": int(len(det)),
-            "unique": int(det[["category", "label"]].drop_duplicates().shape[0])}
+    return {"units": int(len(units)), "detectors": int(units["detector"].sum()),
+            "unique": unique_detectors(units)}
 
 
 def _read(path: Path, what: str) -> pd.DataFrame:
@@ -252,7 +251,7 @@ def _layer(model: str, layer: str, layer_dir: Path, out_dir: Path, colors: dict,
     det = units[units["detector"]]
     per_cat = [{"name": c, "color": colors[c],
                 "detectors": int((det["category"] == c).sum()),
-                "unique": int(det.loc[det["category"] == c, "label"].nunique())}
+                "unique": unique_detectors(det[det["category"] == c])}
                for c in categories]
     zero_t = units[units["threshold"] <= 0]
     if "activity" in units.columns:

@@ -6,6 +6,14 @@
 - invert, representation_spread, layer_representation: reconstruct images from a layer's whole
   representation (Mahendran & Vedaldi 2015).
 
+The visualise stage (the `visualize_layer` rule, workflow/rules/viz.smk) is built on them:
+
+- visualize.py: run_visualize(...), one small function per view (top images with masks,
+  activation maximisation, DeconvNet, inversion), the manifest and the two tables.
+- selection.py: which units of a layer are visualised.
+- settings.py: the `reports:` config section (defaults from the schema).
+- images.py: image tiles (PNG writing, mask overlays, strips, crops).
+
 Layers are dotted module names (see cnnvis_pipeline.models.hooks); images are float [N, 3, H, W]
 in [0, 1]; `mean`/`std`, when given, normalise images before the model.
 """

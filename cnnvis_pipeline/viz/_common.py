@@ -2,7 +2,8 @@
 
 - frozen_eval(model): eval mode and parameters without gradients for the duration; restored after.
 - model_device(model, device): the device to work on.
-- preprocess(x, mean, std, input_size): resize and normalise a [0, 1] batch before the model.
+- preprocess(x, mean, std, input_size): resize and normalise a [0, 1] batch before the model
+  (models.input.resize and normalize: the one input normalisation).
 - layer_forward(model, layer, x, model_name): the layer's output (with its graph), stopping the
   forward pass right after the layer.
 """
@@ -13,11 +14,11 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.models.hooks import LayerRecorder
+from cnnvis_pipeline.models.input import normalize, resize
 
 
 @contextlib.contextmanager
@@ -59,15 +60,6 @@ def size_pair(size, what: str) -> tuple[int, int]:
     return pair
 
 
-def _channel_stats(values, what: str, device, dtype) -> torch.Tensor:
-    t = torch.as_tensor(values, dtype=dtype, device=device).reshape(-1)
-    if t.numel() == 1:
-        t = t.expand(3)
-    if t.numel() != 3:
-        raise CnnvisError(f"{what} must have 3 values (one per RGB channel), not {list(values)!r}")
-    return t.reshape(1, 3, 1, 1)
-
-
 def check_mean_std(mean, std) -> None:
     if (mean is None) != (std is None):
         raise CnnvisError("give both mean and std for input normalisation, or neither")
@@ -78,13 +70,9 @@ def check_mean_std(mean, std) -> None:
 def preprocess(x: torch.Tensor, mean=None, std=None, input_size=None) -> torch.Tensor:
     """Bilinear resize to `input_size` (if given), then (x - mean) / std (if given)."""
     if input_size is not None:
-        hw = size_pair(input_size, "input_size")
-        if tuple(x.shape[-2:]) != hw:
-            x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
+        x = resize(x, size_pair(input_size, "input_size"))
     if mean is not None:
-        m = _channel_stats(mean, "mean", x.device, x.dtype)
-        s = _channel_stats(std, "std", x.device, x.dtype)
-        x = (x - m) / s
+        x = normalize(x, mean, std)
     return x
 
 

@@ -7,7 +7,7 @@ import json
 
 
 def _visualize(args) -> int:
-    from cnnvis_pipeline.reports.visualize import run_visualize
+    from cnnvis_pipeline.viz.visualize import run_visualize
 
     spec = json.loads(args.spec)
     reports = json.loads(args.settings) if args.settings else {}

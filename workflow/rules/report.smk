@@ -1,29 +1,5 @@
-# Visualisation and report stage: per (model, layer) unit visualisations (a GPU rule), one
-# self-contained HTML report per model, and the summary page linking them all.
-
-
-rule visualize_layer:
-    input:
-        prepared=PREPARED,
-        checkpoint=checkpoint_input,
-        units="results/{model}/{layer}/units.parquet",
-        top="results/{model}/{layer}/top_images.parquet",
-        thresholds="results/{model}/{layer}/thresholds.parquet",
-    output:
-        viz=directory("results/{model}/{layer}/viz"),
-        am="results/{model}/{layer}/activation_max.parquet",
-        inversion="results/{model}/{layer}/inversion.parquet",
-    log:
-        "results/logs/{model}/visualize_{layer}.log",
-    threads: int(config["reports"]["threads"])
-    params:
-        cnnvis=CNNVIS,
-        spec=spec_json,
-        settings=json.dumps(config["reports"], sort_keys=True),
-    shell:
-        "{params.cnnvis} visualize --prepared {input.prepared:q} --spec {params.spec:q}"
-        " --layer {wildcards.layer:q} --layer-dir results/{wildcards.model:q}/{wildcards.layer:q}"
-        " --settings {params.settings:q} --threads {threads:q} > {log:q} 2>&1"
+# Report stage: one self-contained HTML report per model (from the dissection tables and the
+# visualise stage's images, workflow/rules/viz.smk), and the summary page linking them all.
 
 
 rule model_report:

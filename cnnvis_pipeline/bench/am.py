@@ -1,13 +1,13 @@
 """Activation maximisation presets side by side on a dissected layer: how close each gets to the
 best natural image, and what it costs.
 
-    python -m cnnvis_pipeline.viz.am_bench --prepared P --spec JSON --layer-dir D --layer L \
+    python -m cnnvis_pipeline.bench.am --prepared P --spec JSON --layer-dir D --layer L \
         [--steps 96 --size 64 --presets default,lucid --top-units 16 --threads 1]
 
 benchmark_presets(model, spec, prepared, layer, layer_dir, ...) -> pandas.DataFrame, one row per
 (preset, unit): model, layer, unit, preset, steps, size, achieved_activation,
 dataset_top_activation, activation_ratio, cpu_s_per_unit, wall_s_per_unit. The units are those the
-report visualises (reports.selection.select_units on the layer's units.parquet, plus the model's
+report visualises (viz.selection.select_units on the layer's units.parquet, plus the model's
 `units:`); the dataset top is the highest `max_activation` in top_images.parquet; achieved is the
 maximum of the unit's map on its AM image fed at the dataset's input size, as run_visualize
 measures it. The costs are the whole batch's CPU and wall seconds divided by the number of units.
@@ -40,7 +40,7 @@ def benchmark_presets(model, spec: dict, prepared, layer: str, layer_dir, *,
                       presets=("default", "lucid"), steps: int = 96, size: int = 64,
                       lr: float = 0.05, seed: int = 0, top_units: int = 16) -> pd.DataFrame:
     from cnnvis_pipeline.data.prepared import PreparedDataset
-    from cnnvis_pipeline.reports.selection import requested_units, select_units
+    from cnnvis_pipeline.viz.selection import requested_units, select_units
 
     layer_dir = Path(layer_dir)
     units_df = _table(layer_dir / "units.parquet", "units")
@@ -96,7 +96,7 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cnnvis_pipeline.viz.am_bench",
+    p = argparse.ArgumentParser(prog="python -m cnnvis_pipeline.bench.am",
                                 description=__doc__.splitlines()[0])
     p.add_argument("--prepared", required=True)
     p.add_argument("--spec", required=True, help="resolved model spec as JSON")

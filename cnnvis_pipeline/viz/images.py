@@ -1,12 +1,13 @@
-"""Small image helpers for the visualisations: PNG writing, mask overlays, strips, crops."""
+"""Image tiles of the visualisations: PNG writing, mask overlays, strips, crops."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from cnnvis_pipeline.fileio import atomic_file
 
 GAP = 2  # pixels of white between the tiles of a strip
 
@@ -22,12 +23,9 @@ def to_uint8(x) -> np.ndarray:
 
 
 def save_png(a: np.ndarray, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    Image.fromarray(to_uint8(a)).save(tmp, format="PNG", optimize=True)
-    os.replace(tmp, path)
-    return path
+    with atomic_file(path) as tmp:
+        Image.fromarray(to_uint8(a)).save(tmp, format="PNG", optimize=True)
+    return Path(path)
 
 
 def mask_overlay(image: np.ndarray, mask: np.ndarray, dim: float = 0.3,

@@ -1,0 +1,143 @@
+"""The extraction pass: one forward pass per batch over a shard, and the thresholds.
+
+- extract_shard(...): keeps float16 activations of every layer (ActivationStore files, or in
+  memory), a Float16Histogram per layer and each image's per-unit maximum (for the top images).
+- unit_thresholds(histogram, quantile): T_k, the (1 - q) quantile of each unit.
+- forward_only(...): the same input pipeline and forward pass with nothing kept (the benchmark's
+  baseline).
+- shard_indices(n_images, shards, shard): the contiguous images of one shard.
+
+On CUDA nothing waits for the device per batch (non-finite values are checked at the end,
+maxima are copied back once).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cnnvis_pipeline.data.prepared import PreparedDataset
+from cnnvis_pipeline.dissection.stats import Float16Histogram
+from cnnvis_pipeline.dissection.stores import ActivationStore, load_batches, tune_malloc
+from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.models.hooks import LayerRecorder, find_module
+from cnnvis_pipeline.models.input import images_to_input, prepare_model
+
+
+class _Stop(Exception):
+    pass
+
+
+def forward_only(model: torch.nn.Module, layers: list[str], dataset: PreparedDataset,
+                 indices: np.ndarray, *, input_size, mean, std, device: torch.device,
+                 batch_size: int = 64, precision: str = "fp32", model_name: str = "model",
+                 progress: bool = False) -> None:
+    """extract_shard's input pipeline and forward pass (up to the last of `layers`), keeping nothing."""
+    tune_malloc()
+    channels_last = prepare_model(model, device)
+    autocast = precision == "bf16" and device.type == "cuda"
+    modules = {id(find_module(model, n, model_name=model_name)) for n in layers}
+    seen: set[int] = set()
+
+    def hook(module, _inputs, _out):
+        seen.add(id(module))
+        if seen >= modules:
+            raise _Stop
+
+    handles = [find_module(model, n).register_forward_hook(hook) for n in layers]
+    try:
+        with torch.inference_mode():
+            for b in tqdm(load_batches(dataset, indices, batch_size, ("images",), device),
+                          total=-(-len(indices) // batch_size), desc=f"forward {model_name}",
+                          disable=not progress, mininterval=2):
+                x = images_to_input(b.images, input_size, mean, std, device, channels_last)
+                seen.clear()
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    try:
+                        model(x)
+                    except _Stop:
+                        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def extract_shard(model: torch.nn.Module, layers: list[str], dataset: PreparedDataset,
+                  indices: np.ndarray, *, input_size, mean, std, device: torch.device,
+                  batch_size: int = 64, out_dir: Path | None = None, precision: str = "fp32",
+                  model_name: str = "model", progress: bool = True):
+    """One forward pass per batch over `indices`; returns (stores, histograms, maxima).
+
+    stores[layer]: ActivationStore (float16 [n, U, h, w]); histograms[layer]: Float16Histogram;
+    maxima[layer]: float16 numpy [n, U], each image's maximum activation per unit. When
+    `out_dir` is given the activations are .npy files `acts_<layer>.npy` there.
+    """
+    tune_malloc()
+    channels_last = prepare_model(model, device)
+    autocast = precision == "bf16" and device.type == "cuda"
+    stores: dict[str, ActivationStore] = {}
+    hists: dict[str, Float16Histogram] = {}
+    maxima: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    finite: list[tuple[torch.Tensor, str, int, int]] = []  # checked at the end on CUDA
+    deferred = device.type == "cuda"
+
+    def check(flags) -> None:
+        for ok, name, first, last in flags:
+            if not bool(ok):
+                raise CnnvisError(
+                    f"{model_name}: layer {name!r} produced NaN or infinite activations "
+                    f"(or values beyond float16's range) on images {first}..{last}"
+                )
+
+    with LayerRecorder(model, layers, model_name=model_name, stop_after_last=True) as rec, \
+            torch.inference_mode():
+        bar = tqdm(total=len(indices), desc=f"extract {model_name}", unit="img", disable=not progress,
+                   mininterval=2)
+        for batch in load_batches(dataset, indices, batch_size, ("images",), device):
+            x = images_to_input(batch.images, input_size, mean, std, device, channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                outs = rec.run(x)
+            first, last = int(batch.indices[0]), int(batch.indices[-1])
+            for name in layers:
+                a16 = outs[name].to(torch.float16).contiguous()
+                ok = torch.isfinite(a16).all()
+                if deferred:
+                    finite.append((ok, name, first, last))
+                else:
+                    check([(ok, name, first, last)])
+                if name not in stores:
+                    path = None if out_dir is None else Path(out_dir) / f"acts_{name}.npy"
+                    stores[name] = ActivationStore(len(indices), a16.shape[1:], path, device)
+                    hists[name] = Float16Histogram(a16.shape[1], device)
+                stores[name].write(batch.pos, a16)
+                hists[name].add(a16)
+                maxima[name].append(a16.amax(dim=(2, 3)))
+            del outs, x
+            bar.update(len(batch.indices))
+        bar.close()
+    if finite:
+        oks = torch.stack([f[0] for f in finite]).cpu().tolist()
+        check([(ok, *f[1:]) for ok, f in zip(oks, finite, strict=True)])
+    for s in stores.values():
+        s.flush()
+    out_max = {}
+    for k, v in maxima.items():
+        out_max[k] = (torch.cat(v).cpu().numpy() if v
+                      else np.zeros((0, 0), np.float16))
+    return stores, hists, out_max
+
+
+def unit_thresholds(hist: Float16Histogram, quantile: float) -> np.ndarray:
+    """T_k: the (1 - quantile) quantile of each unit's raw activations (float64)."""
+    return hist.quantiles(1.0 - quantile)
+
+
+def shard_indices(n_images: int, shards: int, shard: int) -> np.ndarray:
+    """Contiguous, balanced split of range(n_images) into `shards` parts; part `shard`."""
+    if not 0 <= shard < shards:
+        raise CnnvisError(f"shard {shard} is out of range for {shards} shards")
+    bounds = np.linspace(0, n_images, shards + 1).round().astype(np.int64)
+    return np.arange(bounds[shard], bounds[shard + 1], dtype=np.int64)

@@ -1,0 +1,12 @@
+"""The model room: building models, their input, hooks; it imports no stage.
+
+- registry.py: build_model (synthnet, torchvision, factory), safe checkpoint loading.
+- input.py: the model's input: device choice, the one resize + normalisation, model preparation.
+- hooks.py: LayerRecorder, forward hooks on dotted layer names.
+- synthnet.py: the reference CNN and its training.
+
+This file imports nothing (config.py reads the default normalisation without loading torch).
+"""
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]

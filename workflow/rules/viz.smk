@@ -1,0 +1,26 @@
+# Visualise stage: per (model, layer) unit visualisations (a GPU rule): top images with masks,
+# activation maximisation, DeconvNet and inversion (cnnvis_pipeline.viz).
+
+
+rule visualize_layer:
+    input:
+        prepared=PREPARED,
+        checkpoint=checkpoint_input,
+        units="results/{model}/{layer}/units.parquet",
+        top="results/{model}/{layer}/top_images.parquet",
+        thresholds="results/{model}/{layer}/thresholds.parquet",
+    output:
+        viz=directory("results/{model}/{layer}/viz"),
+        am="results/{model}/{layer}/activation_max.parquet",
+        inversion="results/{model}/{layer}/inversion.parquet",
+    log:
+        "results/logs/{model}/visualize_{layer}.log",
+    threads: int(config["reports"]["threads"])
+    params:
+        cnnvis=CNNVIS,
+        spec=spec_json,
+        settings=json.dumps(config["reports"], sort_keys=True),
+    shell:
+        "{params.cnnvis} visualize --prepared {input.prepared:q} --spec {params.spec:q}"
+        " --layer {wildcards.layer:q} --layer-dir results/{wildcards.model:q}/{wildcards.layer:q}"
+        " --settings {params.settings:q} --threads {threads:q} > {log:q} 2>&1"
