@@ -179,6 +179,30 @@ def _write_layer_tables(spec, ds, layer, tally, thresholds, maxima, out_dir, pro
     return units_df
 
 
+def _merged(tallies) -> ConceptTally:
+    """The sum of the tallies (merged in the order given)."""
+    it = iter(tallies)
+    tally = next(it)
+    for t in it:
+        tally.merge(t)
+    return tally
+
+
+def _tally_file_part(path, layer: str) -> ConceptTally:
+    with np.load(path) as z:
+        return ConceptTally.from_state({k.split("/", 1)[1]: z[k] for k in z.files
+                                        if k.startswith(f"{layer}/")})
+
+
+def _layer_maxima(spec: dict, ds: PreparedDataset, extract_dirs: list[Path],
+                  layer: str) -> np.ndarray:
+    """Each image's per-unit maximum of `layer`, over all shards in image order."""
+    maxima = np.concatenate([np.load(d / f"maxima_{layer}.npy") for d in extract_dirs])
+    if len(maxima) != len(ds):
+        raise CnnvisError(f"{spec['name']}: shards cover {len(maxima)} of {len(ds)} images")
+    return maxima
+
+
 def run_tables(spec: dict, prepared: str | Path, tally_files: list, extract_dirs: list,
                out_dir: str | Path, layers: list | None = None) -> None:
     digest_spec, spec = spec, _only_layers(spec, layers)
@@ -188,20 +212,10 @@ def run_tables(spec: dict, prepared: str | Path, tally_files: list, extract_dirs
     ckpt = json.loads((extract_dirs[0] / "info.json").read_text())["checkpoint_sha256"]
     prov = _prov(digest_spec, ds, {"checkpoint_sha256": ckpt})
     for layer in spec["layers"]:
-        tally = None
-        for f in tally_files:
-            with np.load(f) as z:
-                t = ConceptTally.from_state({k.split("/", 1)[1]: z[k] for k in z.files
-                                             if k.startswith(f"{layer}/")})
-            if tally is None:
-                tally = t
-            else:
-                tally.merge(t)
-        maxima = np.concatenate([np.load(d / f"maxima_{layer}.npy") for d in extract_dirs])
-        if len(maxima) != len(ds):
-            raise CnnvisError(f"{spec['name']}: shards cover {len(maxima)} of {len(ds)} images")
+        tally = _merged(_tally_file_part(f, layer) for f in tally_files)
         thresholds = _read_thresholds(Path(out_dir) / layer / "thresholds.parquet")
-        _write_layer_tables(spec, ds, layer, tally, thresholds, maxima, out_dir, prov)
+        _write_layer_tables(spec, ds, layer, tally, thresholds,
+                            _layer_maxima(spec, ds, extract_dirs, layer), out_dir, prov)
 
 
 def run_layers(spec: dict, prepared: str | Path, extract_dirs: list, out_dir: str | Path,
@@ -228,23 +242,19 @@ def run_layers(spec: dict, prepared: str | Path, extract_dirs: list, out_dir: st
         thresholds = unit_thresholds(hists[layer], q)
         write_table("thresholds", _threshold_columns(spec, layer, thresholds),
                     Path(out_dir) / layer / "thresholds.parquet", prov)
-        tally = None
-        for d, info in zip(extract_dirs, infos, strict=True):
+        def shard_tally(d: Path, info: dict, layer=layer, thresholds=thresholds) -> ConceptTally:
             store = ActivationStore.open(d / f"acts_{layer}.npy")
-            idx = np.arange(info["start"], info["stop"], dtype=np.int64)
-            t = tally_shard(ds, idx, store, thresholds, device=device,
-                            batch_size=int(s["batch_size"]),
-                            desc=f"tally {spec['name']} {layer} shard {info['shard']}",
-                            progress=progress)
-            store.close()
-            if tally is None:
-                tally = t
-            else:
-                tally.merge(t)
-        maxima = np.concatenate([np.load(d / f"maxima_{layer}.npy") for d in extract_dirs])
-        if len(maxima) != len(ds):
-            raise CnnvisError(f"{spec['name']}: shards cover {len(maxima)} of {len(ds)} images")
-        _write_layer_tables(spec, ds, layer, tally, thresholds, maxima, out_dir, prov)
+            try:
+                return tally_shard(ds, np.arange(info["start"], info["stop"], dtype=np.int64),
+                                   store, thresholds, device=device,
+                                   batch_size=int(s["batch_size"]), progress=progress,
+                                   desc=f"tally {spec['name']} {layer} shard {info['shard']}")
+            finally:
+                store.close()
+
+        tally = _merged(shard_tally(d, info) for d, info in zip(extract_dirs, infos, strict=True))
+        _write_layer_tables(spec, ds, layer, tally, thresholds,
+                            _layer_maxima(spec, ds, extract_dirs, layer), out_dir, prov)
 
 
 def dissect(spec: dict, prepared: str | Path | PreparedDataset, out_dir: str | Path | None = None,

@@ -38,23 +38,21 @@ def fmt(x, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
-def fmt_t(x) -> str:
+def _nonzero(x, zero: str, text) -> str:
+    """"n/a" for a missing or NaN value, `zero` for 0, else text(value)."""
     v = _float(x)
     if v is None:
         return "n/a"
-    if v == 0:
-        return "0"
-    return f"{v:.4g}" if 1e-3 <= abs(v) < 1e5 else f"{v:.3e}"
+    return zero if v == 0 else text(v)
+
+
+def fmt_t(x) -> str:
+    return _nonzero(x, "0", lambda v: f"{v:.4g}" if 1e-3 <= abs(v) < 1e5 else f"{v:.3e}")
 
 
 def pct(x) -> str:
-    v = _float(x)
-    if v is None:
-        return "n/a"
-    if v == 0:
-        return "0%"
-    p = 100 * v
-    return f"{p:.2g}%" if abs(p) < 10 else f"{p:.0f}%"
+    return _nonzero(x, "0%", lambda v: f"{100 * v:.2g}%" if abs(100 * v) < 10
+                    else f"{100 * v:.0f}%")
 
 
 def data_uri(path: str | Path) -> str:

@@ -69,16 +69,9 @@ from cnnvis_pipeline.models.input import (
 from cnnvis_pipeline.models.registry import build_model
 from cnnvis_pipeline.tables import provenance, write_table
 from cnnvis_pipeline.viz import images as im
+from cnnvis_pipeline.viz import inversion
 from cnnvis_pipeline.viz.activation_max import activation_maximization
 from cnnvis_pipeline.viz.deconvnet import deconvnet, receptive_field, strongest_locations
-from cnnvis_pipeline.viz.inversion import (
-    NORMALIZED_ERROR_FORMULA,
-    invert,
-    layer_representation,
-    paper_lambda_tv,
-    relative_depth,
-    representation_spread,
-)
 from cnnvis_pipeline.viz.selection import requested_units, select_units
 from cnnvis_pipeline.viz.settings import inversion_weights, report_settings
 
@@ -322,7 +315,7 @@ def _nonzero_images(L: _Layer, cand: np.ndarray, n: int) -> list[int]:
     chosen: list[int] = []
     for start in range(0, len(cand), 64):
         part = cand[start : start + 64]
-        phi = layer_representation(L.model, L.layer, L.images(part), **L.norm)
+        phi = inversion.layer_representation(L.model, L.layer, L.images(part), **L.norm)
         nonzero = phi.flatten(1).abs().amax(dim=1) > 0
         chosen += [int(i) for i, ok in zip(part, nonzero.tolist(), strict=True) if ok]
         if len(chosen) >= n:
@@ -334,9 +327,9 @@ def _inversion_weights(L: _Layer, rs: dict, x0: torch.Tensor) -> dict:
     """The weights of the inversion of this layer: the config's, else the paper's TV weight for
     the layer's relative depth (what the manifest records)."""
     lambda_tv, lambda_alpha = inversion_weights(rs, L.layer)
-    depth = relative_depth(L.model, L.layer, x0, **L.norm)
+    depth = inversion.relative_depth(L.model, L.layer, x0, **L.norm)
     if lambda_tv is None:
-        lambda_tv = paper_lambda_tv(depth)
+        lambda_tv = inversion.paper_lambda_tv(depth)
     return {"relative_depth": depth, "lambda_tv": lambda_tv, "lambda_alpha": lambda_alpha}
 
 
@@ -355,12 +348,13 @@ def inversion_view(L: _Layer, rs: dict) -> tuple[list[dict], dict[str, list], st
         return [], rows, f"{L.name}: layer {L.layer!r} is all zeros for every image", {}
     x0 = L.images(chosen)
     weights = _inversion_weights(L, rs, x0)
-    recon, errors = invert(L.model, L.layer, x0, steps=int(inv["steps"]), lr=float(inv["lr"]),
-                           lambda_tv=weights["lambda_tv"], lambda_alpha=weights["lambda_alpha"],
-                           seed=int(inv["seed"]), **L.norm)
-    phi0 = layer_representation(L.model, L.layer, x0, **L.norm).flatten(1).double()
+    recon, errors = inversion.invert(L.model, L.layer, x0, steps=int(inv["steps"]),
+                                     lr=float(inv["lr"]), lambda_tv=weights["lambda_tv"],
+                                     lambda_alpha=weights["lambda_alpha"], seed=int(inv["seed"]),
+                                     **L.norm)
+    phi0 = inversion.layer_representation(L.model, L.layer, x0, **L.norm).flatten(1).double()
     norm2 = phi0.pow(2).sum(dim=1).cpu().numpy()
-    spread = (representation_spread(L.model, L.layer, L.images(spread_idx), **L.norm)
+    spread = (inversion.representation_spread(L.model, L.layer, L.images(spread_idx), **L.norm)
               if len(spread_idx) >= 2 else float("nan"))
     names = L.ds.meta["images"]
     entries = []
@@ -397,7 +391,7 @@ def _manifest(L: _Layer, rs: dict, cards: list[dict], deconv_error, inversions: 
         # The report's labels and the formula of normalized_error (viz.inversion).
         "inversion_settings": inversion_info,
         "inversion_labels": {"original": "original", "reconstruction": "reconstruction"},
-        "normalized_error_formula": NORMALIZED_ERROR_FORMULA,
+        "normalized_error_formula": inversion.NORMALIZED_ERROR_FORMULA,
         "top_images_max_abs_diff": max_check,
         "timings": t,
         "cpu_times": clock.cpu_times,
