@@ -42,6 +42,7 @@ wildcard_constraints:
     model="|".join(re.escape(m) for m in MODELS),
     layer="|".join(re.escape(layer) for layer in LAYERS),
     shard=r"\d+",
+    part=r"\d+",
 
 
 # Checkpoint series (`checkpoints: [...]` in a model's config): one figure of detectors over
@@ -55,7 +56,7 @@ SERIES = {
 }
 
 
-# CPU threads of a job (Snakemake sets OMP_NUM_THREADS to it; 1 when a rule says nothing): the
+# CPU threads of a job (Snakemake sets OMP_NUM_THREADS to it; 1 when a job asks for none): the
 # shards of a model's extraction, and a model's layer jobs, share the cores between them.
 def _cores():
     try:
@@ -127,6 +128,24 @@ def all_targets():
 # (its `error:` line) lands after the bar on the same line.
 _BAR_END = r"(?:^|[\]|])\s*"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+# Compositional explanations (workflow/rules/compositional.smk): on with a `compositional:` section.
+def compositional_on():
+    return config.get("compositional") is not None
+
+
+def compositional_targets():
+    return layer_outputs("formulas.parquet") if compositional_on() else []
+
+
+def formulas_input(wildcards):
+    if not compositional_on():
+        return []
+    return [
+        f"results/{wildcards.model}/{layer}/formulas.parquet"
+        for layer in MODELS[wildcards.model]["layers"]
+    ]
 
 
 def _failed_logs(text):

@@ -3,27 +3,6 @@
 # masks by beam search), merged in unit order into results/{model}/{layer}/formulas.parquet.
 
 
-wildcard_constraints:
-    part=r"\d+",
-
-
-def compositional_on():
-    return config.get("compositional") is not None
-
-
-def compositional_targets():
-    return layer_outputs("formulas.parquet") if compositional_on() else []
-
-
-def formulas_input(wildcards):
-    if not compositional_on():
-        return []
-    return [
-        f"results/{wildcards.model}/{layer}/formulas.parquet"
-        for layer in MODELS[wildcards.model]["layers"]
-    ]
-
-
 rule compositional_shard:
     input:
         prepared=PREPARED,
