@@ -79,6 +79,8 @@ def run(args) -> dict:
     data = ensure_dataset(cache, args.images, 224, args.seed, args.workers)
     ds, store, thresholds = _activations(cache, data, args.layer, args.seed, device,
                                          args.batch_size, args.quantile)
+    if args.search_threads:
+        torch.set_num_threads(args.search_threads)
     n_units = store.shape[1]
     units = np.arange(min(args.units or n_units, n_units))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -155,7 +157,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=None)
     p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--search-threads", type=int, default=0,
+                   help="torch threads after the extraction (0: as --threads)")
     p.add_argument("--progress", action="store_true")
     return p.parse_args(argv)
 
