@@ -1,7 +1,7 @@
 """The one owner of the Parquet schemas; every table the project writes goes through here.
 
-- SCHEMAS: name -> pyarrow schema (iou, units, thresholds, top_images, detectors,
-  activation_max, inversion, formulas).
+- SCHEMAS: name -> pyarrow schema (iou, units, significance, sweep, thresholds, top_images,
+  detectors, activation_max, inversion, formulas).
 - category_colors(categories): the one colour of each category in every figure and page.
 - write_table(name, columns, path, provenance): check columns against the schema, attach the
   provenance as Parquet key-value metadata, write atomically (fileio.atomic_file).
@@ -34,6 +34,17 @@ SCHEMAS: dict[str, pa.Schema] = {
     "units": pa.schema([
         ("model", S), ("layer", S), ("unit", I32), ("threshold", F64), ("concept", S),
         ("label", I32), ("category", S), ("iou", F64), ("detector", B),
+        ("iou_low", F64), ("iou_high", F64), ("p_value", F64), ("q_value", F64),
+        ("detector_fdr", B),
+    ]),
+    "significance": pa.schema([
+        ("model", S), ("layer", S), ("unit", I32), ("rank", I32), ("concept", S),
+        ("category", S), ("iou", F64), ("iou_low", F64), ("iou_high", F64), ("p_value", F64),
+        ("q_value", F64), ("detector", B), ("detector_fdr", B),
+    ]),
+    "sweep": pa.schema([
+        ("model", S), ("layer", S), ("iou_threshold", F64), ("category", S), ("detectors", I32),
+        ("unique_detectors", I32), ("detectors_fdr", I32), ("unique_detectors_fdr", I32),
     ]),
     "thresholds": pa.schema([
         ("model", S), ("layer", S), ("unit", I32), ("quantile", F64), ("threshold", F64),
@@ -44,7 +55,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     ]),
     "detectors": pa.schema([
         ("model", S), ("layer", S), ("category", S), ("units", I32), ("detectors", I32),
-        ("unique_detectors", I32),
+        ("unique_detectors", I32), ("detectors_fdr", I32), ("unique_detectors_fdr", I32),
     ]),
     "activation_max": pa.schema([
         ("model", S), ("layer", S), ("unit", I32), ("achieved_activation", F64),

@@ -257,9 +257,11 @@ def run(args) -> dict:
     spec = {"name": "resnet18", "layers": layers, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
             "input_size": None,
             "dissection": {"batch_size": batch_size, "device": str(device),
-                           "precision": precision, "quantile": args.quantile}}
+                           "precision": precision, "quantile": args.quantile,
+                           "statistics": {"enabled": args.statistics != "off"}}}
+    spec_plain = {**spec, "dissection": {**spec["dissection"], "statistics": {"enabled": False}}}
 
-    def time_dissect():
+    def time_dissect(spec=spec):
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
@@ -277,7 +279,7 @@ def run(args) -> dict:
 
     # Forward and dissection alternate `--repeat` times; the fastest of each is reported (on a
     # shared machine the minimum is the figure least disturbed by other work).
-    forwards, dissects = [], []
+    forwards, dissects, plains = [], [], []
     peak_gpu_forward = 0.0
     rss_before = _current_rss_mb()
     for k in range(max(1, args.repeat)):
@@ -292,6 +294,9 @@ def run(args) -> dict:
         dissects.append(time_dissect())
         if args.repeat > 1:
             _log(f"dissect:        {dissects[-1][0]:8.2f} s  (round {k + 1})")
+        if args.statistics == "compare":
+            plains.append(time_dissect(spec_plain))
+            _log(f"dissect, no statistics: {plains[-1][0]:8.2f} s  (round {k + 1})")
     forward_s, forward_cpu_s = min(forwards) if forwards else (float("nan"), float("nan"))
     dissect_s, dissect_cpu_s, result, _ = min(dissects, key=lambda d: d[0])
     peak_rss = max(d[3].peak_mb for d in dissects)
@@ -309,6 +314,24 @@ def run(args) -> dict:
          f"{peak_gpu:.0f} MB; activations {act_bytes / 2**20:.0f} MB "
          f"{'on the device' if keep else 'in files'}")
     _log(f"detectors (IoU > 0.04): {detectors}")
+    stats_figures = {}
+    if args.statistics != "off":
+        stats_figures["statistics_s"] = result["statistics_s"]
+        stats_figures["detectors_fdr"] = {
+            layer: int(sig["detector_fdr"][sig["rank"] == 0].sum())
+            for layer, sig in result["significance"].items()}
+        _log(f"statistics: tally {result['tally_s']:.2f} s (with the per-image records), "
+             f"intervals + p-values {result['statistics_s']:.2f} s; FDR detectors "
+             f"{stats_figures['detectors_fdr']}")
+    if plains:
+        plain_s, plain_cpu_s, plain, _ = min(plains, key=lambda d: d[0])
+        stats_figures.update(dissect_nostats_s=plain_s, dissect_nostats_cpu_s=plain_cpu_s,
+                             tally_nostats_s=plain["tally_s"],
+                             statistics_cost=dissect_s / plain_s - 1,
+                             statistics_cost_cpu=dissect_cpu_s / plain_cpu_s - 1)
+        _log(f"dissect without statistics: {plain_s:.2f} s (tally {plain['tally_s']:.2f} s); "
+             f"statistics add {100 * (dissect_s / plain_s - 1):.1f}% wall, "
+             f"{100 * (dissect_cpu_s / plain_cpu_s - 1):.1f}% CPU time")
     verified = None
     if args.verify and device.type != "cpu":
         t = time.perf_counter()
@@ -377,6 +400,8 @@ def run(args) -> dict:
         "detectors": detectors, "verified": verified, "gen_s": r(data["gen_s"]), "prep_s": r(data["prep_s"]),
         "cached": data["cached"], "torch": torch.__version__, "python": platform.python_version(),
         "cpus": os.cpu_count(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "statistics": args.statistics, **{k: r(v) if isinstance(v, float) else v
+                                          for k, v in stats_figures.items()},
     }
 
 
@@ -427,6 +452,9 @@ def parse_args(argv=None):
                    help="bulk audits through the workflow: one run per N, N models x --layers")
     p.add_argument("--bulk-archs", nargs="+", default=None, metavar="ARCH",
                    help="torchvision architectures of the bulk runs, in turn (default resnet18)")
+    p.add_argument("--statistics", choices=["on", "off", "compare"], default="on",
+                   help="dissection.statistics (default on, as in the workflow); compare: also "
+                        "time the dissection without them in every round, and report the cost")
     p.add_argument("--verify", type=int, default=0, metavar="N",
                    help="also tally the first N images on the device and on the CPU from the "
                         "same activations and check that the integers agree")

@@ -3,6 +3,8 @@
 - plot_layer_detectors(units, path, title, categories): detectors per concept, by category.
 - plot_summary(counts, path): unique detectors per category, by model and layer.
 - plot_series(counts, name, models, path): unique detectors over a checkpoint series.
+- plot_sweep(sweep, path, title, iou_threshold): detectors against the IoU threshold, plain and
+  under FDR (statistics).
 """
 
 from __future__ import annotations
@@ -109,3 +111,35 @@ def plot_series(counts: pd.DataFrame, name: str, models: list[str], path: str | 
     grid.figure.suptitle(f"Unique detectors over training: {name}", y=1.02)
     save_figure(grid.figure, path, bbox_inches="tight")
     plt.close(grid.figure)
+
+
+def plot_sweep(sweep: pd.DataFrame, path: str | Path, title: str, iou_threshold: float) -> None:
+    """Detectors and unique detectors of one layer against the IoU threshold, plain (solid) and
+    under FDR (dashed), summed over categories; a dotted line at the configured threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    cols = ["detectors", "unique_detectors", "detectors_fdr", "unique_detectors_fdr"]
+    totals = sweep.groupby("iou_threshold", sort=True)[cols].sum(min_count=1)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    x = totals.index.to_numpy()
+    for col, color in (("detectors", "tab:blue"), ("unique_detectors", "tab:orange")):
+        name = col.replace("_", " ")
+        ax.plot(x, totals[col], color=color, label=name)
+        if totals[f"{col}_fdr"].notna().all():
+            ax.plot(x, totals[f"{col}_fdr"], color=color, linestyle="--", label=f"{name} (FDR)")
+    ax.axvline(iou_threshold, color="0.4", linestyle=":", linewidth=1)
+    ax.text(iou_threshold, 0.98, f" threshold {iou_threshold:g}", va="top", fontsize=8,
+            color="0.3", transform=ax.get_xaxis_transform())
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("IoU threshold")
+    ax.set_ylabel("units / concepts")
+    ax.set_title(f"{title}: detectors against the IoU threshold", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)

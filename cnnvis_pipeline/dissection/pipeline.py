@@ -27,8 +27,14 @@ import torch
 
 from cnnvis_pipeline.config import spec_digest, with_defaults
 from cnnvis_pipeline.data.prepared import PreparedDataset
+from cnnvis_pipeline.dissection import records, significance
 from cnnvis_pipeline.dissection.extract import extract_shard, shard_indices, unit_thresholds
-from cnnvis_pipeline.dissection.figures import plot_layer_detectors, plot_series, plot_summary
+from cnnvis_pipeline.dissection.figures import (
+    plot_layer_detectors,
+    plot_series,
+    plot_summary,
+    plot_sweep,
+)
 from cnnvis_pipeline.dissection.results import (
     detector_counts,
     iou_columns,
@@ -56,7 +62,8 @@ def _config_digest(spec: dict) -> str:
     """Digest of what determines the tables (not the device, batch size or shard count)."""
     s = settings(spec)
     keep = {k: v for k, v in spec.items() if k not in ("dissection", "checkpoint")}
-    keep["dissection"] = {k: s[k] for k in ("quantile", "iou_threshold", "precision", "top_k")}
+    keep["dissection"] = {k: s[k] for k in ("quantile", "iou_threshold", "precision", "top_k",
+                                            "statistics")}
     return spec_digest(keep)
 
 
@@ -155,9 +162,10 @@ def run_tally(spec: dict, prepared: str | Path, extract_dir: str | Path, thresho
     for layer in spec["layers"]:
         store = ActivationStore.open(extract_dir / f"acts_{layer}.npy")
         t = _read_thresholds(Path(thresholds_dir) / layer / "thresholds.parquet")
+        stats = records.new_stats(ds, s["statistics"])
         tally = tally_shard(ds, idx, store, t, device=device, batch_size=int(s["batch_size"]),
-                                   desc=f"tally {spec['name']} {layer}", progress=progress)
-        for k, v in tally.state().items():
+                            desc=f"tally {spec['name']} {layer}", progress=progress, stats=stats)
+        for k, v in {**tally.state(), **(stats.state() if stats else {})}.items():
             states[f"{layer}/{k}"] = v
     out = Path(out)
     with atomic_file(out, suffix=".npz") as tmp:  # np.savez adds .npz to any other name
@@ -165,12 +173,29 @@ def run_tally(spec: dict, prepared: str | Path, extract_dir: str | Path, thresho
     return out
 
 
-def _write_layer_tables(spec, ds, layer, tally, thresholds, maxima, out_dir, prov) -> pd.DataFrame:
+def layer_significance(spec: dict, ds, tally, stats) -> dict | None:
+    """The significance of one layer's tested pairs (None when statistics are disabled)."""
+    s = settings(spec)
+    if stats is None:
+        return None
+    return significance.significance(tally, stats, ds, s["statistics"], float(s["iou_threshold"]))
+
+
+def _write_layer_tables(spec, ds, layer, tally, thresholds, maxima, out_dir, prov,
+                        sig=None) -> pd.DataFrame:
     s = settings(spec)
     layer_dir = Path(out_dir) / layer
     write_table("iou", iou_columns(spec["name"], layer, tally, ds), layer_dir / "iou.parquet", prov)
     units = unit_columns(spec["name"], layer, tally, ds, thresholds, float(s["iou_threshold"]))
+    units.update(significance.unit_significance_columns(sig, len(units["unit"])))
     write_table("units", units, layer_dir / "units.parquet", prov)
+    write_table("significance", significance.significance_columns(spec["name"], layer, sig, ds),
+                layer_dir / "significance.parquet", prov)
+    sweep = significance.sweep_columns(spec["name"], layer, pd.DataFrame(units), ds.categories,
+                                       float(s["statistics"]["fdr"]))
+    write_table("sweep", sweep, layer_dir / "sweep.parquet", prov)
+    plot_sweep(pd.DataFrame(sweep), layer_dir / "sweep.png", f"{spec['name']} {layer}",
+               float(s["iou_threshold"]))
     write_table("top_images", top_image_columns(spec["name"], layer, maxima, ds, int(s["top_k"])),
                 layer_dir / "top_images.parquet", prov)
     units_df = pd.DataFrame(units)
@@ -188,10 +213,11 @@ def _merged(tallies) -> ConceptTally:
     return tally
 
 
-def _tally_file_part(path, layer: str) -> ConceptTally:
+def _tally_file_part(path, layer: str, stats: bool = False):
+    """(ConceptTally, records.ImageStats or None) of `layer` in a tally file."""
     with np.load(path) as z:
-        return ConceptTally.from_state({k.split("/", 1)[1]: z[k] for k in z.files
-                                        if k.startswith(f"{layer}/")})
+        state = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith(f"{layer}/")}
+    return ConceptTally.from_state(state), records.ImageStats.from_state(state) if stats else None
 
 
 def _layer_maxima(spec: dict, ds: PreparedDataset, extract_dirs: list[Path],
@@ -211,11 +237,15 @@ def run_tables(spec: dict, prepared: str | Path, tally_files: list, extract_dirs
                           key=lambda d: json.loads((d / "info.json").read_text())["start"])
     ckpt = json.loads((extract_dirs[0] / "info.json").read_text())["checkpoint_sha256"]
     prov = _prov(digest_spec, ds, {"checkpoint_sha256": ckpt})
+    enabled = settings(spec)["statistics"]["enabled"]
     for layer in spec["layers"]:
-        tally = _merged(_tally_file_part(f, layer) for f in tally_files)
+        parts = [_tally_file_part(f, layer, enabled) for f in tally_files]
+        tally = _merged(t for t, _ in parts)
+        stats = _merged(st for _, st in parts) if enabled else None
         thresholds = _read_thresholds(Path(out_dir) / layer / "thresholds.parquet")
         _write_layer_tables(spec, ds, layer, tally, thresholds,
-                            _layer_maxima(spec, ds, extract_dirs, layer), out_dir, prov)
+                            _layer_maxima(spec, ds, extract_dirs, layer), out_dir, prov,
+                            layer_significance(spec, ds, tally, stats))
 
 
 def run_layers(spec: dict, prepared: str | Path, extract_dirs: list, out_dir: str | Path,
@@ -242,19 +272,24 @@ def run_layers(spec: dict, prepared: str | Path, extract_dirs: list, out_dir: st
         thresholds = unit_thresholds(hists[layer], q)
         write_table("thresholds", _threshold_columns(spec, layer, thresholds),
                     Path(out_dir) / layer / "thresholds.parquet", prov)
-        def shard_tally(d: Path, info: dict, layer=layer, thresholds=thresholds) -> ConceptTally:
+        def shard_tally(d: Path, info: dict, layer=layer, thresholds=thresholds):
             store = ActivationStore.open(d / f"acts_{layer}.npy")
+            stats = records.new_stats(ds, s["statistics"])
             try:
                 return tally_shard(ds, np.arange(info["start"], info["stop"], dtype=np.int64),
                                    store, thresholds, device=device,
                                    batch_size=int(s["batch_size"]), progress=progress,
-                                   desc=f"tally {spec['name']} {layer} shard {info['shard']}")
+                                   desc=f"tally {spec['name']} {layer} shard {info['shard']}",
+                                   stats=stats), stats
             finally:
                 store.close()
 
-        tally = _merged(shard_tally(d, info) for d, info in zip(extract_dirs, infos, strict=True))
+        parts = [shard_tally(d, info) for d, info in zip(extract_dirs, infos, strict=True)]
+        tally = _merged(t for t, _ in parts)
+        stats = _merged(st for _, st in parts) if parts[0][1] is not None else None
         _write_layer_tables(spec, ds, layer, tally, thresholds,
-                            _layer_maxima(spec, ds, extract_dirs, layer), out_dir, prov)
+                            _layer_maxima(spec, ds, extract_dirs, layer), out_dir, prov,
+                            layer_significance(spec, ds, tally, stats))
 
 
 def dissect(spec: dict, prepared: str | Path | PreparedDataset, out_dir: str | Path | None = None,
@@ -285,13 +320,16 @@ def dissect(spec: dict, prepared: str | Path | PreparedDataset, out_dir: str | P
     sync()
     t1 = time.perf_counter()
     thresholds = {k: unit_thresholds(h, float(s["quantile"])) for k, h in hists.items()}
+    stats = {k: records.new_stats(ds, s["statistics"]) for k in spec["layers"]}
     tallies = {
         k: tally_shard(ds, idx, stores[k], thresholds[k], device=device,
-                              batch_size=int(s["batch_size"]), progress=progress)
+                       batch_size=int(s["batch_size"]), progress=progress, stats=stats[k])
         for k in spec["layers"]
     }
     sync()
     t2 = time.perf_counter()
+    sigs = {k: layer_significance(spec, ds, tallies[k], stats[k]) for k in spec["layers"]}
+    t3 = time.perf_counter()
     units = {}
     if out_dir is not None:
         prov = _prov(spec, ds, info)
@@ -299,9 +337,10 @@ def dissect(spec: dict, prepared: str | Path | PreparedDataset, out_dir: str | P
             write_table("thresholds", _threshold_columns(spec, layer, thresholds[layer]),
                         Path(out_dir) / layer / "thresholds.parquet", prov)
             units[layer] = _write_layer_tables(spec, ds, layer, tallies[layer], thresholds[layer],
-                                               maxima[layer], out_dir, prov)
+                                               maxima[layer], out_dir, prov, sigs[layer])
     return {"tallies": tallies, "thresholds": thresholds, "maxima": maxima, "units": units,
-            "extract_s": t1 - t0, "tally_s": t2 - t1}
+            "significance": sigs, "extract_s": t1 - t0, "tally_s": t2 - t1,
+            "statistics_s": t3 - t2}
 
 
 def run_summary(units_files: list, out: str | Path, figure: str | Path | None = None,
@@ -313,8 +352,10 @@ def run_summary(units_files: list, out: str | Path, figure: str | Path | None = 
     units = pd.concat(frames, ignore_index=True)
     cats = None
     counts = detector_counts(units, cats)
-    write_table("detectors", {c: counts[c].to_numpy() if c not in ("model", "layer", "category")
-                              else counts[c].tolist() for c in counts.columns}, out,
+    nullable = ("model", "layer", "category", "detectors_fdr", "unique_detectors_fdr")
+    write_table("detectors", {c: counts[c].to_numpy() if c not in nullable
+                              else [None if pd.isna(v) else v for v in counts[c]]
+                              for c in counts.columns}, out,
                 provenance(config_digest=spec_digest(sorted(map(str, units_files))),
                            dataset_digest=None))
     if figure is not None:

@@ -80,14 +80,20 @@ def detector_counts(units: pd.DataFrame, categories: list[str] | None = None) ->
     for (model, layer), g in units.groupby(["model", "layer"], sort=True):
         cats = categories or sorted(units["category"].unique())
         det = g[g["detector"]]
+        # under FDR control (significance columns; null when statistics were disabled)
+        fdr = "detector_fdr" in g and g["detector_fdr"].notna().all()
         for cat in cats:
             d = det[det["category"] == cat]
+            f = d[d["detector_fdr"].astype(bool)] if fdr else None
             rows.append({
                 "model": model, "layer": layer, "category": cat, "units": len(g),
                 "detectors": len(d), "unique_detectors": unique_detectors(d),
+                "detectors_fdr": len(f) if fdr else None,
+                "unique_detectors_fdr": unique_detectors(f) if fdr else None,
             })
     return pd.DataFrame(rows, columns=["model", "layer", "category", "units", "detectors",
-                                       "unique_detectors"])
+                                       "unique_detectors", "detectors_fdr",
+                                       "unique_detectors_fdr"])
 
 
 def series_counts(counts: pd.DataFrame, name: str, models: list[str]) -> pd.DataFrame:

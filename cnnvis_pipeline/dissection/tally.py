@@ -118,6 +118,18 @@ def mask_pixels(maps: torch.Tensor, hw, seg, thresholds: torch.Tensor,
     return nz[:, 0], nz[:, 1]
 
 
+def pixel_concepts(planes: torch.Tensor, lookup: TallyLookup) -> torch.Tensor:
+    """int64 [B, P, S]: the concept of each pixel of each plane (C where none; a concept on
+    several planes of its category counted on the first)."""
+    B, P, C = planes.shape[0], lookup.P, lookup.C
+    lab = planes[:, :P].reshape(B, P, -1).to(torch.int64) & 0xFFFF
+    conc = lookup.lut[lab + lookup.plane_base]
+    for p in reversed(range(P)):  # compare with the earlier planes' original values
+        for q in lookup.earlier[p]:
+            conc[:, p].masked_fill_(conc[:, p] == conc[:, q], C)
+    return conc
+
+
 class ConceptTally(SavedState):
     """Sums of |M ∩ L_c|, |M| per annotated category and |L_c| over images, for every unit."""
 
@@ -136,9 +148,11 @@ class ConceptTally(SavedState):
             getattr(self, f).add_(getattr(other, f).to(getattr(self, f).device))
 
     def add(self, acts: torch.Tensor, thresholds: torch.Tensor, planes: torch.Tensor,
-            slots: np.ndarray, present: np.ndarray, lookup: TallyLookup) -> None:
+            slots: np.ndarray, present: np.ndarray, lookup: TallyLookup, stats=None) -> None:
         """Add one batch: acts float16 [B, U, h, w], thresholds float32 [U] and planes (int16
-        bits of uint16 [B, P', sh, sw]) on lookup.device; slots and present as prepared."""
+        bits of uint16 [B, P', sh, sw]) on lookup.device; slots and present as prepared.
+        `stats` (records.ImageStats, told the batch beforehand) records the per-image counts
+        of the same masks."""
         dev, C, P = lookup.device, lookup.C, lookup.P
         sh, sw = lookup.seg
         S = sh * sw
@@ -149,11 +163,7 @@ class ConceptTally(SavedState):
         # Label side: the concept of each pixel of each plane (C where none), image-level labels.
         conc = None
         if P:
-            lab = planes[:, :P].reshape(B, P, S).to(torch.int64) & 0xFFFF
-            conc = lookup.lut[lab + lookup.plane_base]  # [B, P, S]
-            for p in reversed(range(P)):  # compare with the earlier planes' original values
-                for q in lookup.earlier[p]:
-                    conc[:, p].masked_fill_(conc[:, p] == conc[:, q], C)
+            conc = pixel_concepts(planes, lookup)  # [B, P, S]
             area = torch.bincount(conc.reshape(-1), minlength=C + 1)
             self.concept_area[:C] += area[:C]
         slots_t = torch.from_numpy(np.ascontiguousarray(slots)).to(dev).long()
@@ -161,6 +171,8 @@ class ConceptTally(SavedState):
         img_b, img_j = is_image.nonzero(as_tuple=True)
         img_c = slots_t[img_b, img_j]
         self.concept_area.index_add_(0, img_c, torch.full_like(img_c, S))
+        if stats is not None:
+            stats.labels(conc, img_b, img_c, lookup, pixel_concepts)
 
         # Unit side: only maps whose maximum can exceed T_k.
         flat = acts.reshape(B, U, -1)
@@ -176,6 +188,8 @@ class ConceptTally(SavedState):
             r, s = mask_pixels(flat[b_i, u_i], acts.shape[2:], (sh, sw), thresholds[u_i],
                                 lookup.scratch)
             count[b_i, u_i] = torch.bincount(r, minlength=len(b_i))
+            if stats is not None:  # per-image records of the same mask pixels
+                stats.chunk(b_i, u_i, r, s)
             if conc is not None:
                 keys = conc[b_i[r], :, s] + (u_i[r] * (C + 1)).unsqueeze(1)  # [K, P]
                 keys = keys.reshape(-1)
@@ -184,6 +198,8 @@ class ConceptTally(SavedState):
             self.intersection.index_add_(1, img_c, count[img_b].T.contiguous())
         self.intersection[:, C] = 0  # the sink column stays empty
         self.mask_area += (count.unsqueeze(2) * present_t.unsqueeze(1).to(torch.int64)).sum(0)
+        if stats is not None:
+            stats.masks(count)
 
     def iou(self, concept_category: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(iou, intersection, union), each [units, concepts] (float64, int64, int64)."""
@@ -211,7 +227,9 @@ class ConceptTally(SavedState):
 
 def tally_shard(dataset: PreparedDataset, indices: np.ndarray, store: ActivationStore,
                 thresholds: np.ndarray, *, device: torch.device, batch_size: int = 64,
-                desc: str = "tally", progress: bool = True) -> ConceptTally:
+                desc: str = "tally", progress: bool = True, stats=None) -> ConceptTally:
+    """One shard's ConceptTally; with `stats` (a records.ImageStats holding the partner table)
+    its per-image records too, from the same masks (finished on return)."""
     tune_malloc()
     units = store.shape[1]
     tally = ConceptTally(units, len(dataset.concepts), len(dataset.categories), device)
@@ -230,7 +248,11 @@ def tally_shard(dataset: PreparedDataset, indices: np.ndarray, store: Activation
             else:
                 acts = store.read(b.pos, b.pos + n, device)
             planes = b.planes.to(device, non_blocking=pin)
-            tally.add(acts, t, planes, b.slots, b.present, lookup)
+            if stats is not None:
+                stats.read_batch(dataset, b.indices, device)
+            tally.add(acts, t, planes, b.slots, b.present, lookup, stats)
             bar.update(n)
         bar.close()
+    if stats is not None:
+        stats.finish()
     return tally

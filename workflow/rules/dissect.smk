@@ -51,6 +51,19 @@ rule layer_tables:
         iou="results/{model}/{layer}/iou.parquet",
         units="results/{model}/{layer}/units.parquet",
         top="results/{model}/{layer}/top_images.parquet",
+        significance="results/{model}/{layer}/significance.parquet",
+        sweep="results/{model}/{layer}/sweep.parquet",
+        sweep_plot=report(
+            "results/{model}/{layer}/sweep.png",
+            caption="../report/sweep.rst",
+            category="Dissection",
+            subcategory="{model}",
+            labels={
+                "model": "{model}",
+                "layer": "{layer}",
+                "figure": "detectors against the IoU threshold",
+            },
+        ),
         plot=report(
             "results/{model}/{layer}/detectors.png",
             caption="../report/detectors.rst",
