@@ -83,8 +83,9 @@ def unit_masks(batches: Iterable[tuple[int, torch.Tensor]], thresholds: np.ndarr
     W = words_for(S)
     t_all = torch.as_tensor(np.array(thresholds, dtype=np.float32), device=device)
     t = t_all[torch.as_tensor(units, device=device)]
-    images: list[list[np.ndarray]] = [[] for _ in units]
-    rows: list[list[torch.Tensor]] = [[] for _ in units]
+    got_units: list[np.ndarray] = []
+    got_images: list[np.ndarray] = []
+    got_rows: list[torch.Tensor] = []
     scratch = tally.Scratch() if device.type == "cpu" else None
     sel = torch.as_tensor(units, device=device)
     step_maps = max(1, (1 << 26) // (S * 4))
@@ -101,22 +102,23 @@ def unit_masks(batches: Iterable[tuple[int, torch.Tensor]], thresholds: np.ndarr
             r, s = tally.mask_pixels(flat[b_i, u_i], acts.shape[2:], seg, t[u_i], scratch)
             mask = torch.zeros((len(b_i), S), dtype=torch.bool, device=device)
             mask[r, s] = True
-            packed = pack_rows(mask, W)
             nonempty = mask.any(1)
-            b_np, u_np = b_i.cpu().numpy(), u_i.cpu().numpy()
+            got_rows.append(pack_rows(mask[nonempty], W))
             ne = nonempty.cpu().numpy()
-            for j in np.unique(u_np[ne]):
-                pick = np.flatnonzero(ne & (u_np == j))
-                images[j].append(start + b_np[pick])
-                rows[j].append(packed[torch.as_tensor(pick, device=device)])
-    out = []
-    for j in range(len(units)):
-        if images[j]:
-            out.append(Mask(np.concatenate(images[j]).astype(np.int64), torch.cat(rows[j])))
-        else:
-            out.append(Mask(np.zeros(0, np.int64), torch.zeros((0, W), dtype=torch.int64,
-                                                                device=device)))
-    return out
+            got_units.append(u_i.cpu().numpy()[ne])
+            got_images.append(start + b_i.cpu().numpy()[ne])
+    if got_rows:
+        u_all, i_all = np.concatenate(got_units), np.concatenate(got_images).astype(np.int64)
+        order = np.lexsort((i_all, u_all))  # by unit, then image
+        u_all, i_all = u_all[order], i_all[order]
+        rows_all = torch.cat(got_rows)[torch.as_tensor(order, device=device)]
+        bounds = np.searchsorted(u_all, np.arange(len(units) + 1))
+    else:
+        bounds = np.zeros(len(units) + 1, np.int64)
+        i_all = np.zeros(0, np.int64)
+        rows_all = torch.zeros((0, W), dtype=torch.int64, device=device)
+    return [Mask(i_all[bounds[j] : bounds[j + 1]], rows_all[bounds[j] : bounds[j + 1]])
+            for j in range(len(units))]
 
 
 # -- the formulas table --------------------------------------------------------------------------
