@@ -113,6 +113,22 @@ def test_redirected_relu_backward():
     assert not relu[0]._forward_hooks
 
 
+def test_per_position_redirect_and_overrides():
+    x = torch.tensor([[-1.0, -2.0, 3.0], [-1.0, -2.0, -3.0]], requires_grad=True)
+    relu = nn.Sequential(nn.ReLU(), nn.ReLU())
+    with relu_backward_override(relu, "redirected", overrides={relu[1]: "redirected_per_position"}):
+        y = relu[1](x)
+    y.backward(torch.tensor([[-1.0, 1.0, 2.0], [-1.0, 1.0, -2.0]]))
+    # Row 0 has ordinary gradient at x = 3, yet the -1 that raises x = -1 passes too.
+    assert x.grad.tolist() == [[-1.0, 0.0, 2.0], [-1.0, 0.0, -2.0]]
+    x.grad = None
+    with relu_backward_override(relu, "redirected", overrides={relu[1]: "redirected_per_position"}):
+        y = relu[0](x)
+    y.backward(torch.tensor([[-1.0, 1.0, 2.0], [-1.0, 1.0, -2.0]]))
+    assert x.grad.tolist() == [[0.0, 0.0, 2.0], [-1.0, 0.0, -2.0]]  # the others: per element
+    assert not relu[0]._forward_hooks and not relu[1]._forward_hooks
+
+
 def test_batch_of_units_all_channels_and_repeats():
     net = random_net()
     images, acts = activation_maximization(net, "6", None, steps=48, size=24)
@@ -222,14 +238,17 @@ def test_planted_colour_units_get_their_colour():
     torch.testing.assert_close(full_frame, torch.full((4,), 3.4))
     assert float(map_max(net, torch.full((4, 3, 32, 32), 0.5), range(4)).max()) == 0.0
 
-    images, _ = activation_maximization(net, "1", range(4), steps=96, size=32, **MEAN_STD)
+    images, means = activation_maximization(net, "1", range(4), steps=96, size=32, **MEAN_STD)
     got = map_max(net, images, range(4))
     assert (got >= 0.95 * full_frame).all(), got
+    # The whole frame takes the colour (the per-position redirect at the layer's ReLU), not a
+    # few patches on grey: the mean of the map is close to the full frame's too.
+    assert (means >= 0.9 * full_frame).all(), means
     colour = images.mean(dim=(2, 3))  # [4, 3] mean RGB of each unit's image
     for u, rgb in enumerate(PLANTED.values()):
         on = [c for c in range(3) if rgb[c]]
         off = [c for c in range(3) if not rgb[c]]
-        assert colour[u, on].min() > colour[u, off].max() + 0.05, (u, colour[u])
+        assert colour[u, on].min() > 0.9 and colour[u, off].max() < 0.1, (u, colour[u])
 
     # The Lucid-faithful preset, at the same cost, falls short on at least one unit.
     lucid, _ = activation_maximization(net, "1", range(4), steps=96, size=32, preset="lucid",
@@ -284,8 +303,14 @@ def test_presets_and_overrides():
     with pytest.raises(CnnvisError, match="polish_steps"):
         activation_maximization(net, "1", [0], steps=2, size=8, polish_steps=3)
     # No polish and the mean objective on the default preset = the Lucid preset with the same
-    # redirect schedule.
-    a, _ = activation_maximization(net, "1", [0, 3], steps=20, size=16, preset="lucid", **MEAN_STD)
-    b, _ = activation_maximization(net, "1", [0, 3], steps=20, size=16, objective="mean",
-                                   polish_steps=0, redirect_steps=16, **MEAN_STD)
+    # redirect schedule, on a layer that is not a ReLU (no per-position redirect)...
+    kw = {"steps": 20, "size": 16, **MEAN_STD}
+    a, _ = activation_maximization(net, "0", [0, 3], preset="lucid", **kw)
+    b, _ = activation_maximization(net, "0", [0, 3], objective="mean", polish_steps=0,
+                                   redirect_steps=16, **kw)
     assert torch.equal(a, b)
+    # ...while at the ReLU the default's per-position redirect changes the result.
+    a, _ = activation_maximization(net, "1", [0, 3], preset="lucid", **kw)
+    b, _ = activation_maximization(net, "1", [0, 3], objective="mean", polish_steps=0,
+                                   redirect_steps=16, **kw)
+    assert not torch.equal(a, b)

@@ -21,7 +21,9 @@ Two presets (PRESETS), so that a benchmark can show both side by side:
   maximum over the map of an untransformed image at the dataset's input size. The default
   therefore (a) optimises mean + max over the map (the max is the dataset's statistic), (b)
   keeps the redirected ReLU gradient on throughout (it only acts for a unit whose ordinary
-  gradient is zero everywhere, so it cannot disturb an active unit), (c) spends the last
+  gradient is zero everywhere, so it cannot disturb an active unit) and, at the layer's own
+  nn.ReLU, per position (where the unit's map is silent, the gradient that raises it passes, so
+  the whole image is pulled towards the stimulus), (c) spends the last
   `polish_steps` steps on the pixels directly (sigmoid logits, Adam at `polish_lr`), with the
   image fed untransformed at `input_size`, exactly as it is measured, and (d) returns, per
   unit, the better of the images before and after the polish by that measurement.
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.models.hooks import find_module
 from cnnvis_pipeline.viz._common import (
     check_mean_std,
     frozen_eval,
@@ -54,10 +57,12 @@ JITTER = 12  # Lucid's jitter(8) followed by jitter(4)
 
 PRESETS: dict[str, dict] = {
     # Lucid/Lucent: channel objective (mean over the map), redirect for max(16, 10%) steps.
-    "lucid": {"objective": "mean", "redirect": "lucid", "polish_steps": 0, "polish_lr": 0.2},
-    # Mean + max objective, redirect throughout, pixel polish for the last third (at most 64).
+    "lucid": {"objective": "mean", "redirect": "lucid", "polish_steps": 0, "polish_lr": 0.2,
+              "per_position": False},
+    # Mean + max objective, redirect throughout (per position at the layer's own ReLU), pixel
+    # polish for the last third (at most 64).
     "default": {"objective": "mean+max", "redirect": "always", "polish_steps": "auto",
-                "polish_lr": 0.2},
+                "polish_lr": 0.2, "per_position": True},
 }
 OBJECTIVES = ("mean", "mean+max")
 
@@ -169,8 +174,15 @@ def activation_maximization(
             ch, cw = h + 2 * PAD - JITTER, w + 2 * PAD - JITTER
             canvas_hw = (max(1, round(ch * in_hw[0] / h)), max(1, round(cw * in_hw[1] / w)))
 
+        # The layer's own ReLU (when the layer is one) redirects per position in the default
+        # preset: the silent parts of the unit's map are pulled up too, so the image fills with
+        # the stimulus instead of showing it in a few patches.
+        target = find_module(model, layer, model_name=model_name)
+        own = ({target: "redirected_per_position"}
+               if cfg["per_position"] and isinstance(target, nn.ReLU) else None)
+
         def override(step: int):
-            return (relu_backward_override(model, "redirected") if step < redirect
+            return (relu_backward_override(model, "redirected", overrides=own) if step < redirect
                     else contextlib.nullcontext())
 
         def measured(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

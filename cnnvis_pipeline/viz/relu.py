@@ -47,6 +47,22 @@ class _RedirectedReLU(torch.autograd.Function):
         return torch.where(passes, relu_grad, redirected)
 
 
+class _RedirectedPerPositionReLU(torch.autograd.Function):
+    """ReLU whose backward also lets through, at every position where the input is negative, the
+    gradient that would push the input up (not only for batch elements with no gradient at all):
+    a silent part of the map is pulled towards activity instead of being ignored."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad.masked_fill((x < 0) & (grad > 0), 0.0)
+
+
 class _DeconvReLU(torch.autograd.Function):
     """ReLU whose backward is ReLU of the incoming signal (Zeiler & Fergus 2014)."""
 
@@ -59,24 +75,27 @@ class _DeconvReLU(torch.autograd.Function):
         return grad.clamp(min=0)
 
 
-_KINDS = {"redirected": _RedirectedReLU, "deconv": _DeconvReLU}
+_KINDS = {"redirected": _RedirectedReLU, "deconv": _DeconvReLU,
+          "redirected_per_position": _RedirectedPerPositionReLU}
 
 
 @contextlib.contextmanager
-def relu_backward_override(model: nn.Module, kind: str):
+def relu_backward_override(model: nn.Module, kind: str, *, overrides: dict | None = None):
     """Inside the block, the backward of every nn.ReLU module of `model` is replaced.
 
     The forward value is unchanged. Implemented with forward hooks (prepended, so later hooks such
     as a LayerRecorder see the replaced output) that recompute the ReLU through an autograd
     function with the new backward; this works when one module is called several times.
+    overrides: {module: kind} for nn.ReLU modules that get another kind than `kind`.
     """
-    fn = _KINDS[kind]
+    fns = {id(m): _KINDS[k] for m, k in (overrides or {}).items()}
+    default_fn = _KINDS[kind]
     relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
     saved_inplace = [m.inplace for m in relus]
     handles = []
 
-    def hook(_module, inputs, _out):
-        return fn.apply(inputs[0])
+    def hook(module, inputs, _out):
+        return fns.get(id(module), default_fn).apply(inputs[0])
 
     try:
         for m in relus:
