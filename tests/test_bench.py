@@ -27,9 +27,15 @@ def test_bench_prints_one_json_line(tmp_path, capsys):
     # The second run finds the prepared dataset in the cache.
     assert bench.main(["--images", "16", "--size", "32", "--device", "cpu", "--cache",
                        str(tmp_path / "cache"), "--batch-size", "8", "--layers", "layer4",
-                       "--no-forward"]) == 0
+                       "--no-forward", "--statistics", "compare"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["cached"] and again["layers"] == ["layer4"]
+    # --statistics compare: the dissection with and without statistics, and the cost between
+    assert again["dissect_nostats_s"] > 0 and again["statistics_s"] > 0
+    cost = again["dissect_s"] / again["dissect_nostats_s"] - 1
+    assert abs(again["statistics_cost"] - cost) < 0.01
+    assert set(again["detectors_fdr"]) == {"layer4"}
+    assert again["detectors_fdr"]["layer4"] <= again["detectors"]["layer4"]
 
 
 def test_bigsynth_is_broden_and_parallel_prepare_equals_serial(tmp_path):
