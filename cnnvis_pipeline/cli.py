@@ -30,8 +30,8 @@ COMMANDS = {
     **{c: "cnnvis_pipeline.data.commands" for c in ("synth", "download", "validate", "prepare")},
     "layers": "cnnvis_pipeline.models.commands",
     **{c: "cnnvis_pipeline.dissection.commands"
-       for c in ("train", "extract", "thresholds", "tally", "tables", "summary", "dissect",
-                 "compositional", "formulas")},
+       for c in ("train", "check-model", "extract", "thresholds", "tally", "tables", "summary",
+                 "dissect", "compositional", "formulas")},
     "visualize": "cnnvis_pipeline.viz.commands",
     "report": "cnnvis_pipeline.reports.commands",
     "summary-page": "cnnvis_pipeline.reports.commands",

@@ -75,7 +75,8 @@ def _schema_message(err) -> str:
         safe = {
             SAFE_NAME.pattern: " (a safe name: 1-64 letters, digits, '_' or '-', starting with a "
             "letter or digit)",
-            SAFE_LAYER.pattern: " (a safe layer name: dotted module names of letters, digits and '_')",
+            SAFE_LAYER.pattern: " (a safe layer name: dotted module names of letters, digits and '_', "
+            "optionally @K for the K-th call of a re-used module)",
         }.get(val, "")
         return f"{where}: {kind} {inst!r} is not allowed: it must match {val}{safe}"
     if err.validator == "type":
@@ -203,6 +204,11 @@ def model_specs(cfg: dict) -> dict[str, dict]:
             check_name("layer", layer, where=f"{where}.layers")
         if len(set(layers)) != len(layers):
             raise CnnvisError(f"{where}.layers: a layer is listed twice")
+        layouts = m.get("layouts") or {}
+        stray = [k for k in layouts if k not in layers]
+        if stray:
+            raise CnnvisError(f"{where}.layouts: {', '.join(map(repr, stray))} not among the "
+                              f"model's layers")
         spec = {
             "arch": m.get("arch"),
             "torchvision": m.get("torchvision"),
@@ -211,6 +217,7 @@ def model_specs(cfg: dict) -> dict[str, dict]:
             "kwargs": m.get("kwargs") or {},
             "checkpoint": m.get("checkpoint"),
             "layers": list(layers),
+            "layouts": dict(layouts),
             "mean": list(m.get("mean") or IMAGENET_MEAN),
             "std": list(m.get("std") or IMAGENET_STD),
             "input_size": m.get("input_size"),

@@ -18,11 +18,13 @@ def _train(args) -> int:
     import torch
 
     from cnnvis_pipeline.data.prepared import PreparedDataset
+    from cnnvis_pipeline.models.check import train_num_classes
     from cnnvis_pipeline.models.synthnet import train_synthnet
 
     spec = json.loads(args.spec)
     train = dict(spec.get("train") or {})
     ds = PreparedDataset(args.prepared)
+    train_num_classes(spec, ds)  # a kwargs.num_classes that disagrees with the category: refused
     # What the spec leaves out takes train_synthnet's defaults (the seed: the model's seed).
     kw = {k: train[k] for k in ("epochs", "batch_size", "lr", "category") if k in train}
     if "width" in spec.get("kwargs", {}):
@@ -36,6 +38,18 @@ def _train(args) -> int:
     loss, acc, val = history[-1]
     print(f"trained {spec.get('name')}: {len(names)} classes, final loss {loss:.3f}, "
           f"train acc {acc:.3f}, val acc {val:.3f}")
+    return 0
+
+
+def _check(args) -> int:
+    from cnnvis_pipeline.data.prepared import PreparedDataset
+    from cnnvis_pipeline.fileio import write_text
+    from cnnvis_pipeline.models.check import check_model
+
+    summary = check_model(json.loads(args.spec), PreparedDataset(args.prepared))
+    write_text(args.out, json.dumps(summary, indent=1, sort_keys=True) + "\n")
+    print(f"{summary['model']}: {len(summary['layers'])} layer(s) checked: "
+          + ", ".join(f"{k} {v['feature_map']}" for k, v in summary["layers"].items()))
     return 0
 
 
@@ -61,6 +75,10 @@ def register(sub) -> None:
 
     p = add("train", "train the built-in synthnet on a prepared dataset", _train)
     p.add_argument("--out", required=True, help="state dict file to write")
+
+    p = add("check-model", "build a model and check all its layers, units and class count on "
+            "one dataset image (before any other job of the model)", _check)
+    p.add_argument("--out", required=True, help="JSON summary to write")
 
     p = add("extract", "forward pass over one shard; float16 activations + histograms",
             lambda a: pipeline.run_extract(_spec(a), a.prepared, a.shard, a.shards, a.out,

@@ -23,12 +23,8 @@ from cnnvis_pipeline.data.prepared import PreparedDataset
 from cnnvis_pipeline.dissection.stats import Float16Histogram
 from cnnvis_pipeline.dissection.stores import ActivationStore, load_batches, tune_malloc
 from cnnvis_pipeline.errors import CnnvisError
-from cnnvis_pipeline.models.hooks import LayerRecorder, find_module
+from cnnvis_pipeline.models.hooks import LayerRecorder
 from cnnvis_pipeline.models.input import images_to_input, prepare_model
-
-
-class _Stop(Exception):
-    pass
 
 
 def forward_only(model: torch.nn.Module, layers: list[str], dataset: PreparedDataset,
@@ -39,30 +35,15 @@ def forward_only(model: torch.nn.Module, layers: list[str], dataset: PreparedDat
     tune_malloc()
     channels_last = prepare_model(model, device)
     autocast = precision == "bf16" and device.type == "cuda"
-    modules = {id(find_module(model, n, model_name=model_name)) for n in layers}
-    seen: set[int] = set()
-
-    def hook(module, _inputs, _out):
-        seen.add(id(module))
-        if seen >= modules:
-            raise _Stop
-
-    handles = [find_module(model, n).register_forward_hook(hook) for n in layers]
-    try:
-        with torch.inference_mode():
-            for b in tqdm(load_batches(dataset, indices, batch_size, ("images",), device),
-                          total=-(-len(indices) // batch_size), desc=f"forward {model_name}",
-                          disable=not progress, mininterval=2):
-                x = images_to_input(b.images, input_size, mean, std, device, channels_last)
-                seen.clear()
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                    try:
-                        model(x)
-                    except _Stop:
-                        pass
-    finally:
-        for h in handles:
-            h.remove()
+    # The recorder's semantics (calls of re-used modules, where to stop), keeping nothing.
+    with LayerRecorder(model, layers, model_name=model_name, stop_after_last=True,
+                       keep=False) as rec, torch.inference_mode():
+        for b in tqdm(load_batches(dataset, indices, batch_size, ("images",), device),
+                      total=-(-len(indices) // batch_size), desc=f"forward {model_name}",
+                      disable=not progress, mininterval=2):
+            x = images_to_input(b.images, input_size, mean, std, device, channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                rec.run(x)
 
 
 def extract_shard(model: torch.nn.Module, layers: list[str], dataset: PreparedDataset,

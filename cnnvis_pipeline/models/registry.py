@@ -6,7 +6,9 @@
     torchvision: resnet18, weights: IMAGENET1K_V1 | DEFAULT | null (seeded random)
     factory: "package.module:callable"  any importable callable returning an nn.Module
   plus optional `checkpoint` (a state dict read with torch.load(weights_only=True)), `kwargs`,
-  and `seed` (the random initialisation when there are no weights).
+  `seed` (the random initialisation when there are no weights) and `layouts` ({layer: layout},
+  attached to the model for models.hooks). A synthnet without `kwargs.num_classes` takes its
+  class count from its checkpoint (a `train:` model has one class per label of its category).
 - load_state_dict_file(path): a checkpoint as a state dict; pickled code is refused.
 - file_sha256(path).
 """
@@ -92,7 +94,7 @@ def _import_factory(ref: str, where: str):
     return obj
 
 
-def _torchvision_model(arch: str, weights, where: str) -> nn.Module:
+def _torchvision_model(arch: str, weights, where: str, kwargs: dict | None = None) -> nn.Module:
     import torchvision
 
     available = torchvision.models.list_models(module=torchvision.models)
@@ -100,8 +102,12 @@ def _torchvision_model(arch: str, weights, where: str) -> nn.Module:
         raise CnnvisError(
             f"{where}: unknown torchvision model {arch!r}; known: {', '.join(sorted(available))}"
         )
+    kwargs = dict(kwargs or {})
     if weights in (None, "", "none", "random"):
-        return torchvision.models.get_model(arch, weights=None)
+        try:
+            return torchvision.models.get_model(arch, weights=None, **kwargs)
+        except (TypeError, ValueError, AssertionError) as e:
+            raise CnnvisError(f"{where}: torchvision {arch}(**{kwargs}) failed: {e}") from None
     try:
         enum = torchvision.models.get_model_weights(arch)
         w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
@@ -109,7 +115,10 @@ def _torchvision_model(arch: str, weights, where: str) -> nn.Module:
         names = ", ".join(m.name for m in torchvision.models.get_model_weights(arch))
         raise CnnvisError(f"{where}: unknown weights {weights!r} for {arch}; known: {names}") from None
     try:
-        return torchvision.models.get_model(arch, weights=w)
+        return torchvision.models.get_model(arch, weights=w, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise CnnvisError(f"{where}: torchvision {arch}(weights={weights}, **{kwargs}) failed: "
+                          f"{e}") from None
     except (OSError, RuntimeError) as e:  # URLError is an OSError
         hub = Path(torch.hub.get_dir()) / "checkpoints"
         raise CnnvisError(
@@ -128,14 +137,19 @@ def build_model(name: str, spec: dict) -> tuple[nn.Module, dict]:
     torch.manual_seed(int(spec.get("seed", 0)))
     kwargs = dict(spec.get("kwargs") or {})
     info = {"source": sources[0], "checkpoint": None, "checkpoint_sha256": None}
+    ckpt = spec.get("checkpoint")
+    state = load_state_dict_file(ckpt, where=f"{where}.checkpoint") if ckpt else None
     if spec.get("arch"):
         if spec["arch"] != "synthnet":
             raise CnnvisError(f"{where}: unknown arch {spec['arch']!r} (built-in: synthnet)")
         from cnnvis_pipeline.models.synthnet import SynthNet
 
+        head = state.get("classifier.weight") if state is not None else None
+        if "num_classes" not in kwargs and head is not None and head.dim() == 2:
+            kwargs["num_classes"] = int(head.shape[0])
         model = SynthNet(**kwargs)
     elif spec.get("torchvision"):
-        model = _torchvision_model(spec["torchvision"], spec.get("weights"), where)
+        model = _torchvision_model(spec["torchvision"], spec.get("weights"), where, kwargs)
         info["weights"] = spec.get("weights")
     else:
         factory = _import_factory(spec["factory"], where)
@@ -147,9 +161,7 @@ def build_model(name: str, spec: dict) -> tuple[nn.Module, dict]:
             raise CnnvisError(
                 f"{where}: factory {spec['factory']!r} returned {type(model).__name__}, not an nn.Module"
             )
-    ckpt = spec.get("checkpoint")
     if ckpt:
-        state = load_state_dict_file(ckpt, where=f"{where}.checkpoint")
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:  # torch lists the problems on the lines after the first
@@ -158,4 +170,10 @@ def build_model(name: str, spec: dict) -> tuple[nn.Module, dict]:
             raise CnnvisError(f"{ckpt}: does not fit model {name!r}: {detail}") from None
         info["checkpoint"] = str(ckpt)
         info["checkpoint_sha256"] = file_sha256(ckpt)
+    from cnnvis_pipeline.models.hooks import set_layouts
+
+    try:
+        set_layouts(model, spec.get("layouts"))
+    except CnnvisError as e:
+        raise CnnvisError(f"{where}.{e}") from None
     return model.eval(), info

@@ -99,6 +99,14 @@ def checkpoint_input(wildcards):
     return [spec["checkpoint"]] if spec.get("checkpoint") else []
 
 
+def given_checkpoint_input(wildcards):
+    """The user's checkpoint (the model check loads it); a trained one does not exist yet."""
+    spec = MODELS[wildcards.model]
+    return (
+        [spec["checkpoint"]] if spec.get("checkpoint") and not spec.get("train") else []
+    )
+
+
 def layer_outputs(name):
     return [
         f"results/{model}/{layer}/{name}"

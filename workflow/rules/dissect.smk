@@ -2,9 +2,26 @@
 # tally and tables in one job, and the cross-model summary.
 
 
+rule check_model:
+    input:
+        prepared=PREPARED,
+        checkpoint=given_checkpoint_input,
+    output:
+        "results/{model}/model_check.json",
+    log:
+        "results/logs/{model}/check.log",
+    params:
+        cnnvis=CNNVIS,
+        spec=spec_json,
+    shell:
+        "{params.cnnvis} check-model --prepared {input.prepared:q} --spec {params.spec:q}"
+        " --out {output:q} > {log:q} 2>&1"
+
+
 rule train_synthnet:
     input:
-        PREPARED,
+        prepared=PREPARED,
+        check="results/{model}/model_check.json",
     output:
         "results/{model}/checkpoint.pt",
     log:
@@ -13,13 +30,14 @@ rule train_synthnet:
         cnnvis=CNNVIS,
         spec=spec_json,
     shell:
-        "{params.cnnvis} train --prepared {input:q} --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
+        "{params.cnnvis} train --prepared {input.prepared:q} --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule extract_shard:
     input:
         prepared=PREPARED,
         checkpoint=checkpoint_input,
+        check="results/{model}/model_check.json",
     output:
         (
             directory("results/{model}/extract/{shard}")
