@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from cnnvis_pipeline.zoo import check_arch, late_layer, zoo_spec
+from cnnvis_pipeline.bench.zoo import check_arch, late_layer, zoo_spec
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ kwargs for a small input), list its layers on one probe forward, pick a late lay
 - late_layer(rows): the last top-level module (depth <= 1, not a pooling/permute/flatten/head
   module) whose layer is a feature map larger than 1x1 and runs once per forward.
 - check_arch(arch, prepared): one row of the table (status "dissected" | "refused" | "failed").
-- main: `python -m cnnvis_pipeline.zoo --prepared DIR [--archs ...] [--out table.md]`, or
+- main: `python -m cnnvis_pipeline.bench.zoo --prepared DIR [--archs ...] [--out table.md]`, or
   without --prepared a tiny broden-synth set is generated in a temporary directory.
 """
 
@@ -117,7 +117,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cnnvis_pipeline.zoo", description=__doc__.split(
+    p = argparse.ArgumentParser(prog="python -m cnnvis_pipeline.bench.zoo", description=__doc__.split(
         "\n\n")[0])
     p.add_argument("--prepared", default=None, help="prepared dataset (default: a tiny synth)")
     p.add_argument("--archs", nargs="+", default=None, help="default: every classification model")
