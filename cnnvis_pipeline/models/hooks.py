@@ -324,10 +324,12 @@ class LayerRecorder:
 
     def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One forward pass; returns {layer: feature map}. Stops early after the last layer if
-        asked, once a complete pass has checked the call counts: that first check is a pass of
-        its own (no graph, no torch function modes such as DeconvNet's guard, nothing kept), so
-        what runs after the layers cannot change or refuse the recorded pass."""
-        if self.stop_after_last and not self._is_verified():
+        asked, once a complete pass has checked the call counts. Under a torch function mode
+        (DeconvNet's guard, the receptive field's) that first check is a pass of its own (no
+        graph, no modes, nothing kept), so what runs after the layers cannot change or refuse
+        the recorded pass; otherwise the first recorded pass runs to the end."""
+        if (self.stop_after_last and not self._is_verified()
+                and torch._C._is_torch_function_mode_enabled()):
             keep, self.keep = self.keep, False
             try:
                 with torch.no_grad(), torch._C.DisableTorchFunction():
