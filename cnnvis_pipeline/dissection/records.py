@@ -176,8 +176,8 @@ class ImageStats:
         Cb = len(self._concepts)
         self._W = W = Cb + 1
         self._global = torch.from_numpy(self._concepts).to(dev)
-        remap = torch.full((C + 1,), Cb, dtype=torch.int64, device=dev)
-        remap[self._global] = torch.arange(Cb, device=dev)
+        remap = torch.full((C + 1,), Cb, dtype=torch.int32, device=dev)  # int32: half the memory
+        remap[self._global] = torch.arange(Cb, device=dev, dtype=torch.int32)
         self._img = (img_b, img_c)
         self._pimg = []
         for d in range(len(self._pslots)):
@@ -196,7 +196,7 @@ class ImageStats:
                                                for d in range(len(self._pslots))], 1)]
         groups = self._comb.shape[1] // P
         self._group_off = (torch.arange(groups, device=dev) * W).repeat_interleave(P).view(1, -1)
-        area = torch.bincount((self._comb[:, :P] + (torch.arange(B, device=dev) * W)
+        area = torch.bincount((self._comb[:, :P].long() + (torch.arange(B, device=dev) * W)
                                .view(B, 1, 1)).reshape(-1), minlength=B * W).view(B, W)[:, :Cb]
         b, c = area.nonzero(as_tuple=True)
         self._add("area", self._idx_dev[b], self._global[c], area[b, c])
@@ -208,7 +208,7 @@ class ImageStats:
         if self._comb is None:
             return
         m, W, G = len(b_i), self._W, len(self._pimg) + 1  # G: own labels + D partners
-        keys = self._comb[b_i[r], :, s] + self._group_off + (r * (G * W)).unsqueeze(1)
+        keys = self._comb[b_i[r], :, s].long() + self._group_off + (r * (G * W)).unsqueeze(1)
         cnt = torch.zeros(m * G * W, dtype=torch.int64, device=keys.device)
         cnt.index_add_(0, keys.reshape(-1),
                        torch.ones(1, dtype=torch.int64, device=keys.device).expand(keys.numel()))
