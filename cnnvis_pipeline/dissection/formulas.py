@@ -254,8 +254,12 @@ class Searcher:
                 area, hit, inter, union, iou = self._exact(parent, c_sel, o_sel, x, y, ctx)
                 score = iou * factor
                 self.stats["evaluated"] += len(c_sel)
-                # only what can still enter the beam becomes a formula (tau only grows)
-                for i in np.flatnonzero(score >= tau).tolist():
+                # only what can still enter the beam becomes a formula: scores >= tau (tau only
+                # grows) and among this parent's (distinct) candidates the best B, ties included
+                floor = tau
+                if len(score) > B:
+                    floor = max(floor, np.partition(score, len(score) - B)[len(score) - B])
+                for i in np.flatnonzero(score >= floor).tolist():
                     c, op = int(c_sel[i]), int(o_sel[i])
                     node = extend(parent.node, op, c)
                     if _key(node) in pool:
