@@ -113,8 +113,11 @@ def register(sub) -> None:
 
     p = add("summary", "detectors per model, layer and category over all models",
             lambda a: pipeline.run_summary(a.units, a.out, a.figure,
-                                           json.loads(a.series) if a.series else None) is None,
+                                           json.loads(a.series) if a.series else None,
+                                           a.prepared) is None,
             spec=False, prepared=False)
+    p.add_argument("--prepared", default=None,
+                   help="the prepared dataset: every one of its categories gets a row")
     p.add_argument("--units", nargs="+", required=True, help="units.parquet files")
     p.add_argument("--out", required=True)
     p.add_argument("--figure", default=None)

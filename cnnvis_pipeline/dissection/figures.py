@@ -15,7 +15,7 @@ import pandas as pd
 
 from cnnvis_pipeline.dissection.results import series_counts
 from cnnvis_pipeline.fileio import save_figure
-from cnnvis_pipeline.tables import unique_detectors
+from cnnvis_pipeline.tables import category_colors, unique_detectors
 
 
 def plot_layer_detectors(units: pd.DataFrame, path: str | Path, title: str,
@@ -37,7 +37,8 @@ def plot_layer_detectors(units: pd.DataFrame, path: str | Path, title: str,
     fig, ax = plt.subplots(figsize=(fig_w, 3.6))
     if len(counts):
         sns.barplot(data=counts, x="concept", y="detectors", hue="category", dodge=False,
-                    hue_order=[c for c in categories if c in set(counts["category"])], ax=ax)
+                    hue_order=[c for c in categories if c in set(counts["category"])],
+                    palette=category_colors(categories), saturation=1, ax=ax)
         ax.tick_params(axis="x", rotation=90)
         ax.legend(title="category", fontsize=8)
     else:
@@ -56,18 +57,21 @@ def plot_summary(counts: pd.DataFrame, path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
     data = counts.assign(where=counts["model"] + "\n" + counts["layer"])
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * data["where"].nunique() + 2), 4))
-    if data["unique_detectors"].sum() > 0:
-        totals = data.groupby("where", sort=False)["unique_detectors"].sum()
-        bottom = pd.Series(0, index=totals.index)
-        palette = sns.color_palette("tab10", data["category"].nunique())
-        for color, (cat, g) in zip(palette, data.groupby("category", sort=True), strict=False):
-            vals = g.set_index("where")["unique_detectors"].reindex(totals.index, fill_value=0)
-            ax.bar(totals.index, vals, bottom=bottom, label=cat, color=color)
-            bottom += vals
+    # every category of the table, in its order and its colour (a category no unit detects
+    # still has its legend entry, with 0)
+    categories = list(dict.fromkeys(data["category"]))
+    colors = category_colors(categories)
+    totals = data.groupby("where", sort=False)["unique_detectors"].sum()
+    bottom = pd.Series(0, index=totals.index)
+    for cat in categories:
+        g = data[data["category"] == cat]
+        vals = g.set_index("where")["unique_detectors"].reindex(totals.index, fill_value=0)
+        ax.bar(totals.index, vals, bottom=bottom, label=cat, color=colors[cat])
+        bottom += vals
+    if categories:
         ax.legend(title="category", fontsize=8)
     ax.set_ylabel("unique detectors")
     ax.set_title("Unique detectors per category, by model and layer")
@@ -88,14 +92,15 @@ def plot_series(counts: pd.DataFrame, name: str, models: list[str], path: str | 
 
     data = series_counts(counts, name, models)
     layers = sorted(data["layer"].unique())
-    categories = sorted(data["category"].unique())
+    present = set(data["category"])
+    categories = [c for c in dict.fromkeys(counts["category"]) if c in present]
     ticks = sorted(set(data["checkpoint"]))
     labels = dict(zip(data["checkpoint"], data["checkpoint_name"], strict=False))
     cols = min(len(layers), 4)
     grid = sns.relplot(
         data=data, x="checkpoint", y="unique_detectors", hue="category", hue_order=categories,
         col="layer", col_order=layers, col_wrap=cols if len(layers) > cols else None,
-        kind="line", marker="o", height=3.2, aspect=1.2, palette="tab10",
+        kind="line", marker="o", height=3.2, aspect=1.2, palette=category_colors(categories),
         facet_kws={"sharey": True},
     )
     from matplotlib.ticker import MaxNLocator

@@ -344,20 +344,22 @@ def dissect(spec: dict, prepared: str | Path | PreparedDataset, out_dir: str | P
 
 
 def run_summary(units_files: list, out: str | Path, figure: str | Path | None = None,
-                series: dict | None = None) -> pd.DataFrame:
+                series: dict | None = None, prepared: str | Path | None = None) -> pd.DataFrame:
     """detectors.parquet over all models and layers, the unique-detectors figure, and one
     figure per checkpoint series: `series` maps a series name to {"models": [model names in
-    checkpoint order], "figure": path} (what the workflow's summary rule passes)."""
+    checkpoint order], "figure": path} (what the workflow's summary rule passes).
+    `prepared`: the dataset, whose every category gets a row per model and layer (0 where no
+    unit detects it); without it, the categories of the units' labels."""
     frames = [pq.read_table(f).to_pandas() for f in sorted(map(str, units_files))]
     units = pd.concat(frames, ignore_index=True)
-    cats = None
-    counts = detector_counts(units, cats)
+    ds = PreparedDataset(prepared) if prepared is not None else None
+    counts = detector_counts(units, ds.categories if ds is not None else None)
     nullable = ("model", "layer", "category", "detectors_fdr", "unique_detectors_fdr")
     write_table("detectors", {c: counts[c].to_numpy() if c not in nullable
                               else [None if pd.isna(v) else v for v in counts[c]]
                               for c in counts.columns}, out,
                 provenance(config_digest=spec_digest(sorted(map(str, units_files))),
-                           dataset_digest=None))
+                           dataset_digest=ds.digest if ds is not None else None))
     if figure is not None:
         plot_summary(counts, figure)
     for name, entry in sorted((series or {}).items()):

@@ -107,7 +107,8 @@ rule layer_tables:
 
 rule summary:
     input:
-        layer_outputs("units.parquet"),
+        units=layer_outputs("units.parquet"),
+        prepared=PREPARED,
     output:
         table="results/summary/detectors.parquet",
         figure=report(
@@ -137,5 +138,6 @@ rule summary:
             sort_keys=True,
         ),
     shell:
-        "{params.cnnvis} summary --units {input:q} --out {output.table:q} --figure {output.figure:q}"
-        " --series {params.series:q} > {log:q} 2>&1"
+        "{params.cnnvis} summary --units {input.units:q} --prepared {input.prepared:q}"
+        " --out {output.table:q} --figure {output.figure:q} --series {params.series:q}"
+        " > {log:q} 2>&1"
