@@ -73,7 +73,11 @@ def test_workflow_outputs_and_snakemake_report(run, snakemake):
     assert 7 in pd.read_parquet(wd / "results/tiny/features.relu4/activation_max.parquet")["unit"].tolist()
     assert (wd / "results/tiny/report/index.html").stat().st_size > 10_000
     assert (wd / "results/tiny/report/iou_distribution.png").is_file()
-    assert (wd / "results/summary/index.html").is_file()
+    summary = (wd / "results/summary/index.html").read_text()
+    assert 'href="../tiny/report/index.html"' in summary
+    sizes = {p: (wd / p).stat().st_size for p in ("results/tiny/report/index.html",
+                                                  "results/summary/index.html")}
+    print("\nreport sizes (bytes):", sizes)
     proc = snakemake(wd, "--report", str(wd / "report.html"), timeout=300)
     assert proc.returncode == 0
     text = (wd / "report.html").read_text(errors="replace")

@@ -14,7 +14,7 @@ from PIL import Image
 
 from cnnvis_pipeline.data.prepared import prepare_dataset
 from cnnvis_pipeline.data.synth import generate_broden_synth
-from cnnvis_pipeline.dissection.figures import plot_layer_detectors, plot_series, plot_summary
+from cnnvis_pipeline.dissection.figures import plot_layer_detectors, plot_series
 from cnnvis_pipeline.dissection.pipeline import run_summary
 from cnnvis_pipeline.tables import CATEGORY_COLORS, category_colors
 from cnnvis_pipeline.viz.images import mask_overlay
@@ -60,7 +60,7 @@ def test_summary_table_lists_every_category_of_the_dataset(prepared, tmp_path):
                          prepared=prepared)
     table = pq.read_table(tmp_path / "detectors.parquet").to_pandas()
     pd.testing.assert_frame_equal(table, counts.astype(table.dtypes.to_dict()))
-    for (model, layer), g in table.groupby(["model", "layer"]):
+    for _, g in table.groupby(["model", "layer"]):
         assert g["category"].tolist() == BRODEN  # the dataset's order, scene included
     m = table[table["model"] == "m"].set_index("category")
     assert m.loc["object", "detectors"] == 2 and m.loc["object", "unique_detectors"] == 1

@@ -31,7 +31,7 @@ PROV = {"cnnvis_pipeline_version": "0.1.0", "torch_version": "9.9.9", "torchvisi
         "checkpoint_sha256": None, "precision": "bf16", "device": "cuda:0"}
 SETTINGS = {"top_units": 3, "top_images": 3, "deconvnet": True, "threads": 1,
             "activation_max": {"steps": 17, "size": 32, "lr": 0.05, "seed": 0},
-            "inversion": {"images": 1, "steps": 5, "lr": 0.01, "lambda_tv": 0.01, "seed": 0,
+            "inversion": {"images": 1, "steps": 5, "lr": 0.01, "lambda_tv": None, "seed": 0,
                           "spread_images": 4}}
 
 
@@ -119,6 +119,8 @@ def make_layer(root: Path, *, extras: bool, deconv_error: str | None = None) -> 
                   "reconstruction_file": png(viz / "inversion_0_reconstruction.png", 16, 16)}]
     manifest = {"units": cards, "deconv_error": deconv_error, "inversion": inversion,
                 "inversion_error": None, "settings": SETTINGS, "device": "cpu", "threads": 1,
+                "inversion_settings": {"relative_depth": 0.5, "lambda_tv": 0.12,
+                                       "lambda_alpha": 1e-4},
                 "timings": {"top_images_s": 0.1}}
     (viz / "manifest.json").write_text(json.dumps(manifest))
     png(d / "detectors.png", 40, 20)
@@ -198,7 +200,9 @@ def test_methods_state_the_dataset_thresholds_settings_and_versions(tmp_path, pr
                  "synthnet (built in); no checkpoint: seeded random weights (seed 3)",
                  "device cuda:0, precision bf16",  # the provenance wins over the config
                  "cnnvis-pipeline 0.1.0, torch 9.9.9, torchvision 8.8.8",
-                 "config digest c0ffeec0ffeec0ff"):
+                 "config digest c0ffeec0ffeec0ff",
+                 "TV weight by the layer's relative depth, as in the paper",
+                 "TV weight 0.12 (relative depth 0.50), α-norm weight 1.000e-04."):
         assert want in words, want
     assert "None" not in words
 
