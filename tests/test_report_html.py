@@ -283,12 +283,14 @@ def test_summary_lists_every_model_layer_and_category(tmp_path, prepared):
     _, _, page_path = report(tmp_path, prepared, extras=True)
     summary = tmp_path / "results" / "summary"
     rows = {"model": [], "layer": [], "category": [], "units": [], "detectors": [],
-            "unique_detectors": []}
+            "unique_detectors": [], "detectors_fdr": [], "unique_detectors_fdr": []}
     for m in ("tiny", "other"):
         for c, _ in CATEGORIES[:5]:  # a table that misses a category: it is shown anyway
             for k, v in (("model", m), ("layer", LAYER), ("category", c), ("units", 4),
                          ("detectors", int(c == "object") * (2 if m == "other" else 1)),
-                         ("unique_detectors", int(c == "object"))):
+                         ("unique_detectors", int(c == "object")),
+                         ("detectors_fdr", int(c == "object") if m == "other" else None),
+                         ("unique_detectors_fdr", None)):
                 rows[k].append(v)
     write(summary / "detectors.parquet", rows, PROV)
     png(summary / "unique_detectors.png", 30, 20)
@@ -303,6 +305,10 @@ def test_summary_lists_every_model_layer_and_category(tmp_path, prepared):
     head = text[text.index('<table class="sortable models-categories"'):]
     head = head[:head.index("</thead>")]
     assert re.findall(r'data-category="([a-z]+)"', head) == [c for c, _ in CATEGORIES]
+    assert ">detectors (FDR)</th>" in head and "unique_detectors_fdr" not in head  # all null
+    fdr = re.findall(r'<tr data-model="(\w+)"[^>]*>(?:<td[^>]*>.*?</td>){4}<td data-value="'
+                     r'([-\d]+)">([^<]+)</td>', text)
+    assert fdr == [("other", "1", "1"), ("tiny", "-1", "n/a")]
     body = re.findall(r'<tr data-model="(\w+)" data-layer="([\w.]+)">', text)
     assert body == [("other", LAYER), ("tiny", LAYER)]
     assert 'href="../tiny/report/index.html"' in text

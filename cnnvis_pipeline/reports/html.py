@@ -264,7 +264,8 @@ def _layer(model: str, layer: str, layer_dir: Path, out_dir: Path, colors: dict,
         flagged_detectors=int(det["threshold"].le(0).sum()) if "activity" not in units.columns
         else int(det["activity"].isin(["sparse", "dead"]).sum()),
         fdr=(int(units["detector_fdr"].astype(bool).sum())
-             if "detector_fdr" in units.columns else None))
+             if "detector_fdr" in units.columns and units["detector_fdr"].notna().all()
+             else None))
     rel = os.path.relpath(layer_dir.resolve(), out_dir.resolve())
     tables = {name: f"{Path(rel).as_posix()}/{name}.parquet"
               for name in ("units", "iou", "thresholds", "top_images", "activation_max",
@@ -379,14 +380,15 @@ def build_summary_page(reports: dict[str, str | Path], detectors: str | Path,
     links = {m: Path(os.path.relpath(Path(p).resolve(), out.parent.resolve())).as_posix()
              for m, p in reports.items()}
     rows = []
-    extra = [c for c in counts.columns if c.endswith("_fdr")]
+    # FDR counts beside the plain ones, when the statistics produced them (null otherwise)
+    extra = [c for c in counts.columns if c.endswith("_fdr") and counts[c].notna().any()]
     for (m, lay), g in counts.groupby(["model", "layer"], sort=False):
         by_cat = g.set_index("category")
         rows.append({
             "model": m, "layer": lay, "report": links.get(m),
             "units": int(g["units"].iloc[0]), "detectors": int(g["detectors"].sum()),
             "unique": int(g["unique_detectors"].sum()),
-            "extra": {c: int(g[c].sum()) for c in extra},
+            "extra": {c: int(g[c].sum()) if g[c].notna().all() else None for c in extra},
             "per_category": [int(by_cat["unique_detectors"].get(c, 0)) for c in categories]})
     rows.sort(key=lambda r: (r["model"], r["layer"]))
     method = method_info(prov=prov, dataset=dataset, quantile=(dissection or {}).get("quantile"),
