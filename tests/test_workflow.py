@@ -47,7 +47,7 @@ def test_tiny_workflow_elsewhere_and_shards_equal_one_pass(tmp_path, workflow):
     two = tmp_path / "two"
     for wd, shards in ((one, 1), (two, 2)):
         proc = workflow.run(wd, tiny_config(workflow, shards), "--quiet", "rules", "--until",
-                            "summary", timeout=600)
+                            "summary")
         assert proc.returncode == 0
     for wd in (one, two):
         units = pd.read_parquet(wd / "results/tiny/features.relu3/units.parquet")
@@ -85,7 +85,7 @@ def test_user_dataset_and_factory_model_with_checkpoint(tmp_path, synth_dir, wor
     config["dataset"]["path"] = str(synth_dir)
     config["models"]["mynet"]["checkpoint"] = str(tmp_path / "w.pt")
     proc = workflow.run(tmp_path / "run", config, "--quiet", "rules", "--until", "summary",
-                        env=workflow.env(pkg), timeout=600)
+                        env=workflow.env(pkg))
     assert proc.returncode == 0
     units = pd.read_parquet(tmp_path / "run/results/mynet/2.1/units.parquet")
     assert len(units) == 4 and (units["threshold"] > 0).all()
