@@ -23,15 +23,19 @@ from torch.overrides import TorchFunctionMode
 from cnnvis_pipeline.errors import CnnvisError
 
 
-class _RedirectedReLU(torch.autograd.Function):
-    """ReLU whose backward lets gradient through where the input is negative, if that gradient
-    would push the input up, for the batch elements that get no gradient at all through the
-    ordinary ReLU backward (so silent units can be woken up)."""
+class _SavingReLU(torch.autograd.Function):
+    """ReLU forward that keeps its input for a custom backward (the subclasses')."""
 
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
         return x.clamp(min=0)
+
+
+class _RedirectedReLU(_SavingReLU):
+    """ReLU whose backward lets gradient through where the input is negative, if that gradient
+    would push the input up, for the batch elements that get no gradient at all through the
+    ordinary ReLU backward (so silent units can be woken up)."""
 
     @staticmethod
     def backward(ctx, grad):
@@ -47,15 +51,10 @@ class _RedirectedReLU(torch.autograd.Function):
         return torch.where(passes, relu_grad, redirected)
 
 
-class _RedirectedPerPositionReLU(torch.autograd.Function):
+class _RedirectedPerPositionReLU(_SavingReLU):
     """ReLU whose backward also lets through, at every position where the input is negative, the
     gradient that would push the input up (not only for batch elements with no gradient at all):
     a silent part of the map is pulled towards activity instead of being ignored."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.clamp(min=0)
 
     @staticmethod
     def backward(ctx, grad):
