@@ -236,7 +236,7 @@ def test_flags_intervals_and_formulas_when_the_columns_are_present(tmp_path, pre
     assert "AM below" not in c2  # ratio NaN: the dataset top is 0
     words = page.all_text()
     assert "1 unit sparse, 1 unit dead (1 of them detectors)" in words
-    assert "1 of them stay detectors at the false discovery rate control" in words
+    assert "1 of them stay detectors under false discovery rate control" in words
     # the figures link the tables behind them, relative to the page
     for name in ("units", "iou", "top_images", "activation_max", "formulas", "sweep",
                  "significance", "inversion"):

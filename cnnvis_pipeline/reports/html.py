@@ -381,7 +381,8 @@ def build_summary_page(reports: dict[str, str | Path], detectors: str | Path,
              for m, p in reports.items()}
     rows = []
     # FDR counts beside the plain ones, when the statistics produced them (null otherwise)
-    extra = [c for c in counts.columns if c.endswith("_fdr") and counts[c].notna().any()]
+    extra = [c for c in ("detectors_fdr", "unique_detectors_fdr")
+             if c in counts.columns and counts[c].notna().any()]
     for (m, lay), g in counts.groupby(["model", "layer"], sort=False):
         by_cat = g.set_index("category")
         rows.append({
