@@ -35,7 +35,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         ("model", S), ("layer", S), ("unit", I32), ("threshold", F64), ("concept", S),
         ("label", I32), ("category", S), ("iou", F64), ("detector", B),
         ("iou_low", F64), ("iou_high", F64), ("p_value", F64), ("q_value", F64),
-        ("detector_fdr", B),
+        ("detector_fdr", B), ("active_fraction", F64), ("activity", S),
     ]),
     "significance": pa.schema([
         ("model", S), ("layer", S), ("unit", I32), ("rank", I32), ("concept", S),

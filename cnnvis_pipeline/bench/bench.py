@@ -183,7 +183,8 @@ def verify_on_cpu(model, layers, ds, n: int, common: dict) -> dict:
     for layer in layers:
         t = unit_thresholds(hists[layer], 0.005)
         here = tally_shard(ds, idx, stores[layer], t, device=device, progress=False)
-        host = ActivationStore(len(idx), stores[layer].shape[1:], None, cpu)
+        host = ActivationStore(len(idx), stores[layer].shape[1:], None, cpu,
+                               stores[layer].affine)
         host.write(0, stores[layer].data.cpu())
         there = tally_shard(ds, idx, host, t, device=cpu, progress=False)
         out[layer] = all(torch.equal(getattr(here, f).cpu(), getattr(there, f))

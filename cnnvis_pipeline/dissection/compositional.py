@@ -214,12 +214,20 @@ def run_compositional(spec: dict, prepared: str | Path, extract_dirs: Sequence[s
     ds = PreparedDataset(prepared)
     device = pick_device(pipeline.settings(spec)["device"])
     t = pq.read_table(thresholds, columns=["threshold"]).column("threshold").to_numpy()
+    # The stored activations are in per-unit coordinates (the same for every shard).
+    from cnnvis_pipeline.dissection.stores import ActivationStore
+
+    first = min((Path(d) for d in extract_dirs),
+                key=lambda d: json.loads((d / "info.json").read_text())["start"])
+    store = ActivationStore.open(first / f"acts_{layer}.npy")
+    t_stored = store.affine.to_stored(t)
+    store.close()
     units = shard_units(select_units(s["units"], len(t), layer), shards, shard)
     t0 = time.perf_counter()
     cm = ConceptMasks(ds, device)
     t1 = time.perf_counter()
     batch = int(pipeline.settings(spec)["batch_size"])
-    masks = unit_masks(layer_batches(extract_dirs, layer, batch, device), t, units,
+    masks = unit_masks(layer_batches(extract_dirs, layer, batch, device), t_stored, units,
                        tuple(ds.seg_size), device)
     t2 = time.perf_counter()
     covered = sum(json.loads((Path(d) / "info.json").read_text())["stop"]

@@ -28,7 +28,13 @@ import torch
 from cnnvis_pipeline.config import spec_digest, with_defaults
 from cnnvis_pipeline.data.prepared import PreparedDataset
 from cnnvis_pipeline.dissection import records, significance
-from cnnvis_pipeline.dissection.extract import extract_shard, shard_indices, unit_thresholds
+from cnnvis_pipeline.dissection.affine import StoredHistogram
+from cnnvis_pipeline.dissection.extract import (
+    extract_shard,
+    set_precision,
+    shard_indices,
+    unit_thresholds,
+)
 from cnnvis_pipeline.dissection.figures import (
     plot_layer_detectors,
     plot_series,
@@ -38,10 +44,10 @@ from cnnvis_pipeline.dissection.figures import (
 from cnnvis_pipeline.dissection.results import (
     detector_counts,
     iou_columns,
+    log_activity,
     top_image_columns,
     unit_columns,
 )
-from cnnvis_pipeline.dissection.stats import Float16Histogram
 from cnnvis_pipeline.dissection.stores import ActivationStore
 from cnnvis_pipeline.dissection.tally import ConceptTally, tally_shard
 from cnnvis_pipeline.errors import CnnvisError
@@ -68,12 +74,11 @@ def _config_digest(spec: dict) -> str:
 
 
 def _prov(spec: dict, ds: PreparedDataset, info: dict | None = None) -> dict:
-    return provenance(
-        config_digest=_config_digest(spec),
-        dataset_digest=ds.digest,
-        checkpoint_sha256=(info or {}).get("checkpoint_sha256"),
-        extra={"model": spec["name"]},
-    )
+    extra = {"model": spec["name"]}
+    if (info or {}).get("precision"):  # the precision the extraction actually used
+        extra["precision"] = info["precision"]
+    return provenance(config_digest=_config_digest(spec), dataset_digest=ds.digest,
+                      checkpoint_sha256=(info or {}).get("checkpoint_sha256"), extra=extra)
 
 
 def run_extract(spec: dict, prepared: str | Path, shard: int, shards: int, out: str | Path,
@@ -82,6 +87,7 @@ def run_extract(spec: dict, prepared: str | Path, shard: int, shards: int, out: 
     ds = PreparedDataset(prepared)
     model, info = build_model(spec["name"], spec)
     device = pick_device(s["device"])
+    used = set_precision(s["precision"], device)
     idx = shard_indices(len(ds), shards, shard)
     out = Path(out)
     # stale=True: a temporary sibling of a killed attempt may hold gigabytes of activations.
@@ -90,6 +96,7 @@ def run_extract(spec: dict, prepared: str | Path, shard: int, shards: int, out: 
             model, spec["layers"], ds, idx, input_size=spec.get("input_size"), mean=spec["mean"],
             std=spec["std"], device=device, batch_size=int(s["batch_size"]), out_dir=tmp,
             precision=s["precision"], model_name=spec["name"], progress=progress,
+            quantile=float(s["quantile"]),
         )
         for layer in spec["layers"]:
             hists[layer].save(tmp / f"hist_{layer}.npz")
@@ -97,19 +104,23 @@ def run_extract(spec: dict, prepared: str | Path, shard: int, shards: int, out: 
         (tmp / "info.json").write_text(json.dumps({
             "shard": shard, "shards": shards, "start": int(idx[0]) if len(idx) else 0,
             "stop": int(idx[-1]) + 1 if len(idx) else 0, "checkpoint_sha256": info["checkpoint_sha256"],
+            "precision": used,
             "shapes": {k: list(v.shape) for k, v in stores.items()},
         }, indent=1, sort_keys=True))
         del stores
     return out
 
 
-def _merged_histograms(spec: dict, extract_dirs: list[Path]) -> dict[str, Float16Histogram]:
-    merged: dict[str, Float16Histogram] = {}
+def _merged_histograms(spec: dict, extract_dirs: list[Path]) -> dict[str, StoredHistogram]:
+    merged: dict[str, StoredHistogram] = {}
     for d in extract_dirs:
         for layer in spec["layers"]:
-            h = Float16Histogram.load(Path(d) / f"hist_{layer}.npz")
+            h = StoredHistogram.load(Path(d) / f"hist_{layer}.npz")
             if layer in merged:
-                merged[layer].merge(h)
+                try:  # shards stored in other coordinates do not merge
+                    merged[layer].merge(h)
+                except CnnvisError as e:
+                    raise CnnvisError(f"{spec['name']} {layer}: {d}: {e}") from None
             else:
                 merged[layer] = h
     return merged
@@ -138,12 +149,12 @@ def run_thresholds(spec: dict, prepared: str | Path, extract_dirs: list, out_dir
     digest_spec, spec = spec, _only_layers(spec, layers)
     ds = PreparedDataset(prepared)
     q = float(settings(spec)["quantile"])
-    ckpt = json.loads((Path(extract_dirs[0]) / "info.json").read_text())["checkpoint_sha256"]
+    ckpt = json.loads((Path(extract_dirs[0]) / "info.json").read_text())
     for layer, hist in _merged_histograms(spec, [Path(d) for d in extract_dirs]).items():
         t = unit_thresholds(hist, q)
         write_table("thresholds", _threshold_columns(spec, layer, t),
                     Path(out_dir) / layer / "thresholds.parquet",
-                    _prov(digest_spec, ds, {"checkpoint_sha256": ckpt}))
+                    _prov(digest_spec, ds, ckpt))
 
 
 def _read_thresholds(path: Path) -> np.ndarray:
@@ -188,6 +199,7 @@ def _write_layer_tables(spec, ds, layer, tally, thresholds, maxima, out_dir, pro
     write_table("iou", iou_columns(spec["name"], layer, tally, ds), layer_dir / "iou.parquet", prov)
     units = unit_columns(spec["name"], layer, tally, ds, thresholds, float(s["iou_threshold"]))
     units.update(significance.unit_significance_columns(sig, len(units["unit"])))
+    log_activity(spec["name"], layer, units["activity"])
     write_table("units", units, layer_dir / "units.parquet", prov)
     write_table("significance", significance.significance_columns(spec["name"], layer, sig, ds),
                 layer_dir / "significance.parquet", prov)
@@ -235,8 +247,7 @@ def run_tables(spec: dict, prepared: str | Path, tally_files: list, extract_dirs
     ds = PreparedDataset(prepared)
     extract_dirs = sorted((Path(d) for d in extract_dirs),
                           key=lambda d: json.loads((d / "info.json").read_text())["start"])
-    ckpt = json.loads((extract_dirs[0] / "info.json").read_text())["checkpoint_sha256"]
-    prov = _prov(digest_spec, ds, {"checkpoint_sha256": ckpt})
+    prov = _prov(digest_spec, ds, json.loads((extract_dirs[0] / "info.json").read_text()))
     enabled = settings(spec)["statistics"]["enabled"]
     for layer in spec["layers"]:
         parts = [_tally_file_part(f, layer, enabled) for f in tally_files]
@@ -265,7 +276,7 @@ def run_layers(spec: dict, prepared: str | Path, extract_dirs: list, out_dir: st
     extract_dirs = sorted((Path(d) for d in extract_dirs),
                           key=lambda d: json.loads((d / "info.json").read_text())["start"])
     infos = [json.loads((d / "info.json").read_text()) for d in extract_dirs]
-    prov = _prov(digest_spec, ds, {"checkpoint_sha256": infos[0]["checkpoint_sha256"]})
+    prov = _prov(digest_spec, ds, infos[0])
     hists = _merged_histograms(spec, extract_dirs)
     q = float(s["quantile"])
     for layer in spec["layers"]:
@@ -306,6 +317,7 @@ def dissect(spec: dict, prepared: str | Path | PreparedDataset, out_dir: str | P
     if model is None:
         model, info = build_model(spec["name"], spec)
     device = pick_device(s["device"])
+    info = dict(info, precision=set_precision(s["precision"], device))
     idx = np.arange(len(ds), dtype=np.int64)
     if not keep_on_device:
         Path(scratch).mkdir(parents=True, exist_ok=True)
@@ -315,7 +327,7 @@ def dissect(spec: dict, prepared: str | Path | PreparedDataset, out_dir: str | P
         model, spec["layers"], ds, idx, input_size=spec.get("input_size"), mean=spec["mean"],
         std=spec["std"], device=device, batch_size=int(s["batch_size"]),
         out_dir=None if keep_on_device else Path(scratch), precision=s["precision"],
-        model_name=spec["name"], progress=progress,
+        model_name=spec["name"], progress=progress, quantile=float(s["quantile"]),
     )
     sync()
     t1 = time.perf_counter()
@@ -340,7 +352,7 @@ def dissect(spec: dict, prepared: str | Path | PreparedDataset, out_dir: str | P
                                                maxima[layer], out_dir, prov, sigs[layer])
     return {"tallies": tallies, "thresholds": thresholds, "maxima": maxima, "units": units,
             "significance": sigs, "extract_s": t1 - t0, "tally_s": t2 - t1,
-            "statistics_s": t3 - t2}
+            "statistics_s": t3 - t2, "precision": info["precision"]}
 
 
 def run_summary(units_files: list, out: str | Path, figure: str | Path | None = None,

@@ -1,6 +1,8 @@
 """From merged statistics to the dissection tables and figures.
 
 - iou_columns / unit_columns: the iou and units tables of one layer from a ConceptTally.
+- unit_activity(tally, ds, thresholds): active_fraction and activity ("ok", "sparse", "dead");
+  log_activity warns about sparse and dead units.
 - top_image_columns: per unit the k images with the highest maximum activation.
 - detector_counts(units_df): per (model, layer, category) the detectors and unique detectors
   (tables.unique_detectors, the paper's counting rule).
@@ -11,12 +13,16 @@ The figures drawn from these are in figures.py.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 
 from cnnvis_pipeline.data.prepared import PreparedDataset
 from cnnvis_pipeline.dissection.tally import ConceptTally
 from cnnvis_pipeline.tables import unique_detectors
+
+log = logging.getLogger(__name__)
 
 
 def iou_columns(model: str, layer: str, tally: ConceptTally, ds: PreparedDataset) -> dict:
@@ -42,6 +48,7 @@ def unit_columns(model: str, layer: str, tally: ConceptTally, ds: PreparedDatase
     iou, _, _ = tally.iou(ds.concept_category)
     best = iou.argmax(axis=1)  # first maximum: ties go to the earlier concept (stable)
     best_iou = iou[np.arange(len(best)), best]
+    fraction, activity = unit_activity(tally, ds, thresholds)
     return {
         "model": [model] * len(best),
         "layer": [layer] * len(best),
@@ -52,7 +59,34 @@ def unit_columns(model: str, layer: str, tally: ConceptTally, ds: PreparedDatase
         "category": [ds.concepts[i]["category"] for i in best],
         "iou": best_iou,
         "detector": best_iou > iou_threshold,
+        "active_fraction": fraction,
+        "activity": activity,
     }
+
+
+def unit_activity(tally: ConceptTally, ds: PreparedDataset, thresholds: np.ndarray):
+    """(active_fraction [U], activity [U]): the fraction of all (image, position) cells of each
+    unit's upsampled map above T_k, and "ok", "sparse" (T_k == 0 and some cell above it) or
+    "dead" (no cell above T_k: all zero, constant, or ties at the top)."""
+    area = tally.unit_area.cpu().numpy().astype(np.int64)
+    cells = len(ds) * int(np.prod(ds.seg_size))
+    fraction = area / cells if cells else np.zeros(len(area))
+    t = np.asarray(thresholds, np.float64)
+    activity = np.where(area == 0, "dead", np.where(t == 0, "sparse", "ok"))
+    return fraction.astype(np.float64), [str(a) for a in activity]
+
+
+def log_activity(model: str, layer: str, activity) -> None:
+    """Warn (the tables job's log) about dead units and units with threshold 0."""
+    act = np.asarray(activity)
+    for kind, why in (("dead", "never above their threshold (all zero, constant or tied at the "
+                               "top)"),
+                      ("sparse", "have threshold 0 (active at fewer positions than the quantile)")):
+        ids = np.flatnonzero(act == kind)
+        if len(ids):
+            shown = ", ".join(map(str, ids[:20])) + (", ..." if len(ids) > 20 else "")
+            log.warning("%s %s: %d of %d units are %s: %s (units %s)", model, layer, len(ids),
+                        len(act), kind, why, shown)
 
 
 def top_image_columns(model: str, layer: str, maxima: np.ndarray, ds: PreparedDataset,

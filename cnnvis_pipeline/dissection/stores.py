@@ -4,8 +4,9 @@
   (images, planes, slots, present; and a store's activations) in order, read ahead by
   background threads into fresh (on CUDA: pinned) buffers.
 - load_only(...): the reads alone, as the passes do them (the benchmark's baseline).
-- ActivationStore: float16 activations of one layer over one shard, a .npy file written and
-  read with pwrite/pread, or a tensor in memory.
+- ActivationStore: float16 activations of one layer over one shard in per-unit coordinates
+  (affine.Affine), a .npy file written and read with pwrite/pread (its Affine beside it), or a
+  tensor in memory.
 - tune_malloc(): glibc's malloc gets a fixed 1 MB mmap threshold, so per-batch buffers go back
   to the system when freed and the peak resident memory does not creep with the images.
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from cnnvis_pipeline.data.prepared import PreparedDataset
+from cnnvis_pipeline.dissection.affine import Affine
 from cnnvis_pipeline.errors import CnnvisError
 
 _MALLOC_TUNED = False
@@ -189,14 +191,23 @@ def load_only(dataset: PreparedDataset, indices: np.ndarray, *, batch_size: int 
 class ActivationStore:
     """float16 activations of one layer over one shard: a .npy file, or a tensor in memory.
 
+    Values are stored in per-unit coordinates (`affine`, an Affine; identity unless given):
+    write() takes stored float16 values (affine.encode of the layer's output), the tally
+    compares them with affine.to_stored(T_k). A file store keeps its affine next to it
+    (`<name>.affine.npz`).
+
     The file is written and read with pwrite/pread (no memory map), so what was written does not
     stay in the process's resident memory; the page cache keeps it while memory allows.
     """
 
-    def __init__(self, n: int, shape: Sequence[int], path: Path | None, device: torch.device):
+    def __init__(self, n: int, shape: Sequence[int], path: Path | None, device: torch.device,
+                 affine: Affine | None = None):
         self.shape = (n, *shape)
         self.path = path
         self.fd = None
+        self.affine = affine or Affine.identity(self.shape[1])
+        if path is not None:
+            np.savez(self.affine_path(path), **self.affine.state())
         if path is None:
             self.data = torch.empty(self.shape, dtype=torch.float16, device=device)
         else:
@@ -219,10 +230,21 @@ class ActivationStore:
             raise CnnvisError(f"{path}: not a C-ordered float16 array")
         self.shape, self.path, self.offset = tuple(m.shape), Path(path), int(m.offset)
         del m
+        side = cls.affine_path(path)
+        if side.is_file():
+            with np.load(side) as z:
+                self.affine = Affine.from_state(dict(z), self.shape[1])
+        else:
+            self.affine = Affine.identity(self.shape[1])
         self.data = None
         self.fd = os.open(path, os.O_RDONLY)
         self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * 2
         return self
+
+    @staticmethod
+    def affine_path(path: Path) -> Path:
+        path = Path(path)
+        return path.with_name(f"{path.stem}.affine.npz")
 
     def write(self, start: int, acts: torch.Tensor) -> None:
         if self.data is not None:

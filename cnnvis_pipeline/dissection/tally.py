@@ -133,7 +133,7 @@ def pixel_concepts(planes: torch.Tensor, lookup: TallyLookup) -> torch.Tensor:
 class ConceptTally(SavedState):
     """Sums of |M ∩ L_c|, |M| per annotated category and |L_c| over images, for every unit."""
 
-    FIELDS = ("intersection", "mask_area", "concept_area", "category_images")
+    FIELDS = ("intersection", "mask_area", "concept_area", "category_images", "unit_area")
 
     def __init__(self, units: int, concepts: int, categories: int, device="cpu"):
         self.units, self.concepts, self.categories = units, concepts, categories
@@ -142,6 +142,7 @@ class ConceptTally(SavedState):
         self.mask_area = torch.zeros(units, categories, **kw)  # Σ |M_k| over images with category
         self.concept_area = torch.zeros(concepts + 1, **kw)  # Σ |L_c| (over images having c)
         self.category_images = torch.zeros(categories, **kw)  # images annotated per category
+        self.unit_area = torch.zeros(units, **kw)  # Σ |M_k| over all images (unit activity)
 
     def merge(self, other: ConceptTally) -> None:
         for f in self.FIELDS:
@@ -198,6 +199,7 @@ class ConceptTally(SavedState):
             self.intersection.index_add_(1, img_c, count[img_b].T.contiguous())
         self.intersection[:, C] = 0  # the sink column stays empty
         self.mask_area += (count.unsqueeze(2) * present_t.unsqueeze(1).to(torch.int64)).sum(0)
+        self.unit_area += count.sum(0)
         if stats is not None:
             stats.masks(count)
 
@@ -220,7 +222,8 @@ class ConceptTally(SavedState):
         u, c, k = (int(v) for v in state["shape"])
         t = cls(u, c, k, device)
         for f in cls.FIELDS:
-            getattr(t, f).copy_(torch.as_tensor(np.asarray(state[f])))
+            if f in state:  # (unit_area: absent from tallies of older versions)
+                getattr(t, f).copy_(torch.as_tensor(np.asarray(state[f])))
         return t
 
 
@@ -233,7 +236,8 @@ def tally_shard(dataset: PreparedDataset, indices: np.ndarray, store: Activation
     tune_malloc()
     units = store.shape[1]
     tally = ConceptTally(units, len(dataset.concepts), len(dataset.categories), device)
-    t = torch.as_tensor(thresholds, dtype=torch.float32, device=device)
+    # Compared with the stored values, in the store's coordinates (exact for on-grid T_k).
+    t = torch.as_tensor(store.affine.to_stored(thresholds), dtype=torch.float32, device=device)
     lookup = TallyLookup(dataset, device)
     pin = device.type == "cuda"
     if pin:

@@ -7,7 +7,7 @@ writes, next to them:
 - viz/unit<U>_top.png       the unit's top-activating dataset images (top_images.parquet, highest
                             maximum activation first), everything outside its thresholded mask
                             darkened and the mask outlined. The maps come from one new forward
-                            pass over those images: float16 like the dissection, bilinear
+                            pass over those images: float32 (the layer's own values), bilinear
                             (align_corners=False) to the image size, > the unit's threshold.
 - viz/unit<U>_am.png        activation maximisation (viz.activation_max, all units in
                             one batch, reports.activation_max.preset) with the model's mean/std,
@@ -130,7 +130,7 @@ class _Clock:
 @torch.no_grad()
 def layer_activations(model, layer: str, ds: PreparedDataset, idx, spec: dict,
                       device: torch.device, batch_size: int = 64) -> torch.Tensor:
-    """float16 [N, U, h, w] activations of `layer` for dataset images `idx` (the dissection's
+    """float32 [N, U, h, w] activations of `layer` for dataset images `idx` (the dissection's
     input pipeline: models.input.images_to_input)."""
     idx = np.asarray(idx, np.int64)
     outs = []
@@ -139,7 +139,7 @@ def layer_activations(model, layer: str, ds: PreparedDataset, idx, spec: dict,
             part = idx[start : start + batch_size]
             x = images_to_input(np.ascontiguousarray(ds.images[part]),
                                 spec.get("input_size"), spec["mean"], spec["std"], device)
-            outs.append(rec.run(x)[layer].to(torch.float16))
+            outs.append(rec.run(x)[layer].float())
     return torch.cat(outs)
 
 
