@@ -325,11 +325,15 @@ class LayerRecorder:
     def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One forward pass; returns {layer: feature map}. Stops early after the last layer if
         asked, once a complete pass has checked the call counts. Under a torch function mode
-        (DeconvNet's guard, the receptive field's) that first check is a pass of its own (no
+        (DeconvNet's guard, the receptive field's), or with detach=False, that first check is a
+        pass of its own (no
         graph, no modes, nothing kept), so what runs after the layers cannot change or refuse
         the recorded pass; otherwise the first recorded pass runs to the end."""
+        # With the graph kept (detach=False) the recorded output is the module's own tensor: an
+        # in-place op after the layer (ReLU(inplace=True)) in a pass that runs to the end would
+        # change it, so that first check is a pass of its own too.
         if (self.stop_after_last and not self._is_verified()
-                and torch._C._is_torch_function_mode_enabled()):
+                and (torch._C._is_torch_function_mode_enabled() or not self.detach)):
             keep, self.keep = self.keep, False
             try:
                 with torch.no_grad(), torch._C.DisableTorchFunction():
