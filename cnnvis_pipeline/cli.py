@@ -27,7 +27,8 @@ COMMAND_MODULES = [
 # Which module registers each command: a job imports only its command's module (the others
 # pull in what it never needs). tests/test_cli.py checks this against the modules' parsers.
 COMMANDS = {
-    **{c: "cnnvis_pipeline.data.commands" for c in ("synth", "download", "validate", "prepare")},
+    **{c: "cnnvis_pipeline.data.commands" for c in ("synth", "download", "digest", "validate",
+                                                         "prepare")},
     "layers": "cnnvis_pipeline.models.commands",
     **{c: "cnnvis_pipeline.dissection.commands"
        for c in ("train", "check-model", "extract", "thresholds", "tally", "tables", "summary",

@@ -2,7 +2,8 @@
 
 - merge_with_default(user, default): `dataset` and `models` given by the user replace the
   default's entirely; every other section is merged key by key (the user's values win).
-- dataset_name(cfg), dataset_dirs(cfg): where the dataset and its prepared arrays live.
+- dataset_name(cfg), dataset_source_dir(cfg): the dataset's name and directory (its prepared
+  arrays live in `{data_root}/prepared/<name>-<content digest>`, data/entries.py).
 - model_specs(cfg): every model to dissect, with defaults filled in and checkpoint series
   expanded into one model per checkpoint (`<name>-<checkpoint stem>`).
 - spec_digest(obj): sha256 of a canonical JSON encoding (the tables' config digest).
@@ -174,10 +175,6 @@ def dataset_source_dir(cfg: dict) -> str:
     if ds.get("path"):
         return str(ds["path"])
     return f"{root}/datasets/{dataset_name(cfg)}"
-
-
-def prepared_dir(cfg: dict) -> str:
-    return f"{cfg.get('data_root', 'resources')}/prepared/{dataset_name(cfg)}"
 
 
 def _checkpoint_stem(path: str, where: str) -> str:

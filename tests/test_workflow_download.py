@@ -125,8 +125,12 @@ def test_workflow_downloads_validates_prepares_and_dissects(server, synth_zip, t
     dataset_dir = tmp_path / cc.dataset_source_dir(cfg)
     assert json.loads((dataset_dir / COMPLETE_MARKER).read_text())["url"] == url
     name = cc.dataset_name(cfg)
-    assert "OK: 24 images" in (tmp_path / f"resources/validated/{name}.txt").read_text()
-    assert (tmp_path / cc.prepared_dir(cfg) / "meta.json").is_file()
+    digest = json.loads((tmp_path / "results/digests/dataset.json").read_text())["digest"]
+    entry = f"{name}-{digest[:16]}"  # shared entries are keyed by the content digest
+    assert "OK: 24 images" in (tmp_path / f"resources/validated/{entry}.txt").read_text()
+    receipt = json.loads((tmp_path / "results/digests/prepared.json").read_text())
+    assert receipt["prepared"] == f"resources/prepared/{entry}" and receipt["digest"] == digest
+    assert json.loads((tmp_path / receipt["prepared"] / "meta.json").read_text())["digest"] == digest
     units = pq.read_table(tmp_path / "results/tiny/features.relu3/units.parquet").to_pandas()
     assert len(units) > 0 and set(units["model"]) == {"tiny"} and units["unit"].is_unique
     assert (tmp_path / "results/summary/detectors.parquet").is_file()
@@ -138,7 +142,7 @@ def test_workflow_downloads_validates_prepares_and_dissects(server, synth_zip, t
 def test_workflow_mirror_is_used(server, synth_zip, tmp_path, workflow):
     cfg = config({"download": "broden1_224", "mirror": server.url("/data/x.zip"),
                   "sha256": sha256(synth_zip)})
-    proc = workflow.run(tmp_path, cfg, "resources/datasets/broden1_224")
+    proc = workflow.run(tmp_path, cfg, "results/digests/dataset.json")
     assert proc.returncode == 0
     assert (tmp_path / "resources/datasets/broden1_224" / COMPLETE_MARKER).is_file()
     assert len(server.gets("/data/x.zip")) == 1
@@ -155,8 +159,9 @@ def test_workflow_checksum_mismatch_stops_before_anything_valid(server, synth_zi
             in proc.stderr), proc.stderr[-3000:]
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()
                   and ".snakemake" not in p.parts)
-    assert not (tmp_path / "results").exists()
-    assert [p for p in left if "/logs/" not in p and not p.endswith(".lock")] == ["cfg.yaml"], left
+    # nothing but logs, locks and the digest files of the models (results/digests/)
+    assert [p for p in left if "/logs/" not in p and not p.endswith(".lock")
+            and not p.startswith("results/digests/model_")] == ["cfg.yaml"], left
 
 
 @pytest.mark.slow

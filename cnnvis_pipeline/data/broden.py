@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import csv
 import re
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +58,8 @@ def read_csv_rows(path: Path, required: list[str], problems: list[str], *,
         problems.append(f"{path}: required file is missing")
         return None
     try:
-        with path.open(newline="", encoding="utf-8") as f:
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" export starts with a byte-order mark
+        with path.open(newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             missing = [c for c in required if c not in header]
@@ -98,6 +101,17 @@ def _int(path: Path, row: int, column: str, value: str | None) -> int:
         ) from None
 
 
+def unknown_columns(header: list, categories: list[str]) -> list[str]:
+    """index.csv columns that are neither fixed nor a category of category.csv."""
+    return [c for c in header if c is not None and c not in INDEX_FIXED and c not in categories]
+
+
+def unknown_columns_message(index_path: Path, unknown: list[str], cat_path: Path) -> str:
+    return (f"{index_path}: line 1: column(s) {', '.join(map(repr, unknown))} are not "
+            f"categories of {cat_path}; add them there or remove the column(s) (they would "
+            "be ignored)")
+
+
 def parse_label_categories(text: str, *, where: str) -> dict[str, int]:
     """Parse label.csv's category field, e.g. 'material(36);object(3)' -> {material: 36, object: 3}."""
     out: dict[str, int] = {}
@@ -109,30 +123,88 @@ def parse_label_categories(text: str, *, where: str) -> dict[str, int]:
     return out
 
 
-def decode_label_png(path: Path) -> np.ndarray:
-    """Global label numbers of a segmentation PNG: R + 256 * G, as int32 (B is unused)."""
+SEGMENTATION_MODES = {2: "RGB", 6: "RGBA"}  # PNG colour types a segmentation may have
+
+
+def _size_problem(path: Path, size: tuple[int, int], expect, what: str) -> str | None:
+    if expect is None or (size[1], size[0]) == tuple(expect):
+        return None
+    names = "iw x ih" if what == "image" else "sw x sh"
+    return (f"{path}: {what} is {size[0]}x{size[1]}, index.csv says {names} = "
+            f"{expect[1]}x{expect[0]}")
+
+
+@contextmanager
+def _open_checked(path: Path, what: str, expect):
+    """Image.open (which reads only the header), the header's size checked against `expect`
+    (height, width) from index.csv before anything is decoded; errors name the file."""
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except FileNotFoundError:
+        raise CnnvisError(f"{path}: {'image' if what == 'image' else 'segmentation PNG'} is "
+                          "missing") from None
+    except Image.DecompressionBombError as e:
+        raise CnnvisError(f"{path}: refused before decoding: {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        kind = "image" if what == "image" else "segmentation PNG"
+        raise CnnvisError(f"{path}: cannot decode {kind} ({e})") from None
+    with im:
+        problem = _size_problem(path, im.size, expect, what)
+        if problem:
+            raise CnnvisError(problem)
+        yield im
+
+
+def _png_header(path: Path) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG's IHDR chunk, or None if it is not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
+        return None
+    return head[24], head[25]
+
+
+def decode_label_png(path: Path, expect: tuple[int, int] | None = None) -> np.ndarray:
+    """Global label numbers of a segmentation PNG: R + 256 * G, as int32 (B is unused).
+
+    The PNG must be 8-bit RGB or RGBA (what the label encoding means); `expect` = (sh, sw) from
+    index.csv is checked from the header before decoding."""
+    with _open_checked(path, "segmentation", expect) as im:
+        try:
+            header = _png_header(path)
+        except OSError as e:
+            raise CnnvisError(f"{path}: cannot read segmentation PNG ({e.strerror})") from None
+        if header is None:
+            raise CnnvisError(f"{path}: segmentation is not a PNG file ({im.format})")
+        depth, colour = header
+        if colour not in SEGMENTATION_MODES or depth != 8:
+            kind = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha",
+                    6: "RGBA"}.get(colour, f"colour type {colour}")
+            raise CnnvisError(
+                f"{path}: segmentation PNG is {depth}-bit {kind} (mode {im.mode}); it must be "
+                "8-bit RGB or RGBA (label = R + 256 * G)"
+            )
+        try:
             im.load()
             rgb = np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise CnnvisError(f"{path}: segmentation PNG is missing") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise CnnvisError(f"{path}: cannot decode segmentation PNG ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise CnnvisError(f"{path}: cannot decode segmentation PNG ({e})") from None
     # Decode in int32: uint8 * 256 would overflow.
     return rgb[..., 0].astype(np.int32) + 256 * rgb[..., 1].astype(np.int32)
 
 
-def read_rgb(path: Path) -> np.ndarray:
-    """An image file as uint8 RGB [H, W, 3]; a corrupt file raises CnnvisError naming it."""
-    try:
-        with Image.open(path) as im:
+def read_rgb(path: Path, expect: tuple[int, int] | None = None) -> np.ndarray:
+    """An image file as uint8 RGB [H, W, 3]; a corrupt file raises CnnvisError naming it.
+
+    `expect` = (ih, iw) from index.csv is checked from the header before decoding."""
+    with _open_checked(path, "image", expect) as im:
+        try:
             im.load()
             return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise CnnvisError(f"{path}: image is missing") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise CnnvisError(f"{path}: cannot decode image ({e})") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise CnnvisError(f"{path}: cannot decode image ({e})") from None
 
 
 class BrodenDataset:
@@ -166,7 +238,7 @@ class BrodenDataset:
     # -- reading ------------------------------------------------------------------------------
     def read_image(self, i: int) -> np.ndarray:
         rec = self.records[i]
-        return read_rgb(self.resolve(rec.image, where=self._where(rec)))
+        return read_rgb(self.resolve(rec.image, where=self._where(rec)), (rec.ih, rec.iw))
 
     def read_planes(self, i: int) -> dict[str, np.ndarray]:
         """Pixel-level label planes of image i: category -> int32 [planes, sh, sw]."""
@@ -176,7 +248,7 @@ class BrodenDataset:
             planes = []
             for rel in files:
                 path = self.resolve(rel, where=self._where(rec))
-                plane = decode_label_png(path)
+                plane = decode_label_png(path, (rec.sh, rec.sw))
                 if plane.shape != (rec.sh, rec.sw):
                     raise CnnvisError(
                         f"{path}: segmentation is {plane.shape[1]}x{plane.shape[0]}, "
@@ -237,6 +309,9 @@ def load_broden(root: str | Path) -> BrodenDataset:
     rows = _read_csv(index_path, INDEX_FIXED + ds.categories)
     if not rows:
         raise CnnvisError(f"{index_path}: the dataset has no images")
+    unknown = unknown_columns(list(rows[0]), ds.categories)
+    if unknown:
+        raise CnnvisError(unknown_columns_message(index_path, unknown, cat_path))
     kinds: dict[str, str] = {}
     for n, row in enumerate(rows, start=2):
         where = f"{index_path}: line {n}"

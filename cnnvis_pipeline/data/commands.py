@@ -1,5 +1,10 @@
 """CLI commands of the data stage: `synth` (broden-synth), `download` (a Broden zip, resumed,
-verified, unpacked), `validate` (every problem of a dataset) and `prepare` (packed arrays)."""
+verified, unpacked), `digest` (a dataset's content digest), `validate` (every problem of a
+dataset) and `prepare` (packed arrays).
+
+Shared entries under a data root are made under their lock, and one already complete for the
+same content is success (data/entries.py); `--digest-out`/`--digest-file`/`--receipt` are the
+per-run files the workflow's rules output instead of the shared entries."""
 
 from __future__ import annotations
 
@@ -7,22 +12,50 @@ import json
 import sys
 from pathlib import Path
 
+from cnnvis_pipeline.data import entries
 from cnnvis_pipeline.data.download import KNOWN_DATASETS, fetch_dataset
-from cnnvis_pipeline.data.prepared import prepare_dataset
-from cnnvis_pipeline.data.synth import generate_broden_synth
-from cnnvis_pipeline.data.validate import validation_report
+from cnnvis_pipeline.data.validate import summary_line, validation_report
 from cnnvis_pipeline.errors import CnnvisError
 
 
+def _digest_out(args, dataset) -> None:
+    if args.digest_out:
+        entries.write_dataset_digest(dataset, args.digest_out, manifest=args.manifest)
+
+
 def _synth(args) -> int:
-    generate_broden_synth(args.out, n_images=args.images, image_size=args.size, seed=args.seed)
-    print(args.out)
+    out = entries.ensure_synth(args.out, images=args.images, size=args.size, seed=args.seed)
+    _digest_out(args, out)
+    print(out)
+    return 0
+
+
+def _digest(args) -> int:
+    record = entries.write_dataset_digest(args.dataset, args.out, manifest=args.manifest)
+    print(f"{args.dataset}: {record['digest']} ({record['files']} files, {record['bytes']} bytes)")
     return 0
 
 
 def _prepare(args) -> int:
-    prepare_dataset(args.dataset, args.out, image_size=args.image_size, progress=not args.quiet)
-    print(args.out)
+    if args.digest_file:
+        if not (args.data_root and args.name and args.receipt) or args.out:
+            raise CnnvisError("prepare: --digest-file needs --data-root, --name and --receipt "
+                              "(and no --out)")
+        digest = entries.read_receipt(args.digest_file, "dataset-digest")["digest"]
+        out = Path(args.data_root) / "prepared" / entries.entry_name(args.name, digest)
+    elif args.out:
+        from cnnvis_pipeline.data.manifest import dataset_digest
+
+        if not Path(args.dataset).is_dir():
+            raise CnnvisError(f"{args.dataset}: dataset directory does not exist")
+        out, digest = Path(args.out), dataset_digest(args.dataset)["digest"]
+    else:
+        raise CnnvisError("prepare: give --out, or --digest-file with --data-root and --name")
+    entries.ensure_prepared(args.dataset, out, digest=digest, image_size=args.image_size,
+                            progress=not args.quiet)
+    if args.receipt:
+        entries.write_receipt(args.receipt, "prepared", prepared=str(out), digest=digest)
+    print(out)
     return 0
 
 
@@ -42,12 +75,14 @@ def _spec_from_json(args) -> dict:
     return spec
 
 
-_SPEC_KEYS = ("download", "url", "mirror", "name", "md5", "sha256")
+_SPEC_KEYS = ("download", "url", "mirror", "name", "md5", "sha256", "max_expansion")
 
 
 def _cmd_download(args) -> int:
     if args.spec:
-        path = fetch_dataset(_spec_from_json(args), args.data_root, progress=not args.quiet)
+        path = fetch_dataset(_spec_from_json(args), args.data_root, progress=not args.quiet,
+                             max_expansion=args.max_expansion)
+        _digest_out(args, path)
         print(path)
         return 0
     if not args.name and not args.url:
@@ -69,25 +104,33 @@ def _cmd_download(args) -> int:
         spec["sha256"] = args.sha256
     if args.md5:
         spec["md5"] = args.md5
-    path = fetch_dataset(spec, args.data_root, progress=not args.quiet)
+    path = fetch_dataset(spec, args.data_root, progress=not args.quiet,
+                         max_expansion=args.max_expansion)
+    _digest_out(args, path)
     print(path)
     return 0
 
 
 def _cmd_validate(args) -> int:
     root = Path(args.dataset_dir)
-    report = validation_report(root, progress=not args.quiet, workers=args.workers)
-    if report.problems:
-        for message in report.problems:
+    if args.digest_file:
+        if not (args.data_root and args.name):
+            raise CnnvisError("validate: --digest-file needs --data-root and --name")
+        digest = entries.read_receipt(args.digest_file, "dataset-digest")["digest"]
+        problems, line = entries.ensure_validated(root, data_root=args.data_root, name=args.name,
+                                                  digest=digest, workers=args.workers,
+                                                  progress=not args.quiet)
+    else:
+        report = validation_report(root, progress=not args.quiet, workers=args.workers)
+        problems = report.problems
+        line = "" if problems else summary_line(root, report)
+    if problems:
+        for message in problems:
             print(message)
-        n = len(report.problems)
+        n = len(problems)
         print(f"{root}: {n} problem{'s' if n != 1 else ''}", file=sys.stderr)
         return 1
-    splits = ", ".join(f"{v} {k}" for k, v in sorted(report.splits.items()))
-    print(
-        f"{root}: OK: {report.images} images ({splits}), {report.labels} labels, "
-        f"{report.categories} categories, {report.files_checked} files checked"
-    )
+    print(line)
     return 0
 
 
@@ -100,11 +143,25 @@ def register(sub) -> None:
         p.set_defaults(func=func)
         return p
 
+    def digest_out(p) -> None:
+        p.add_argument("--digest-out", help="also write the dataset's digest file here (only "
+                       "when it changes)")
+        p.add_argument("--manifest", help="with --digest-out: the manifest cache (file stats "
+                       "and hashes), so that only changed files are read again")
+
     p = add("synth", _synth, "generate a broden-synth dataset (Broden format)")
-    p.add_argument("--out", required=True, help="directory to create (must not exist)")
+    p.add_argument("--out", required=True, help="directory to create (an existing broden-synth "
+                   "dataset of the same parameters is taken as done)")
     p.add_argument("--images", type=int, default=1000)
     p.add_argument("--size", type=int, default=64, help="image size in pixels (even)")
     p.add_argument("--seed", type=int, default=0)
+    digest_out(p)
+
+    p = add("digest", _digest, "the content digest of a Broden directory, as a file that "
+            "changes exactly when the content does")
+    p.add_argument("--dataset", required=True, help="Broden-format directory")
+    p.add_argument("--out", required=True, help="digest file to write (only when it changes)")
+    p.add_argument("--manifest", help="manifest cache (file stats and hashes)")
 
     p = add("download", _cmd_download, "download, verify and unpack a Broden dataset",
             "Download a Broden-format zip (resuming a broken transfer), verify its checksum and "
@@ -120,8 +177,12 @@ def register(sub) -> None:
     p.add_argument(
         "--spec",
         help="the config's dataset mapping as JSON (keys download, url, mirror, name, sha256, "
-        "md5), as the workflow passes it; --name then only names the directory",
+        "md5, max_expansion), as the workflow passes it; --name then only names the directory",
     )
+    p.add_argument("--max-expansion", type=float, default=None,
+                   help="refuse an archive that unpacks to more than this many times its size "
+                   "(default: the spec's max_expansion, else the schema's default)")
+    digest_out(p)
 
     p = add("validate", _cmd_validate, "check a Broden-format dataset and list every problem",
             "Check a Broden-format dataset directory: CSVs, paths, image and PNG sizes, label "
@@ -129,9 +190,20 @@ def register(sub) -> None:
             quiet="no progress bar")
     p.add_argument("dataset_dir", metavar="DATASET_DIR")
     p.add_argument("--workers", type=int, default=None, help="decoding threads (default: up to 8)")
+    p.add_argument("--digest-file", help="the dataset's digest file (cnnvis digest): validate "
+                   "once per content, recorded in DATA_ROOT/validated/NAME-<digest>.txt")
+    p.add_argument("--data-root", help="with --digest-file: the shared data root")
+    p.add_argument("--name", help="with --digest-file: the dataset's name")
 
     p = add("prepare", _prepare, "decode a Broden directory into packed arrays",
             quiet="no progress bar")
     p.add_argument("--dataset", required=True, help="Broden-format directory")
-    p.add_argument("--out", required=True, help="prepared directory to create")
+    p.add_argument("--out", default=None, help="prepared directory to create (one already "
+                   "prepared from the same content is taken as done)")
+    p.add_argument("--digest-file", help="the dataset's digest file: prepare into "
+                   "DATA_ROOT/prepared/NAME-<digest> (shared by every run)")
+    p.add_argument("--data-root", help="with --digest-file: the shared data root")
+    p.add_argument("--name", help="with --digest-file: the dataset's name")
+    p.add_argument("--receipt", help="write a receipt naming the prepared directory (what the "
+                   "other commands' --prepared accepts)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size")

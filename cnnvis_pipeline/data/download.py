@@ -4,7 +4,8 @@
   `data_root/<name>`; does nothing when that directory is already complete.
 - resolve_source(spec): which URL, directory name and checksum(s) a spec means.
 - extract_zip_safely(archive, target): unpack a zip, refusing the whole archive (before writing
-  anything) if any entry would land outside `target`.
+  anything) if any entry would land outside `target`, if it expands more than `max_expansion`
+  times (default 100x: a zip bomb) or needs more than the free space (naming the entry).
 - is_complete(path): whether a dataset directory carries the completion marker.
 
 Specs: `{download: broden1_224}` (also broden1_227, broden1_384: the official URLs; only
@@ -23,6 +24,7 @@ leaves a directory that looks complete. A lock file serialises concurrent runs o
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -56,6 +58,7 @@ KNOWN_DATASETS: dict[str, dict[str, str | None]] = {
 }
 COMPLETE_MARKER = ".complete"
 CHUNK_SIZE = 1 << 16  # bytes per read while streaming
+EXPANSION_MIN_BYTES = 1 << 20  # smaller unpacked sizes are never a bomb (a tiny CSV may be 100x)
 RETRY_WAIT = 2.0  # seconds; the n-th retry waits n times this
 _HEX = {"md5": re.compile(r"^[0-9a-f]{32}$"), "sha256": re.compile(r"^[0-9a-f]{64}$")}
 
@@ -246,6 +249,18 @@ class ResumingDownloader:
                     for chunk in r.iter_content(chunk_size=CHUNK_SIZE):
                         f.write(chunk)
                         bar.update(len(chunk))
+            except OSError as e:
+                if not _out_of_space(e):
+                    raise
+                got = self.part.stat().st_size if self.part.exists() else 0
+                self.part.unlink(missing_ok=True)
+                free = shutil.disk_usage(self.part.parent).free
+                need = f" of {total}" if total else ""
+                raise CnnvisError(
+                    f"{url}: ran out of space downloading to {self.part} ({e.strerror}) after "
+                    f"{got}{need} bytes, {free} bytes free; the partial file was removed: free "
+                    "space (or set data_root elsewhere) and run again"
+                ) from None
             finally:
                 bar.close()
         size = self.part.stat().st_size
@@ -396,13 +411,48 @@ def _unsafe_reason(info: zipfile.ZipInfo, target: Path) -> str | None:
     return None
 
 
-def extract_zip_safely(archive: Path, target: Path, *, progress: bool = False) -> None:
+def _expansion_problem(archive: Path, infos: list[zipfile.ZipInfo], limit: float) -> str | None:
+    """Why the archive expands suspiciously (a zip bomb), naming the worst entry; else None."""
+    files = [i for i in infos if not i.is_dir()]
+    if not files:
+        return None
+    worst = max(files, key=lambda i: i.file_size / max(i.compress_size, 1))
+    ratio = worst.file_size / max(worst.compress_size, 1)
+    if worst.file_size > EXPANSION_MIN_BYTES and ratio > limit:
+        return (f"entry {worst.filename!r} expands {ratio:.0f}x ({worst.compress_size} -> "
+                f"{worst.file_size} bytes)")
+    total = sum(i.file_size for i in files)
+    size = max(archive.stat().st_size, 1)
+    if total > EXPANSION_MIN_BYTES and total / size > limit:
+        return (f"the archive expands {total / size:.0f}x ({size} -> {total} bytes; most: "
+                f"entry {worst.filename!r}, {ratio:.0f}x)")
+    return None
+
+
+def default_max_expansion() -> float:
+    """`dataset.max_expansion`'s default, from the schema (the only place with defaults)."""
+    from cnnvis_pipeline.config import load_schema
+
+    return float(load_schema()["properties"]["dataset"]["properties"]["max_expansion"]["default"])
+
+
+def _out_of_space(e: OSError) -> bool:
+    return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def extract_zip_safely(archive: Path, target: Path, *, progress: bool = False,
+                       max_expansion: float | None = None) -> None:
     """Unpack `archive` into `target` (which must not exist yet).
 
     Every entry is checked first; if any is absolute, contains `..`, is a symlink or special
-    file, or repeats another entry, the whole archive is refused and nothing is written.
+    file, or repeats another entry, or the archive expands more than `max_expansion` times its
+    size (a zip bomb), or needs more than the free space, the whole archive is refused and
+    nothing is written. An entry that unpacks to more than its declared size, or a disk that
+    fills up anyway, stops the extraction naming the entry (the caller removes `target`).
     """
     archive, target = Path(archive), Path(target)
+    if max_expansion is None:
+        max_expansion = default_max_expansion()
     if target.exists():
         raise CnnvisError(f"{target}: already exists; will not extract over it")
     try:
@@ -431,11 +481,24 @@ def extract_zip_safely(archive: Path, target: Path, *, progress: bool = False) -
                     f"{archive}: refusing to extract: entry {'; entry '.join(bad[:5])}{more}; "
                     "nothing was extracted"
                 )
+            problem = _expansion_problem(archive, infos, max_expansion)
+            if problem:
+                raise CnnvisError(
+                    f"{archive}: refusing to extract: {problem}, more than the limit of "
+                    f"{max_expansion:g}x (dataset.max_expansion); nothing was extracted"
+                )
             need = sum(i.file_size for i in infos)
             free = shutil.disk_usage(target.parent).free
             if need > free:
+                running, first = 0, infos[-1]
+                for info in infos:
+                    running += info.file_size
+                    if running > free:
+                        first = info
+                        break
                 raise CnnvisError(
-                    f"{archive}: needs {need} bytes unpacked but {target.parent} has {free} free"
+                    f"{archive}: needs {need} bytes unpacked but {target.parent} has {free} "
+                    f"free (entry {first.filename!r} would not fit); nothing was extracted"
                 )
             target.mkdir()
             with tqdm(
@@ -449,14 +512,32 @@ def extract_zip_safely(archive: Path, target: Path, *, progress: bool = False) -
             ) as bar:
                 for info in infos:
                     dest = target / info.filename
-                    if info.is_dir():
-                        dest.mkdir(parents=True, exist_ok=True)
-                        continue
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as src, open(dest, "xb") as out:
-                        while block := src.read(1 << 20):
-                            out.write(block)
-                            bar.update(len(block))
+                    try:
+                        if info.is_dir():
+                            dest.mkdir(parents=True, exist_ok=True)
+                            continue
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        written = 0
+                        with zf.open(info) as src, open(dest, "xb") as out:
+                            while block := src.read(1 << 20):
+                                written += len(block)
+                                if written > info.file_size:
+                                    raise CnnvisError(
+                                        f"{archive}: entry {info.filename!r} unpacks to more "
+                                        f"than its declared {info.file_size} bytes; refused"
+                                    )
+                                out.write(block)
+                                bar.update(len(block))
+                    except OSError as e:
+                        if _out_of_space(e):
+                            raise CnnvisError(
+                                f"{archive}: ran out of space unpacking entry {info.filename!r} "
+                                f"into {target.parent} ({e.strerror}); the partial extraction "
+                                "was removed: free space and run again"
+                            ) from None
+                        raise CnnvisError(
+                            f"{archive}: cannot unpack entry {info.filename!r} ({e.strerror or e})"
+                        ) from None
     except zipfile.BadZipFile as e:
         raise CnnvisError(f"{archive}: not a valid zip archive ({e})") from None
 
@@ -518,6 +599,7 @@ def fetch_dataset(
     progress: bool = True,
     retries: int = 3,
     timeout: float = 60.0,
+    max_expansion: float | None = None,
 ) -> Path:
     """Make `data_root/<name>` a complete, verified Broden dataset directory and return its path.
 
@@ -525,6 +607,11 @@ def fetch_dataset(
     and again by the next call); errors are CnnvisError naming the URL or file.
     """
     src = resolve_source(spec)
+    if max_expansion is None:
+        max_expansion = spec.get("max_expansion") or default_max_expansion()
+    if isinstance(max_expansion, bool) or not isinstance(max_expansion, (int, float)) \
+            or max_expansion < 1:
+        raise CnnvisError(f"dataset.max_expansion: expected a number >= 1, got {max_expansion!r}")
     data_root = Path(data_root)
     dest = data_root / src.name
     if _already_done(dest, src):
@@ -540,7 +627,7 @@ def fetch_dataset(
         )
         tmp = data_root / f".{src.name}.extract-{os.getpid()}"
         try:
-            extract_zip_safely(archive, tmp, progress=progress)
+            extract_zip_safely(archive, tmp, progress=progress, max_expansion=max_expansion)
             root = _dataset_root(tmp, src.url)
             record = {"name": src.name, "url": src.url, **hashes, "completed": time.time()}
             (root / COMPLETE_MARKER).write_text(json.dumps(record, indent=1) + "\n")

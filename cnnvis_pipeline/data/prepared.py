@@ -3,7 +3,9 @@
 - prepare_dataset(broden_root, out_dir): decode images and label planes into .npy arrays (written
   under a temporary name, renamed into place when complete).
 - PreparedDataset(out_dir): memory-mapped access, `batch(indices)` for the dissection.
-- dataset_digest(broden_root): a sha256 over the CSVs and every referenced file's name and size.
+- dataset_digest(ds): the content digest of the dataset directory (data/manifest.py).
+- PreparedDataset also opens a prepare receipt (what the workflow's prepare_dataset writes:
+  JSON naming the shared prepared directory and the digest it must have).
 
 Layout of a prepared directory:
   meta.json         categories (with kind pixel/image), concepts (label, name, category), image
@@ -19,7 +21,6 @@ Layout of a prepared directory:
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -35,24 +36,16 @@ from cnnvis_pipeline.data.broden import BrodenDataset, load_broden, write_csv
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.fileio import atomic_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `digest` is the content digest (data/manifest.py)
 SLICE = 500  # images per slice of prepare_parallel, at least (broden-big's generation chunk)
 
 
 def dataset_digest(ds: BrodenDataset) -> str:
-    h = hashlib.sha256()
-    for name in ("index.csv", "category.csv", "label.csv"):
-        h.update(name.encode())
-        h.update((ds.root / name).read_bytes())
-    for rec in ds.records:
-        for rel in [rec.image] + [p for files in rec.pixel.values() for p in files]:
-            path = ds.resolve(rel, where=f"{ds.root / 'index.csv'}: line {rec.row}")
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                raise CnnvisError(f"{path}: file named in index.csv line {rec.row} is missing") from None
-            h.update(f"{rel}\0{size}\n".encode())
-    return h.hexdigest()
+    """The content digest of the dataset's directory (manifest.dataset_digest: every file's
+    path, size and sha256), so that prepared arrays are keyed by what they were made from."""
+    from cnnvis_pipeline.data.manifest import dataset_digest as content_digest
+
+    return content_digest(ds.root)["digest"]
 
 
 def _resize_nearest(a: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -62,8 +55,10 @@ def _resize_nearest(a: np.ndarray, h: int, w: int) -> np.ndarray:
 
 
 def prepare_dataset(broden_root: str | Path, out_dir: str | Path, *, image_size: int | None = None,
-                    progress: bool = True) -> Path:
-    """Decode a Broden directory into `out_dir` (refuses to overwrite a complete one)."""
+                    progress: bool = True, digest: str | None = None) -> Path:
+    """Decode a Broden directory into `out_dir` (refuses to overwrite a complete one).
+
+    `digest`: the dataset's content digest when the caller has it (else it is computed)."""
     out_dir = Path(out_dir)
     if (out_dir / "meta.json").exists():
         raise CnnvisError(f"{out_dir}: a prepared dataset is already there; remove it to rebuild")
@@ -137,7 +132,7 @@ def prepare_dataset(broden_root: str | Path, out_dir: str | Path, *, image_size:
         meta = {
             "format": FORMAT_VERSION,
             "source": str(Path(broden_root).resolve()),
-            "digest": dataset_digest(ds),
+            "digest": digest or dataset_digest(ds),
             "n_images": n,
             "image_size": [ih, iw],
             "seg_size": [sh, sw],
@@ -170,12 +165,23 @@ class PreparedDataset:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        want = None
+        if self.path.is_file():  # a receipt of the workflow's prepare_dataset
+            from cnnvis_pipeline.data.entries import read_receipt
+
+            receipt = read_receipt(self.path, "prepared")
+            self.path, want = Path(receipt["prepared"]), receipt["digest"]
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
             raise CnnvisError(f"{self.path}: not a complete prepared dataset (no meta.json)")
         self.meta = json.loads(meta_path.read_text())
         if self.meta.get("format") != FORMAT_VERSION:
             raise CnnvisError(f"{meta_path}: prepared with another format version; prepare it again")
+        if want is not None and self.meta.get("digest") != want:
+            raise CnnvisError(
+                f"{meta_path}: holds dataset digest {str(self.meta.get('digest'))[:16]}, but the "
+                f"receipt asks for {want[:16]}; run the workflow again"
+            )
         self.images = np.load(self.path / "images.npy", mmap_mode="r")
         self.planes = np.load(self.path / "planes.npy", mmap_mode="r")
         self.slots = np.load(self.path / "slots.npy")

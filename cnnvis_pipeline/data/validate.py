@@ -8,10 +8,12 @@
 Checked: index.csv, category.csv and label.csv exist and have their columns (c_<category>.csv is
 checked when present); category names, label numbers and label categories; every row's sizes and
 split; every image and PNG named in index.csv is a relative path that resolves inside images/,
-exists, decodes, and has the size index.csv gives (ih x iw, sh x sw); PNG label numbers and
-image-level labels exist in label.csv; a category column holds either PNGs or label numbers;
-duplicate rows; an empty dataset. Files are decoded on a thread pool, with a progress bar for
-large datasets.
+exists, has the size index.csv gives (ih x iw, sh x sw; read from the header, before decoding)
+and decodes; segmentations are 8-bit RGB or RGBA PNGs; PNG label numbers and image-level labels
+exist in label.csv; a category column holds either PNGs or label numbers; index.csv has no
+column that category.csv does not list; duplicate rows; an empty dataset. CSVs may start with
+a UTF-8 byte-order mark. Files are decoded on a thread pool, with a progress bar for large
+datasets.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ from cnnvis_pipeline.data.broden import (
     parse_label_categories,
     read_csv_rows,
     read_rgb,
+    unknown_columns,
+    unknown_columns_message,
 )
 from cnnvis_pipeline.errors import CnnvisError
 
@@ -74,11 +78,13 @@ def _int(value) -> int | None:
 
 
 def _check_file(job: _FileCheck, label_numbers: set[int]) -> list[str]:
+    # The header's size is checked against index.csv before decoding (a 30000x30000 header or a
+    # 9500x9500 all-zero PNG is refused without allocating gigabytes).
     try:
         if job.kind == "image":
-            arr = read_rgb(job.path)
+            arr = read_rgb(job.path, job.shape)
         else:
-            arr = decode_label_png(job.path)
+            arr = decode_label_png(job.path, job.shape)
     except CnnvisError as e:
         return [f"{job.where}: {e}"]
     problems = []
@@ -170,6 +176,10 @@ def validation_report(root: Path, *, progress: bool = True, workers: int | None 
     rows = _read_table(index_path, INDEX_FIXED + categories, problems)
     if rows is None:
         return report
+    if rows and categories:
+        unknown = unknown_columns(list(rows[0][1]), categories)
+        if unknown:
+            problems.append(unknown_columns_message(index_path, unknown, cat_path))
     if not rows:
         problems.append(f"{index_path}: the dataset has no images")
     ds = BrodenDataset(root)  # for its path rule (relative, inside images/)
@@ -278,3 +288,11 @@ def validate_broden(
 ) -> list[str]:
     """Every problem of the Broden dataset at `root`, each naming its file and line."""
     return validation_report(Path(root), progress=progress, workers=workers).problems
+
+
+def summary_line(root: Path, report: ValidationReport) -> str:
+    splits = ", ".join(f"{v} {k}" for k, v in sorted(report.splits.items()))
+    return (
+        f"{root}: OK: {report.images} images ({splits}), {report.labels} labels, "
+        f"{report.categories} categories, {report.files_checked} files checked"
+    )

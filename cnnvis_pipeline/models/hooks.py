@@ -22,7 +22,8 @@ Anything else that is not a 4-D tensor is refused.
 
 - parse_layer(name) -> (module name, call or None).
 - find_module(model, name): the submodule at a dotted path (an `@K` suffix is ignored); the
-  error lists the valid names.
+  error lists the valid names; a container that is never called itself (ModuleList,
+  ModuleDict) is refused, naming its members.
 - layer_names(model): every hookable dotted module name.
 - set_layouts(model, layouts) / model_layouts(model): the layouts a model carries (build_model
   sets them from the config, so every stage that builds the model sees the same ones).
@@ -73,7 +74,15 @@ def find_module(model: nn.Module, name: str, *, model_name: str = "model") -> nn
         valid = layer_names(model)
         shown = ", ".join(valid[:60]) + (f", ... ({len(valid)} in all)" if len(valid) > 60 else "")
         raise CnnvisError(f"{model_name}: no layer named {name!r}; valid layer names: {shown}")
-    return modules[module_name]
+    module = modules[module_name]
+    if type(module).forward is nn.Module.forward:  # ModuleList, ModuleDict: never called
+        members = [f"{module_name}.{child}" for child, _ in module.named_children()]
+        shown = ", ".join(members[:20]) + (", ..." if len(members) > 20 else "")
+        raise CnnvisError(
+            f"{model_name}: layer {name!r} is a {type(module).__name__}, a container that is "
+            f"never called itself; choose one of its members ({shown or 'it has none'})"
+        )
+    return module
 
 
 # -- layouts ---------------------------------------------------------------------------------

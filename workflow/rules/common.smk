@@ -8,6 +8,7 @@ import yaml
 from snakemake.utils import validate
 
 from cnnvis_pipeline import config as cc
+from cnnvis_pipeline.data import digests
 from cnnvis_pipeline.errors import CnnvisError
 
 # `dataset` and `models` of a user's --configfile replace the default's entirely; the other
@@ -33,9 +34,23 @@ except CnnvisError as e:
 CNNVIS = shlex.join([sys.executable, "-m", "cnnvis_pipeline"])
 DATA_ROOT = config["data_root"]
 DATASET_DIR = cc.dataset_source_dir(config)
-PREPARED = cc.prepared_dir(config)
+# Per-run digest files and receipts (data.smk): what Snakemake compares instead of the shared
+# entries under data_root. PREPARED is the receipt every `--prepared` option accepts.
+DIGESTS = "results/digests"
+DATASET_DIGEST = f"{DIGESTS}/dataset.json"
+VALIDATED = f"{DIGESTS}/validated.txt"
+PREPARED = f"{DIGESTS}/prepared.json"
+MANIFEST = f"{DATA_ROOT}/manifests/{DATASET}.json"
 SHARDS = list(range(int(config["dissection"]["shards"])))
 LAYERS = sorted({layer for spec in MODELS.values() for layer in spec["layers"]})
+
+# Content, not mtimes: the dataset's files, each checkpoint and each factory module's source are
+# digested at every start (only in the main process; cluster jobs re-read the Snakefile).
+if workflow.is_main_process:
+    try:
+        digests.refresh_digests(config, MODELS, DIGESTS)
+    except CnnvisError as e:
+        raise WorkflowError(f"invalid configuration: {e}") from None
 
 
 wildcard_constraints:
@@ -95,8 +110,11 @@ def spec_json(wildcards):
 
 
 def checkpoint_input(wildcards):
+    """The trained checkpoint (a workflow output) and the model's digest file (checkpoint
+    sha256 and factory source: a user's checkpoint is compared by content, not mtime)."""
     spec = model_spec(wildcards.model)
-    return [spec["checkpoint"]] if spec.get("checkpoint") else []
+    trained = [spec["checkpoint"]] if spec.get("train") else []
+    return trained + [digests.model_digest_file(DIGESTS, wildcards.model)]
 
 
 def given_checkpoint_input(wildcards):

@@ -1,4 +1,10 @@
 # Data stage: make or fetch the Broden-format dataset, validate it, prepare packed arrays.
+#
+# The dataset, its validation record and its prepared arrays are entries under data_root shared
+# by every run (made under a lock each; one already complete for the same content is success).
+# They are never a rule's output: the rules output small per-run files under results/digests/
+# (a content digest, receipts), which Snakemake may remove when a job fails without touching
+# the shared entries. common.smk refreshes the digest files at every start.
 
 _ds = config["dataset"]
 
@@ -6,17 +12,20 @@ if "synth" in _ds:
 
     rule synth_dataset:
         output:
-            directory(DATASET_DIR),
+            DATASET_DIGEST,
         log:
-            f"{DATA_ROOT}/logs/synth_{DATASET}.log",
+            "results/logs/data/synth.log",
         params:
             cnnvis=CNNVIS,
+            dataset=DATASET_DIR,
+            manifest=MANIFEST,
             images=_ds["synth"]["images"],
             size=_ds["synth"]["size"],
             seed=_ds["synth"]["seed"],
         shell:
-            "{params.cnnvis} synth --out {output:q} --images {params.images:q} --size {params.size:q}"
-            " --seed {params.seed:q} > {log:q} 2>&1"
+            "{params.cnnvis} synth --out {params.dataset:q} --images {params.images:q}"
+            " --size {params.size:q} --seed {params.seed:q} --digest-out {output:q}"
+            " --manifest {params.manifest:q} > {log:q} 2>&1"
 
 elif _ds.get("download") or _ds.get("url"):
     # The whole `dataset` mapping goes to `cnnvis download --spec` (mirror:, name:, checksums);
@@ -31,47 +40,78 @@ elif _ds.get("download") or _ds.get("url"):
 
     rule download_dataset:
         output:
-            directory(DATASET_DIR),
+            DATASET_DIGEST,
         log:
-            f"{DATA_ROOT}/logs/download_{DATASET}.log",
+            "results/logs/data/download.log",
         params:
             cnnvis=CNNVIS,
             spec=json.dumps(
                 {
                     k: _ds[k]
-                    for k in ("download", "url", "mirror", "sha256", "md5")
+                    for k in (
+                        "download",
+                        "url",
+                        "mirror",
+                        "sha256",
+                        "md5",
+                        "max_expansion",
+                    )
                     if _ds.get(k)
                 },
                 sort_keys=True,
             ),
             root=f"{DATA_ROOT}/datasets",
+            manifest=MANIFEST,
         shell:
             "{params.cnnvis} download --data-root {params.root:q} --name {DATASET:q} --spec {params.spec:q}"
-            " --quiet > {log:q} 2>&1"
+            " --digest-out {output:q} --manifest {params.manifest:q} --quiet > {log:q} 2>&1"
+
+else:
+
+    # A `path:` dataset: common.smk writes its digest at start; this runs only when it could not
+    # (the directory is missing: the command says so).
+    rule dataset_digest:
+        output:
+            DATASET_DIGEST,
+        log:
+            "results/logs/data/digest.log",
+        params:
+            cnnvis=CNNVIS,
+            dataset=DATASET_DIR,
+            manifest=MANIFEST,
+        shell:
+            "{params.cnnvis} digest --dataset {params.dataset:q} --out {output:q}"
+            " --manifest {params.manifest:q} > {log:q} 2>&1"
 
 
 rule validate_dataset:
     input:
-        DATASET_DIR,
+        DATASET_DIGEST,
     output:
-        f"{DATA_ROOT}/validated/{DATASET}.txt",
+        VALIDATED,
     log:
-        f"{DATA_ROOT}/logs/validate_{DATASET}.log",
+        "results/logs/data/validate.log",
     params:
         cnnvis=CNNVIS,
+        dataset=DATASET_DIR,
+        root=DATA_ROOT,
     shell:
-        "{params.cnnvis} validate {input:q} > {output:q} 2> {log:q} || (cat {output:q} >&2; rm -f {output:q}; exit 1)"
+        "{params.cnnvis} validate {params.dataset:q} --digest-file {input:q} --data-root {params.root:q}"
+        " --name {DATASET:q} > {output:q} 2> {log:q} || (cat {output:q} >&2; rm -f {output:q}; exit 1)"
 
 
 rule prepare_dataset:
     input:
-        dataset=DATASET_DIR,
-        validated=rules.validate_dataset.output,
+        digest=DATASET_DIGEST,
+        validated=VALIDATED,
     output:
-        directory(PREPARED),
+        PREPARED,
     log:
-        f"{DATA_ROOT}/logs/prepare_{DATASET}.log",
+        "results/logs/data/prepare.log",
     params:
         cnnvis=CNNVIS,
+        dataset=DATASET_DIR,
+        root=DATA_ROOT,
     shell:
-        "{params.cnnvis} prepare --dataset {input.dataset:q} --out {output:q} > {log:q} 2>&1"
+        "{params.cnnvis} prepare --dataset {params.dataset:q} --digest-file {input.digest:q}"
+        " --data-root {params.root:q} --name {DATASET:q} --receipt {output:q} > {log:q} 2>&1"
