@@ -111,7 +111,8 @@ def spec_json(wildcards):
 
 def checkpoint_input(wildcards):
     """The trained checkpoint (a workflow output) and the model's digest file (checkpoint
-    sha256 and factory source: a user's checkpoint is compared by content, not mtime)."""
+    sha256 and factory source: a user's checkpoint is compared by content, not mtime).
+    """
     spec = model_spec(wildcards.model)
     trained = [spec["checkpoint"]] if spec.get("train") else []
     return trained + [digests.model_digest_file(DIGESTS, wildcards.model)]
