@@ -488,6 +488,7 @@ def test_workflow_malformed_config_names_the_key(tmp_path, workflow):
     assert ("invalid configuration: config: dissection: unknown key(s) 'shardz'; allowed:"
             in proc.stderr), proc.stderr
     assert "Failed validating" not in proc.stderr  # not the whole schema
+    assert "Traceback" not in proc.stdout + proc.stderr
     assert outputs(tmp_path / "a") == []
 
     cfg = base_config()
@@ -495,6 +496,7 @@ def test_workflow_malformed_config_names_the_key(tmp_path, workflow):
     proc = workflow.run(tmp_path / "b", cfg)
     assert proc.returncode != 0
     assert "invalid configuration: config: models: model name 'a/b' is not allowed" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
     assert outputs(tmp_path / "b") == []
 
 
@@ -543,4 +545,5 @@ def test_workflow_corrupt_image_stops_at_validation(dataset, tmp_path, workflow)
     assert proc.returncode != 0
     assert re.search(rf"index\.csv: line 2: \S*images/{re.escape(rel)}: cannot decode image",
                      proc.stderr), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
     assert outputs(work) == []  # no validated marker, no prepared arrays, no results
