@@ -294,7 +294,15 @@ def _copy_local(src: DatasetSource, archive: Path, part: Path):
     if not path.is_file():
         raise CnnvisError(f"{src.url}: no such file {path} (dataset url:/mirror: file://...)")
     try:
-        shutil.copyfile(path, part)
+        try:
+            shutil.copyfile(path, part)
+        except OSError as e:
+            if not _out_of_space(e):
+                raise CnnvisError(f"{src.url}: cannot copy {path} ({e.strerror or e})") from None
+            raise CnnvisError(
+                f"{src.url}: ran out of space copying to {part} ({e.strerror}); the partial "
+                "file was removed: free space (or set data_root elsewhere) and run again"
+            ) from None
         hashes = file_hashes(part)
         problem = _checksum_mismatch(src, hashes)
         if problem:

@@ -160,6 +160,16 @@ class Batch:
     present: np.ndarray  # bool [B, C]
 
 
+def resolve_prepared(path: str | Path) -> Path:
+    """The prepared directory `path` names: itself, or the one its prepare receipt names."""
+    path = Path(path)
+    if path.is_file():
+        from cnnvis_pipeline.data.entries import read_receipt
+
+        return Path(read_receipt(path, "prepared")["prepared"])
+    return path
+
+
 class PreparedDataset:
     """Memory-mapped view of a prepared directory."""
 

@@ -91,7 +91,9 @@ def dataset_info(prepared: str | Path | None, name: str | None, categories: list
             "categories": [{"name": c, "kind": None, "concepts": None} for c in categories]}
     if prepared is None:
         return info
-    path = Path(prepared) / "meta.json"
+    from cnnvis_pipeline.data.prepared import resolve_prepared  # a directory or a receipt
+
+    path = resolve_prepared(prepared) / "meta.json"
     if not path.is_file():
         raise CnnvisError(f"{path}: missing; prepare the dataset first")
     meta = json.loads(path.read_text())
