@@ -23,6 +23,9 @@ include: "workflow/rules/viz.smk"
 include: "workflow/rules/report.smk"
 
 
+refresh_digests()
+
+
 rule all:
     default_target: True
     input:

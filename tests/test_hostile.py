@@ -469,10 +469,12 @@ def test_interrupted_prepare_leaves_nothing(capsys, dataset, tmp_path, monkeypat
 # -- through the whole snakemake command line (tiny data) ---------------------------------------
 def outputs(workdir: Path) -> list[str]:
     """Results and datasets a run left behind (not Snakemake's own metadata, not logs, not the
-    content digests of the inputs in results/digests/, not lock files)."""
+    content digests of the inputs in results/digests/ and their cache in
+    {data_root}/manifests/, not lock files)."""
     return sorted(
         str(p.relative_to(workdir)) for p in workdir.rglob("*")
-        if p.is_file() and not {".snakemake", "logs"} & set(p.relative_to(workdir).parts)
+        if p.is_file()
+        and not {".snakemake", "logs", "manifests"} & set(p.relative_to(workdir).parts)
         and p.name != "cfg.yaml" and not p.name.endswith(".lock")
         and not (p.parent.name == "digests" and p.name != "validated.txt"
                  and p.name != "prepared.json")

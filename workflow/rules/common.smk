@@ -44,9 +44,14 @@ MANIFEST = f"{DATA_ROOT}/manifests/{DATASET}.json"
 SHARDS = list(range(int(config["dissection"]["shards"])))
 LAYERS = sorted({layer for spec in MODELS.values() for layer in spec["layers"]})
 
-# Content, not mtimes: the dataset's files, each checkpoint and each factory module's source are
-# digested at every start (only in the main process; cluster jobs re-read the Snakefile).
-if workflow.is_main_process:
+
+def refresh_digests():
+    """Content, not mtimes: the dataset's files, each checkpoint and each factory module's
+    source are digested at every start, after every config check (the Snakefile calls this
+    once all rules are read; only in the main process: cluster jobs re-read the Snakefile).
+    """
+    if not workflow.is_main_process:
+        return
     try:
         digests.refresh_digests(config, MODELS, DIGESTS)
     except CnnvisError as e:
