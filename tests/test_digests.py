@@ -30,8 +30,8 @@ import pytest
 import torch
 import yaml
 
-from cnnvis_pipeline import config as cc
 from cnnvis_pipeline.data import entries
+from cnnvis_pipeline.data.digests import model_content
 from cnnvis_pipeline.data.manifest import dataset_digest, file_sha256, module_source_files
 from cnnvis_pipeline.errors import CnnvisError
 
@@ -98,19 +98,19 @@ def test_checkpoint_and_factory_source_digests(tmp_path, monkeypatch):
     shutil.copy2(old, ckpt)
     spec = {"factory": "dg_pkg.nets:build", "checkpoint": str(ckpt)}
     cache = tmp_path / "files.json"
-    first = cc.model_content("m", spec, cache=cache)
+    first = model_content("m", spec, cache=cache)
     assert first["checkpoint_sha256"] == file_sha256(old)
     assert set(first["factory_source"]) == {str(f) for f in files}
     shutil.copy2(new, ckpt)  # cp -p of a file with an older mtime
     assert ckpt.stat().st_mtime < old.stat().st_mtime
-    second = cc.model_content("m", spec, cache=cache)
+    second = model_content("m", spec, cache=cache)
     assert second["checkpoint_sha256"] == file_sha256(new) != first["checkpoint_sha256"]
     (lib / "dg_pkg" / "nets.py").write_text("def build():\n    return 1\n")
-    third = cc.model_content("m", spec, cache=cache)
+    third = model_content("m", spec, cache=cache)
     assert third["factory_source"] != second["factory_source"]
     assert third["checkpoint_sha256"] == second["checkpoint_sha256"]
     with pytest.raises(CnnvisError, match=r"config: models.m: checkpoint file \S+gone.pt does"):
-        cc.model_content("m", dict(spec, checkpoint=str(tmp_path / "gone.pt")))
+        model_content("m", dict(spec, checkpoint=str(tmp_path / "gone.pt")))
 
 
 # -- locks and shared entries -------------------------------------------------------------------
@@ -248,8 +248,7 @@ def test_content_changes_rerun_exactly_what_depends_on_them(synth_dir, tmp_path)
     assert ckpt.stat().st_mtime < units.stat().st_mtime
     jobs = planned(work, env)
     assert jobs.get("extract_shard") == 1 and "validate_dataset" not in jobs, jobs
-    assert set(jobs) == {"extract_shard", "layer_thresholds", "tally_shard", "layer_tables",
-                         "summary"}, jobs
+    assert set(jobs) == {"extract_shard", "layer_tables", "summary"}, jobs
     snakemake(work, env)
     prov = json.loads(pq.read_schema(units).metadata[b"cnnvis.provenance"])
     assert prov["checkpoint_sha256"] == file_sha256(other)

@@ -91,9 +91,13 @@ def dataset_info(prepared: str | Path | None, name: str | None, categories: list
             "categories": [{"name": c, "kind": None, "concepts": None} for c in categories]}
     if prepared is None:
         return info
-    from cnnvis_pipeline.data.prepared import resolve_prepared  # a directory or a receipt
-
-    path = resolve_prepared(prepared) / "meta.json"
+    path = Path(prepared)
+    if path.is_file():  # the workflow's prepare receipt (JSON naming the shared directory)
+        try:
+            path = Path(json.loads(path.read_text(encoding="utf-8"))["prepared"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CnnvisError(f"{prepared}: not a prepare receipt ({e})") from None
+    path = path / "meta.json"
     if not path.is_file():
         raise CnnvisError(f"{path}: missing; prepare the dataset first")
     meta = json.loads(path.read_text())
