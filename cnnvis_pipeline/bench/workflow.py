@@ -66,29 +66,44 @@ def model_spec(config: dict, name: str) -> dict:
 
 def workflow_config(work: str | Path, broden: str | Path, prepared: str | Path, models: dict,
                     dissection: dict) -> Path:
-    """Write `work/config.yaml`; data_root `work/data` holds the prepared dataset already."""
+    """Write `work/config.yaml`; data_root `work/data` holds the prepared dataset already.
+
+    The shared entries are seeded as a run would leave them (data/entries.py): the prepared
+    arrays at `prepared/<name>-<digest>` and the validation record, and the run's digest file and
+    receipts in `work/results/digests/`, in the order a run writes them, so that Snakemake finds
+    nothing to redo for validation or preparation."""
+    from cnnvis_pipeline.data.entries import entry_name, write_dataset_digest, write_receipt
+
     work = Path(work)
     data_root = work / "data"
     (data_root / "prepared").mkdir(parents=True, exist_ok=True)
     (data_root / "validated").mkdir(parents=True, exist_ok=True)
     prepared = Path(prepared).resolve()
-    target = data_root / "prepared" / DATASET_NAME
+    digests = work / "results" / "digests"
+    record = write_dataset_digest(Path(broden).resolve(), digests / "dataset.json",
+                                  manifest=data_root / "manifests" / f"{DATASET_NAME}.json")
+    digest = record["digest"]
+    have = json.loads((prepared / "meta.json").read_text()).get("digest")
+    if have != digest:
+        raise ValueError(f"{prepared}: prepared from other content ({have}, not {digest})")
+    entry = entry_name(DATASET_NAME, digest)
+    target = data_root / "prepared" / entry
     if not (target / "meta.json").is_file():
-        # Hard links (a copy across file systems): Snakemake replaces a symbolic link to a
-        # directory output, but a real directory of the same files is an up-to-date output.
+        # Hard links (a copy across file systems) of the benchmark's prepared arrays.
         target.mkdir(parents=True, exist_ok=True)
         for f in sorted(prepared.iterdir()):
             if f.name == "meta.json":
                 continue  # last, as prepare_dataset writes it: its presence means complete
             _link_or_copy(f, target / f.name)
         _link_or_copy(prepared / "meta.json", target / "meta.json")
-    validated = data_root / "validated" / f"{DATASET_NAME}.txt"
-    validated.write_text(f"{Path(broden).resolve()}: valid (benchmark dataset)\n")
-    # Just newer than every file of the Broden directory and older than the prepared arrays
-    # (written after it): Snakemake finds nothing to redo for validation or preparation.
-    newest = max(os.stat(os.path.join(d, f)).st_mtime for d, _, fs in os.walk(broden) for f in fs)
-    newest = max(newest, Path(broden).stat().st_mtime) + 1e-3
-    os.utime(validated, (newest, newest))
+    line = f"{Path(broden).resolve()}: valid (benchmark dataset)\n"
+    (data_root / "validated" / f"{entry}.txt").write_text(line)
+    (digests / "validated.txt").write_text(line)
+    write_receipt(digests / "prepared.json", "prepared", prepared=str(target), digest=digest)
+    # dataset.json < validated.txt < prepared.json, as the rules write them
+    t = (digests / "dataset.json").stat().st_mtime
+    for k, name in enumerate(("validated.txt", "prepared.json"), start=1):
+        os.utime(digests / name, (t + k, t + k))
     cfg = full_config(broden, data_root, models, dissection)
     import yaml
 
@@ -159,12 +174,16 @@ def parse_log(text: str) -> dict:
 
 def run_workflow(work: str | Path, config: Path, cores: int, targets: list[str], *,
                  timeout: float | None = None) -> dict:
-    """One snakemake run (the targets' jobs only; earlier outputs of `work` are removed first)."""
+    """One snakemake run (the targets' jobs only; earlier outputs of `work` are removed first,
+    not results/digests/: the seeded dataset digest and receipts)."""
     import shutil
 
     work = Path(work)
-    for d in ("results", ".snakemake"):
-        shutil.rmtree(work / d, ignore_errors=True)
+    shutil.rmtree(work / ".snakemake", ignore_errors=True)
+    results = work / "results"
+    for p in results.iterdir() if results.is_dir() else []:
+        if p.name != "digests":  # the dataset's digest and receipts (workflow_config) stay
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     cmd = _snakemake_cmd(work, config, cores, targets)
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=work, env=_env(), capture_output=True, text=True,
