@@ -315,7 +315,7 @@ MODEL_CASES = {
     "modulelist-layer": (dict(layers=["blocks"]),
                          ["layer 'blocks' is a ModuleList", "blocks.0, blocks.1"]),
     "layer-that-never-runs": (dict(layers=["blocks.0", "unused"]),
-                              ["layer(s) 'unused' never ran in the forward pass"]),
+                              ["layer 'unused' was not used in the forward pass"]),
     "linear-layer": (dict(layers=["head.1"]), ["layer 'head.1' outputs (4, 5)",
                                                "not a 4-D feature map"]),
     "unknown-factory": (dict(factory="nt_no_such_module:build"),

@@ -124,11 +124,10 @@ def checkpoint_input(wildcards):
 
 
 def given_checkpoint_input(wildcards):
-    """The user's checkpoint (the model check loads it); a trained one does not exist yet."""
-    spec = MODELS[wildcards.model]
-    return (
-        [spec["checkpoint"]] if spec.get("checkpoint") and not spec.get("train") else []
-    )
+    """The model check loads the user's checkpoint (a trained one does not exist yet): its
+    input is the model's digest file, which changes with the checkpoint's content (sha256) and
+    the factory's source, not with their mtimes."""
+    return [digests.model_digest_file(DIGESTS, wildcards.model)]
 
 
 def layer_outputs(name):
