@@ -16,10 +16,10 @@ def test_workflow_mode_gives_the_in_process_tables(tmp_path, capsys):
                      "--no-forward", "--workflow", "--first-run"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    # 2 shards, 2 layers: one extraction per shard, one thresholds + tally + tables job per layer;
-    # the prepared dataset is the benchmark's (no validate/prepare job).
-    assert out["workflow_rules"] == {"extract_shard": 2, "layer_tables": 2}
-    assert out["workflow_jobs"] == 4 and out["workflow_shards"] == 2
+    # 2 shards, 2 layers: the model check, one extraction per shard, one thresholds + tally +
+    # tables job per layer; the prepared dataset is the benchmark's (no validate/prepare job).
+    assert out["workflow_rules"] == {"check_model": 1, "extract_shard": 2, "layer_tables": 2}
+    assert out["workflow_jobs"] == 5 and out["workflow_shards"] == 2
     assert out["workflow_tables_identical"] is True
     # float16 bytes: 16 images x (layer3 256 x 2 x 2 + layer4 512 x 1 x 1) at 32 px
     assert out["activation_bytes"] == 16 * (256 * 4 + 512) * 2
