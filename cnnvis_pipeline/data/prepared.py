@@ -36,7 +36,7 @@ from cnnvis_pipeline.data.broden import BrodenDataset, load_broden, write_csv
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.fileio import atomic_dir
 
-FORMAT_VERSION = 2  # 2: `digest` is the content digest (data/manifest.py)
+FORMAT_VERSION = 1  # (`digest` is the content digest, data/manifest.py; the arrays are unchanged)
 SLICE = 500  # images per slice of prepare_parallel, at least (broden-big's generation chunk)
 
 
