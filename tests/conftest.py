@@ -98,3 +98,19 @@ def prepared_dir(synth_dir, tmp_path_factory) -> Path:
     from cnnvis_pipeline.data.prepared import prepare_dataset
 
     return prepare_dataset(synth_dir, tmp_path_factory.mktemp("prep") / "p", progress=False)
+
+
+@pytest.fixture(scope="session")
+def pristine(tmp_path_factory) -> Path:
+    """A tiny broden-synth dataset (8 images, 16 px) that no test writes into."""
+    from cnnvis_pipeline.data.synth import generate_broden_synth
+
+    return generate_broden_synth(tmp_path_factory.mktemp("pristine") / "ds", 8, 16, seed=2)
+
+
+@pytest.fixture
+def dataset(pristine, tmp_path) -> Path:
+    """A fresh, writable copy of `pristine`, for tests that damage a dataset."""
+    import shutil
+
+    return Path(shutil.copytree(pristine, tmp_path / "ds"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from PIL import Image
 
 from cnnvis_pipeline import cli
 from cnnvis_pipeline import config as cc
-from cnnvis_pipeline.data.synth import generate_broden_synth
 from cnnvis_pipeline.errors import CnnvisError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,15 +85,7 @@ def looks_valid(root: Path) -> list[str]:
     )
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    return generate_broden_synth(tmp_path_factory.mktemp("hostile") / "ds", 8, 16, seed=2)
-
-
-@pytest.fixture
-def dataset(pristine, tmp_path) -> Path:
-    """A fresh, writable copy of a tiny broden-synth dataset."""
-    return Path(shutil.copytree(pristine, tmp_path / "ds"))
+# `pristine` and `dataset` (a writable copy of it) come from conftest.py.
 
 
 @pytest.fixture(scope="module")

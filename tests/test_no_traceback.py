@@ -26,7 +26,6 @@ import io
 import json
 import os
 import resource
-import shutil
 import signal
 import struct
 import subprocess
@@ -44,7 +43,6 @@ from PIL import Image
 from cnnvis_pipeline import cli
 from cnnvis_pipeline import config as cc
 from cnnvis_pipeline.data.prepared import prepare_dataset
-from cnnvis_pipeline.data.synth import generate_broden_synth
 
 FACTORY = '''
 import torch
@@ -147,14 +145,10 @@ def first(root: Path, column: str) -> Path:
     return root / "images" / rows[0][header.index(column)].split(";")[0]
 
 
-@pytest.fixture(scope="module")
-def pristine(tmp_path_factory) -> Path:
-    return generate_broden_synth(tmp_path_factory.mktemp("nt") / "ds", 8, 16, seed=2)
-
-
 @pytest.fixture
-def ds(pristine, tmp_path) -> Path:
-    return Path(shutil.copytree(pristine, tmp_path / "ds"))
+def ds(dataset) -> Path:
+    """A writable copy of conftest's `pristine` dataset."""
+    return dataset
 
 
 # -- dataset files ------------------------------------------------------------------------------
