@@ -15,7 +15,7 @@
 #   WORKFLOW 1 (default): the full-scale layer4 run also runs the dissection through the real
 #            Snakemake workflow (bench --workflow; needs snakemake, pyyaml, jsonschema, matplotlib,
 #            seaborn: skipped with a message where they are missing) and the small run times the
-#            first run's validation + serial preparation (--first-run); 0 skips both
+#            first run's validation + preparation (--first-run: all cores, and 1); 0 skips both
 #   DEV, SIZE  the device of the GPU steps (default cuda) and image size (default 224): DEV=cpu
 #            SIZE=32 N=1200 SMALL=1000 CPU_N=16 rehearses the script on a machine without a GPU
 set -u

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
-
 from cnnvis_pipeline import bench
 from cnnvis_pipeline.bench.bigsynth import generate_broden_big
+from cnnvis_pipeline.data import prepared as prepared_mod
 from cnnvis_pipeline.data.broden import load_broden
-from cnnvis_pipeline.data.prepared import PreparedDataset, prepare_dataset, prepare_parallel
+from cnnvis_pipeline.data.prepared import PreparedDataset, prepare_dataset
 
 
 def test_bench_prints_one_json_line(tmp_path, capsys):
@@ -38,7 +37,7 @@ def test_bench_prints_one_json_line(tmp_path, capsys):
     assert again["detectors_fdr"]["layer4"] <= again["detectors"]["layer4"]
 
 
-def test_bigsynth_is_broden_and_parallel_prepare_equals_serial(tmp_path):
+def test_bigsynth_is_broden_and_parallel_prepare_equals_serial(tmp_path, monkeypatch):
     root = generate_broden_big(tmp_path / "broden", 40, 16, seed=3, workers=2, chunk=8)
     ds = load_broden(root)
     assert len(ds) == 40
@@ -49,13 +48,31 @@ def test_bigsynth_is_broden_and_parallel_prepare_equals_serial(tmp_path):
     assert 1100 <= len(ds.label_names) <= 1300 and len(ds.concepts) > len(ds.label_names)
 
     serial = prepare_dataset(root, tmp_path / "serial", progress=False)
-    joined = prepare_parallel(root, tmp_path / "joined", workers=2, chunk=8)
-    a, b = PreparedDataset(serial), PreparedDataset(joined)
-    assert a.meta == b.meta
-    for name in ("images", "planes", "slots", "present", "plane_category"):
-        assert np.array_equal(np.load(serial / f"{name}.npy"), np.load(joined / f"{name}.npy")), name
+    monkeypatch.setattr(prepared_mod, "CHUNK", 7)  # 6 tasks, the last one short
+    joined = prepare_dataset(root, tmp_path / "joined", workers=2, progress=False)
+    assert PreparedDataset(serial).meta == PreparedDataset(joined).meta
+    for f in sorted(serial.iterdir()):
+        assert f.read_bytes() == (joined / f.name).read_bytes(), f.name
 
     # Same arguments, same bytes (whatever the number of worker processes).
     again = generate_broden_big(tmp_path / "again", 40, 16, seed=3, workers=1, chunk=8)
     for rel in ("index.csv", "label.csv", "images/big/00002/0000017_part_2.png"):
         assert (root / rel).read_bytes() == (again / rel).read_bytes(), rel
+
+
+def test_prepare_benchmark_times_both_preparations(tmp_path, capsys):
+    from cnnvis_pipeline.bench import prepare as bench_prepare
+
+    assert bench_prepare.main(["--images", "24", "--size", "32", "--cache", str(tmp_path),
+                               "--workers", "2", "--forward-images", "8",
+                               "--batch-size", "4"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["prepare_identical"] is True and out["workers"] == 2
+    assert out["prepare_2_s"] > 0 and out["prepare_1_s"] > 0 and out["validate_s"] > 0
+    assert out["forward_images"] == 8 and out["forward_extrapolated"] is True
+    assert out["forward_s"] == round(out["forward_timed_s"] * 24 / 8, 3)
+    assert out["prepare_over_forward"] == round(out["prepare_s"] / out["forward_s"], 3)
+    # 24 images x (32 x 32 x 3 + 5 planes x 16 x 16 x 2 bytes) + headers and the small arrays
+    assert out["prepared_bytes"] > 24 * (32 * 32 * 3 + 5 * 16 * 16 * 2)
+    left = sorted(p.name for p in next(tmp_path.glob("broden-big-*")).iterdir())
+    assert left == ["broden", "prepared"]  # the serial copy is removed

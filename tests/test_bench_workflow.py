@@ -16,16 +16,19 @@ def test_workflow_mode_gives_the_in_process_tables(tmp_path, capsys):
                      "--no-forward", "--workflow", "--first-run"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    # 2 shards, 2 layers: the model check, one extraction per shard, one thresholds + tally +
-    # tables job per layer; the prepared dataset is the benchmark's (no validate/prepare job).
-    assert out["workflow_rules"] == {"check_model": 1, "extract_shard": 2, "layer_tables": 2}
-    assert out["workflow_jobs"] == 5 and out["workflow_shards"] == 2
+    # 2 shards, 2 layers: one extraction per shard (each checks the model first), one
+    # thresholds + tally + tables job per layer; the prepared dataset is the benchmark's (no
+    # validate/prepare job) and no check_model job (the model is not trained).
+    assert out["workflow_rules"] == {"extract_shard": 2, "layer_tables": 2}
+    assert out["workflow_jobs"] == 4 and out["workflow_shards"] == 2
     assert out["workflow_tables_identical"] is True
     # float16 bytes: 16 images x (layer3 256 x 2 x 2 + layer4 512 x 1 x 1) at 32 px
     assert out["activation_bytes"] == 16 * (256 * 4 + 512) * 2
     for key in ("workflow_s", "inprocess_s", "job_startup_s", "snakemake_dry_run_s",
-                "validate_s", "prepare_serial_s"):
+                "validate_s", "prepare_s", "prepare_serial_s"):
         assert out[key] > 0, key
+    # the rule's preparation (all cores) and the serial one give the same bytes
+    assert out["prepare_identical"] is True and out["prepare_workers"] >= 1
     assert out["workflow_ratio"] == round(out["workflow_s"] / out["inprocess_s"], 3)
     assert not list((tmp_path / "cache").glob("workflow-*"))  # the run directory is removed
 

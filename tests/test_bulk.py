@@ -94,7 +94,7 @@ def job_stats(log: str) -> dict[str, int]:
 def expected_jobs(shards: int) -> dict[str, int]:
     n_models, n_layers = len(MODEL_LAYERS), sum(map(len, MODEL_LAYERS.values()))
     return {
-        "synth_dataset": 1, "validate_dataset": 1, "prepare_dataset": 1, "check_model": n_models,
+        "synth_dataset": 1, "validate_dataset": 1, "prepare_dataset": 1,
         "extract_shard": n_models * shards, "layer_tables": n_layers, "summary": 1,
     }
 

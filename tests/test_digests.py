@@ -248,7 +248,7 @@ def test_content_changes_rerun_exactly_what_depends_on_them(synth_dir, tmp_path)
     assert ckpt.stat().st_mtime < units.stat().st_mtime
     jobs = planned(work, env)
     assert jobs.get("extract_shard") == 1 and "validate_dataset" not in jobs, jobs
-    assert set(jobs) == {"check_model", "extract_shard", "layer_tables", "summary"}, jobs
+    assert set(jobs) == {"extract_shard", "layer_tables", "summary"}, jobs
     snakemake(work, env)
     prov = json.loads(pq.read_schema(units).metadata[b"cnnvis.provenance"])
     assert prov["checkpoint_sha256"] == file_sha256(other)

@@ -189,6 +189,27 @@ def test_check_reports_every_layer_problem_at_once(prepared_dir):
     assert ok["layers"]["features.relu4"]["feature_map"] == [8, 8, 8]
 
 
+def test_extraction_checks_the_model_first(prepared_dir, tmp_path, capsys):
+    """`cnnvis extract` (the workflow's extract_shard) reports the layer problems at once, as
+    check_model does, before it computes or writes any activation."""
+    from cnnvis_pipeline.cli import main
+
+    def extract(layers, **model):
+        spec = dict(spec_of(layers=layers, **model), dissection={"batch_size": 4, "device": "cpu"})
+        out = tmp_path / "extract" / "0"
+        rc = main(["extract", "--prepared", str(prepared_dir), "--spec", json.dumps(spec),
+                   "--shard", "0", "--shards", "1", "--out", str(out), "--quiet"])
+        assert not out.parent.exists() or list(out.parent.iterdir()) == []
+        return rc, capsys.readouterr().err
+
+    rc, err = extract(["features.relu3", "features.relu9", "features.relu7"])
+    assert rc != 0 and "'features.relu9'" in err and "'features.relu7'" in err, err
+    rc, err = extract(["features.relu3", "classifier"])
+    assert rc != 0 and "'classifier' outputs (1, 9), not a 4-D" in err, err
+    rc, err = extract(["features.relu4"], units={"features.relu4": [3, 8]})
+    assert rc != 0 and "units.features.relu4: [8] out of range" in err, err
+
+
 def test_train_class_count_is_derived_or_refused(prepared_dir, tmp_path, capsys):
     ds = PreparedDataset(prepared_dir)
     scene = ds.categories.index("scene") if "scene" in ds.categories else None

@@ -115,7 +115,7 @@ SLURM_CONFIG = yaml.safe_load((REPO / ".test" / "config" / "slurm.yaml").read_te
 SLURM_TARGETS = ["summary"]
 # rule -> number of SLURM jobs the config above makes for SLURM_TARGETS
 SLURM_JOBS = {
-    "synth_dataset": 1, "validate_dataset": 1, "prepare_dataset": 1, "check_model": 2,
+    "synth_dataset": 1, "validate_dataset": 1, "prepare_dataset": 1, "check_model": 1,
     "train_synthnet": 1, "extract_shard": 4, "layer_tables": 2, "summary": 1,
 }
 

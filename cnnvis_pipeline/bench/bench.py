@@ -5,7 +5,7 @@
 
 1. Generates (once; cached under benchmarks/cache/ or --cache) a Broden-format dataset with
    cnnvis_pipeline.bench.bigsynth (about 1,200 labels, six categories, layered part planes,
-   image-level scene and texture) and prepares it with data.prepared.prepare_parallel
+   image-level scene and texture) and prepares it with data.prepared.prepare_dataset (in parallel)
    (prepare_dataset in parallel slices).
    Generation and preparation times are reported apart and excluded from the figures.
 2. Builds torchvision ResNet-18 with seeded random weights.
@@ -111,7 +111,7 @@ def dataset_dirs(cache: Path, images: int, size: int, seed: int) -> tuple[Path, 
 def ensure_dataset(cache: Path, images: int, size: int, seed: int, workers: int | None) -> dict:
     """Generate and prepare the dataset unless the cache has it; returns paths and timings."""
     from cnnvis_pipeline.bench.bigsynth import generate_broden_big
-    from cnnvis_pipeline.data.prepared import prepare_parallel
+    from cnnvis_pipeline.data.prepared import prepare_dataset
 
     broden, prepared = dataset_dirs(cache, images, size, seed)
     info = {"broden": str(broden), "prepared": str(prepared), "gen_s": 0.0, "prep_s": 0.0,
@@ -130,7 +130,7 @@ def ensure_dataset(cache: Path, images: int, size: int, seed: int, workers: int 
         info["gen_s"] = time.perf_counter() - t
         _log(f"generated {images} images ({size} px) in {info['gen_s']:.1f} s -> {broden}")
     t = time.perf_counter()
-    prepare_parallel(broden, prepared, workers=workers, progress=False)
+    prepare_dataset(broden, prepared, workers=workers or os.cpu_count() or 1, progress=False)
     info["prep_s"] = time.perf_counter() - t
     _log(f"prepared in {info['prep_s']:.1f} s -> {prepared}")
     return info
@@ -357,13 +357,15 @@ def run(args) -> dict:
         from cnnvis_pipeline.bench import workflow as bench_workflow
 
         first = bench_workflow.first_run(data["broden"], Path(args.scratch or cache)
-                                         / f"first-run-{os.getpid()}", log=_log)
-        first["prepare_ips"] = round(n / first["prepare_serial_s"], 1)
+                                         / f"first-run-{os.getpid()}", log=_log,
+                                         workers=args.cores or os.cpu_count() or 1)
+        first["prepare_ips"] = round(n / first["prepare_s"], 1)
+        first["prepare_serial_ips"] = round(n / first["prepare_serial_s"], 1)
         first["validate_ips"] = round(n / first["validate_s"], 1)
         if forward_s == forward_s:
-            first["prepare_over_forward"] = round(first["prepare_serial_s"] / forward_s, 3)
+            first["prepare_over_forward"] = round(first["prepare_s"] / forward_s, 3)
             first["first_run_over_forward"] = round(
-                (first["prepare_serial_s"] + first["validate_s"]) / forward_s, 3)
+                (first["prepare_s"] + first["validate_s"]) / forward_s, 3)
             _log(f"prepare / forward: {first['prepare_over_forward']:.3f}; validate + prepare "
                  f"/ forward: {first['first_run_over_forward']:.3f}")
         workflow.update(first)
@@ -447,8 +449,8 @@ def parse_args(argv=None):
     p.add_argument("--shards", type=int, default=2, help="workflow shards (default 2)")
     p.add_argument("--cores", type=int, default=None, help="snakemake --cores (default: CPUs)")
     p.add_argument("--first-run", action="store_true",
-                   help="also time validation and the serial preparation (the workflow's rules) "
-                        "of the dataset, against the forward pass")
+                   help="also time validation and the preparation (the workflow's rules; with --cores "
+                        "processes, and with 1) of the dataset, against the forward pass")
     p.add_argument("--bulk", type=int, nargs="+", default=None, metavar="N",
                    help="bulk audits through the workflow: one run per N, N models x --layers")
     p.add_argument("--bulk-archs", nargs="+", default=None, metavar="ARCH",

@@ -4,7 +4,7 @@
   material 32, texture 47, color 11; some object labels are also parts or materials, as in Broden).
 - generate_broden_big(out, n_images, image_size, seed, workers, chunk): write a complete Broden dir
   (index.csv, category.csv, label.csv, c_<category>.csv, JPEG images, R + 256 * G label PNGs).
-  (Its parallel preparation is cnnvis_pipeline.data.prepared.prepare_parallel.)
+  (It is prepared by cnnvis_pipeline.data.prepared.prepare_dataset, with workers.)
 
 Content is simple but has the real shape of the workload: a "stuff" background of one or two
 regions and two to seven ellipses and boxes with Zipf-distributed labels; parts in two layered

@@ -341,29 +341,54 @@ def bulk(broden, prepared, work: Path, layers: list[str], dissection: dict, *, c
     return {"bulk": runs, "bulk_archs": archs}
 
 
-def first_run(broden: str | Path, scratch: Path, log=print) -> dict:
-    """What a first run pays before any model (the download aside): the validate_dataset rule's
-    validate_broden and the prepare_dataset rule's serial prepare_dataset, timed on the
-    benchmark's Broden directory (into a scratch directory, removed afterwards)."""
+def _tree_digest(directory: Path) -> str:
+    """sha256 over the files of a directory (names and bytes, in name order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(directory).iterdir()):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(16 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+def first_run(broden: str | Path, scratch: Path, log=print, *, workers: int | None = None) -> dict:
+    """What a first run pays before any model (the download aside), timed on the benchmark's
+    Broden directory (into a scratch directory, removed afterwards): the validate_dataset rule's
+    validate_broden and the prepare_dataset rule's prepare_dataset with `workers` processes (the
+    rule's threads: the cores of a local run), and prepare_dataset with 1 process; the two
+    prepared directories must be the same bytes (`prepare_identical`)."""
+    import os
     import shutil
 
     from cnnvis_pipeline.data.prepared import prepare_dataset
     from cnnvis_pipeline.data.validate import validate_broden
 
+    workers = workers or os.cpu_count() or 1
     scratch = Path(scratch)
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
+    times, digests = {}, {}
     try:
         t = time.perf_counter()
-        problems = validate_broden(broden, progress=False)
+        problems = validate_broden(broden, progress=False, workers=workers)
         validate = time.perf_counter() - t
         if problems:
             raise RuntimeError(f"{broden}: {len(problems)} problems, first: {problems[0]}")
-        t = time.perf_counter()
-        prepare_dataset(broden, scratch / "prepared", progress=False)
-        prepare = time.perf_counter() - t
+        for w in dict.fromkeys((workers, 1)):
+            out = scratch / f"prepared-{w}"
+            t = time.perf_counter()
+            prepare_dataset(broden, out, progress=False, workers=w)
+            times[w] = time.perf_counter() - t
+            digests[w] = _tree_digest(out)
+            shutil.rmtree(out)  # one at a time on the disk
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    log(f"first run: validate {validate:.2f} s, prepare (serial, as the workflow's rule) "
-        f"{prepare:.2f} s")
-    return {"validate_s": round(validate, 3), "prepare_serial_s": round(prepare, 3)}
+    log(f"first run: validate {validate:.2f} s ({workers} threads), prepare {times[workers]:.2f} s "
+        f"({workers} processes, as the workflow's rule), {times[1]:.2f} s (1 process); "
+        f"same bytes: {digests[workers] == digests[1]}")
+    return {"validate_s": round(validate, 3), "prepare_s": round(times[workers], 3),
+            "prepare_workers": workers, "prepare_serial_s": round(times[1], 3),
+            "prepare_identical": digests[workers] == digests[1]}

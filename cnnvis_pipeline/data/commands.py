@@ -8,6 +8,7 @@ per-run files the workflow's rules output instead of the shared entries."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -36,6 +37,16 @@ def _digest(args) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, not {text!r}")
+    return value
+
+
 def _prepare(args) -> int:
     if args.digest_file:
         if not (args.data_root and args.name and args.receipt) or args.out:
@@ -52,7 +63,7 @@ def _prepare(args) -> int:
     else:
         raise CnnvisError("prepare: give --out, or --digest-file with --data-root and --name")
     entries.ensure_prepared(args.dataset, out, digest=digest, image_size=args.image_size,
-                            progress=not args.quiet)
+                            progress=not args.quiet, workers=args.workers)
     if args.receipt:
         entries.write_receipt(args.receipt, "prepared", prepared=str(out), digest=digest)
     print(out)
@@ -207,3 +218,5 @@ def register(sub) -> None:
     p.add_argument("--receipt", help="write a receipt naming the prepared directory (what the "
                    "other commands' --prepared accepts)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this size")
+    p.add_argument("--workers", type=_positive, default=1, help="decoding processes (default 1; "
+                   "the workflow passes the rule's threads); the arrays do not depend on it")

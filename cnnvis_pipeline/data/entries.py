@@ -205,7 +205,8 @@ def ensure_validated(dataset: str | Path, *, data_root: str | Path, name: str, d
 
 
 def ensure_prepared(dataset: str | Path, out: str | Path, *, digest: str,
-                    image_size: int | None = None, progress: bool = False) -> Path:
+                    image_size: int | None = None, progress: bool = False,
+                    workers: int = 1) -> Path:
     """`out` holds the prepared arrays of the dataset content `digest`: made under its lock, or
     found complete for the same digest (success). A complete entry of another content is an
     error; a complete entry is never removed."""
@@ -231,5 +232,6 @@ def ensure_prepared(dataset: str | Path, out: str | Path, *, digest: str,
                 f"{out}: exists but is not a prepared dataset (no meta.json); remove it"
             )
         remove_stale_temporaries(out)
-        prepare_dataset(dataset, out, image_size=image_size, progress=progress, digest=digest)
+        prepare_dataset(dataset, out, image_size=image_size, progress=progress, digest=digest,
+                        workers=workers)
     return out

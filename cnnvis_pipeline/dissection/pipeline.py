@@ -52,6 +52,7 @@ from cnnvis_pipeline.dissection.stores import ActivationStore
 from cnnvis_pipeline.dissection.tally import ConceptTally, tally_shard
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.fileio import atomic_dir, atomic_file
+from cnnvis_pipeline.models.check import check_built
 from cnnvis_pipeline.models.input import pick_device
 from cnnvis_pipeline.models.registry import build_model
 from cnnvis_pipeline.tables import provenance, write_table
@@ -86,6 +87,7 @@ def run_extract(spec: dict, prepared: str | Path, shard: int, shards: int, out: 
     s = settings(spec)
     ds = PreparedDataset(prepared)
     model, info = build_model(spec["name"], spec)
+    check_built(model, spec, ds)  # every layer/unit problem at once, before the first batch
     device = pick_device(s["device"])
     used = set_precision(s["precision"], device)
     idx = shard_indices(len(ds), shards, shard)

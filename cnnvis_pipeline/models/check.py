@@ -1,4 +1,6 @@
-"""The model check that every job of a model waits for (rule check_model): cheap and complete.
+"""The model check: cheap and complete. The rule check_model runs it before training a `train:`
+model; every extraction runs check_built first (so a mistake stops a run at its first model
+job, with every problem listed, before any activation is computed).
 
 - train_num_classes(spec, dataset): the class count of a `train:` model, derived from its
   category's labels; a `kwargs.num_classes` that disagrees is refused naming both keys.
@@ -7,6 +9,7 @@
   caught too), run one dataset image through it as the extraction would, and report every
   problem of every listed layer at once (unknown, not a feature map, a re-used module without
   `@K`, unit ids of `units:` beyond the layer's channels). Returns a JSON-able summary.
+- check_built(model, spec, dataset): the same layer and unit checks on a built model.
 """
 
 from __future__ import annotations
@@ -50,6 +53,13 @@ def check_model(spec: dict, ds) -> dict:
         build["checkpoint"] = None
         build["kwargs"] = {**(spec.get("kwargs") or {}), "num_classes": num_classes}
     model, _info = build_model(name, build)
+    return dict(check_built(model, spec, ds), num_classes=num_classes)
+
+
+def check_built(model, spec: dict, ds) -> dict:
+    """The layer and unit checks of check_model on a model already built (what an extraction
+    runs first, before its first batch): every problem at once, as one CnnvisError."""
+    name = spec.get("name", "model")
     x = images_to_input(np.array(ds.images[:1]), spec.get("input_size"), spec["mean"], spec["std"],
                         torch.device("cpu"))
     try:
@@ -68,7 +78,7 @@ def check_model(spec: dict, ds) -> dict:
                             f"{shapes[layer][0] - 1})")
     if problems:
         raise CnnvisError(f"config: models.{name}." + f"; config: models.{name}.".join(problems))
-    return {"model": name, "num_classes": num_classes, "input_size": list(x.shape[-2:]),
+    return {"model": name, "input_size": list(x.shape[-2:]),
             "layers": {k: {"feature_map": v} for k, v in shapes.items()}}
 
 

@@ -86,6 +86,10 @@ def _cores():
         return 1
 
 
+def data_threads():
+    return _cores()
+
+
 def shard_threads():
     return max(1, _cores() // len(SHARDS))
 

@@ -91,15 +91,18 @@ rule validate_dataset:
         VALIDATED,
     log:
         "results/logs/data/validate.log",
+    threads: data_threads()
     params:
         cnnvis=CNNVIS,
         dataset=DATASET_DIR,
         root=DATA_ROOT,
     shell:
         "{params.cnnvis} validate {params.dataset:q} --digest-file {input:q} --data-root {params.root:q}"
-        " --name {DATASET:q} > {output:q} 2> {log:q} || (cat {output:q} >&2; rm -f {output:q}; exit 1)"
+        " --name {DATASET:q} --workers {threads:q} > {output:q} 2> {log:q} || (cat {output:q} >&2; rm -f {output:q}; exit 1)"
 
 
+# Every later job waits for the data stage, so its rules take all the cores (`--set-threads` or
+# a profile's set-threads gives them some on a cluster, where the default is 1).
 rule prepare_dataset:
     input:
         digest=DATASET_DIGEST,
@@ -108,10 +111,12 @@ rule prepare_dataset:
         PREPARED,
     log:
         "results/logs/data/prepare.log",
+    threads: data_threads()
     params:
         cnnvis=CNNVIS,
         dataset=DATASET_DIR,
         root=DATA_ROOT,
     shell:
         "{params.cnnvis} prepare --dataset {params.dataset:q} --digest-file {input.digest:q}"
-        " --data-root {params.root:q} --name {DATASET:q} --receipt {output:q} > {log:q} 2>&1"
+        " --data-root {params.root:q} --name {DATASET:q} --receipt {output:q}"
+        " --workers {threads:q} > {log:q} 2>&1"

@@ -1,5 +1,9 @@
 # Dissection stage: train (synthnet), extract activations per shard, then per layer thresholds,
 # tally and tables in one job, and the cross-model summary.
+#
+# The model check (every layer, unit and class-count problem at once): the check_model job
+# before training a `train:` model; every extraction job runs it first on the model it built,
+# so for the other models no extra job (and no extra torch start-up) sits before extraction.
 
 
 rule check_model:
@@ -37,7 +41,6 @@ rule extract_shard:
     input:
         prepared=PREPARED,
         checkpoint=checkpoint_input,
-        check="results/{model}/model_check.json",
     output:
         (
             directory("results/{model}/extract/{shard}")
