@@ -184,62 +184,101 @@ def _checkpoint_stem(path: str, where: str) -> str:
     return stem
 
 
+def _raise_problems(problems: list[str]) -> None:
+    """One line per problem (one problem: one short line), as for the schema's problems."""
+    problems = list(dict.fromkeys(problems))
+    if len(problems) == 1:
+        raise CnnvisError(problems[0])
+    if problems:
+        raise CnnvisError(f"{len(problems)} problems:\n" + "\n".join(f"  {m}" for m in problems))
+
+
 def model_specs(cfg: dict) -> dict[str, dict]:
+    """Every model to dissect (checkpoint series expanded), defaults filled in. Every problem of
+    every model is reported at once (one CnnvisError, one line per problem)."""
     models = cfg.get("models") or {}
     if not isinstance(models, dict) or not models:
         raise CnnvisError("config: models must map at least one model name to its settings")
     out: dict[str, dict] = {}
+    problems: list[str] = []
     for name, m in models.items():
-        where = f"config: models.{name}"
-        check_name("model", name, where="config: models")
-        if not isinstance(m, dict):
-            raise CnnvisError(f"{where}: must be a mapping")
-        layers = m.get("layers")
-        if not isinstance(layers, list) or not layers:
-            raise CnnvisError(f"{where}.layers: list at least one layer (dotted module names)")
-        for layer in layers:
-            check_name("layer", layer, where=f"{where}.layers")
-        if len(set(layers)) != len(layers):
-            raise CnnvisError(f"{where}.layers: a layer is listed twice")
-        layouts = m.get("layouts") or {}
-        stray = [k for k in layouts if k not in layers]
-        if stray:
-            raise CnnvisError(f"{where}.layouts: {', '.join(map(repr, stray))} not among the "
-                              f"model's layers")
-        spec = {
-            "arch": m.get("arch"),
-            "torchvision": m.get("torchvision"),
-            "factory": m.get("factory"),
-            "weights": m.get("weights"),
-            "kwargs": m.get("kwargs") or {},
-            "checkpoint": m.get("checkpoint"),
-            "layers": list(layers),
-            "layouts": dict(layouts),
-            "mean": list(m.get("mean") or IMAGENET_MEAN),
-            "std": list(m.get("std") or IMAGENET_STD),
-            "input_size": m.get("input_size"),
-            "seed": int(m.get("seed", 0)),
-            "train": m.get("train"),
-            "units": m.get("units") or [],
-        }
-        if len(spec["mean"]) != 3 or len(spec["std"]) != 3 or min(spec["std"]) <= 0:
-            raise CnnvisError(f"{where}: mean and std must be 3 numbers each, std > 0")
-        if spec["train"] and spec["arch"] != "synthnet":
-            raise CnnvisError(f"{where}.train: only the built-in arch synthnet can be trained")
-        if spec["train"] and (spec["checkpoint"] or m.get("checkpoints")):
-            raise CnnvisError(f"{where}: give either train or checkpoint(s), not both")
-        series = m.get("checkpoints")
-        if series:
-            if spec["checkpoint"]:
-                raise CnnvisError(f"{where}: give either checkpoint or checkpoints, not both")
-            for k, ckpt in enumerate(series):
-                sub = f"{name}-{_checkpoint_stem(str(ckpt), where)}"
-                check_name("model", sub, where=f"{where}.checkpoints[{k}]")
-                if sub in out or sub in models:
-                    raise CnnvisError(f"{where}.checkpoints[{k}]: model name {sub!r} is taken twice")
-                out[sub] = dict(spec, checkpoint=str(ckpt), series=name, series_index=k)
-        else:
-            if name in out:
-                raise CnnvisError(f"{where}: model name {name!r} is taken twice")
+        spec = _model_spec(name, m, models, out, problems)
+        if spec is not None and not m.get("checkpoints"):
             out[name] = dict(spec, series=None, series_index=None)
+    _raise_problems(problems)
     return out
+
+
+def _model_spec(name, m, models: dict, out: dict, problems: list[str]) -> dict | None:
+    """The spec of model `name` (its series members added to `out`), or None when a problem
+    (appended to `problems`) leaves nothing to build it from."""
+    where = f"config: models.{name}"
+
+    def checked(kind, value, at) -> bool:
+        try:
+            check_name(kind, value, where=at)
+            return True
+        except CnnvisError as e:
+            problems.append(str(e))
+            return False
+
+    if not checked("model", name, "config: models"):
+        return None
+    if not isinstance(m, dict):
+        problems.append(f"{where}: must be a mapping")
+        return None
+    layers = m.get("layers")
+    if not isinstance(layers, list) or not layers:
+        problems.append(f"{where}.layers: list at least one layer (dotted module names)")
+        layers = []
+    for layer in layers:
+        checked("layer", layer, f"{where}.layers")
+    if len(set(map(str, layers))) != len(layers):
+        problems.append(f"{where}.layers: a layer is listed twice")
+    layouts = m.get("layouts") or {}
+    stray = [k for k in layouts if k not in layers]
+    if stray:
+        problems.append(f"{where}.layouts: {', '.join(map(repr, stray))} not among the "
+                        f"model's layers")
+    spec = {
+        "arch": m.get("arch"),
+        "torchvision": m.get("torchvision"),
+        "factory": m.get("factory"),
+        "weights": m.get("weights"),
+        "kwargs": m.get("kwargs") or {},
+        "checkpoint": m.get("checkpoint"),
+        "layers": list(layers),
+        "layouts": dict(layouts),
+        "mean": list(m.get("mean") or IMAGENET_MEAN),
+        "std": list(m.get("std") or IMAGENET_STD),
+        "input_size": m.get("input_size"),
+        "seed": int(m.get("seed", 0)),
+        "train": m.get("train"),
+        "units": m.get("units") or [],
+    }
+    if len(spec["mean"]) != 3 or len(spec["std"]) != 3 or min(spec["std"]) <= 0:
+        problems.append(f"{where}: mean and std must be 3 numbers each, std > 0")
+    if spec["train"] and spec["arch"] != "synthnet":
+        problems.append(f"{where}.train: only the built-in arch synthnet can be trained")
+    if spec["train"] and (spec["checkpoint"] or m.get("checkpoints")):
+        problems.append(f"{where}: give either train or checkpoint(s), not both")
+    series = m.get("checkpoints")
+    if series:
+        if spec["checkpoint"]:
+            problems.append(f"{where}: give either checkpoint or checkpoints, not both")
+        for k, ckpt in enumerate(series):
+            try:
+                sub = f"{name}-{_checkpoint_stem(str(ckpt), where)}"
+            except CnnvisError as e:
+                problems.append(str(e))
+                continue
+            if not checked("model", sub, f"{where}.checkpoints[{k}]"):
+                continue
+            if sub in out or sub in models:
+                problems.append(f"{where}.checkpoints[{k}]: model name {sub!r} is taken twice")
+                continue
+            out[sub] = dict(spec, checkpoint=str(ckpt), series=name, series_index=k)
+    elif name in out:
+        problems.append(f"{where}: model name {name!r} is taken twice")
+        return None
+    return spec

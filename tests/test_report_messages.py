@@ -53,6 +53,34 @@ def test_one_problem_is_one_line():
     assert str(e.value) == "config: dissection.shards: expected integer, got 'two'"
 
 
+def test_every_model_problem_is_reported_at_once():
+    """After the schema, the models' own checks (names, layers, layouts, train, checkpoints)
+    also list every problem of every model, not just the first."""
+    models = {
+        "a": {"torchvision": "resnet18", "layers": ["layer3", "layer3"]},
+        "b": {"torchvision": "resnet18", "layers": ["layer4"], "layouts": {"layer9": "nhwc"},
+              "train": {"epochs": 1}},
+        "ok": {"torchvision": "resnet18", "layers": ["layer4"]},
+        "c": {"arch": "synthnet", "layers": ["features.relu3"], "checkpoint": "x.pt",
+              "checkpoints": ["y.pt"]},
+    }
+    with pytest.raises(CnnvisError) as e:
+        cc.model_specs({"models": models})
+    lines = str(e.value).splitlines()
+    assert lines[0] == "4 problems:", lines
+    assert [ln.strip() for ln in lines[1:]] == [
+        "config: models.a.layers: a layer is listed twice",
+        "config: models.b.layouts: 'layer9' not among the model's layers",
+        "config: models.b.train: only the built-in arch synthnet can be trained",
+        "config: models.c: give either checkpoint or checkpoints, not both",
+    ]
+    # one problem: one line, as before
+    with pytest.raises(CnnvisError) as e:
+        cc.model_specs({"models": {"ok": models["ok"], "a": models["a"]}})
+    assert str(e.value) == "config: models.a.layers: a layer is listed twice"
+    assert sorted(cc.model_specs({"models": {"ok": models["ok"]}})) == ["ok"]
+
+
 def test_workflow_lists_every_config_problem(tmp_path, workflow):
     proc = workflow.run(tmp_path, three_problems(), "-n", timeout=600)
     assert proc.returncode != 0
