@@ -515,8 +515,8 @@ def test_workflow_refuses_pickled_code_and_failed_extraction_leaves_nothing(
     proc = workflow.run(work, cfg, "--keep-going", env=env)
     assert proc.returncode != 0
     err = proc.stderr
-    # The model check (before any other job of the model) loads the checkpoint and refuses it.
-    assert re.search(r"evil/check\.log: error: \S*evil\.pt: refused: the checkpoint holds pickled",
+    # The extraction builds the model first, which loads the checkpoint and refuses it.
+    assert re.search(r"evil/extract_0\.log: error: \S*evil\.pt: refused: the checkpoint holds pickled",
                      err), err[-3000:]
     assert re.search(r"midway/extract_0\.log: RuntimeError: hostile_models: boom on batch 2",
                      err), err[-3000:]

@@ -101,7 +101,8 @@ def _fill_rows(plan: _Plan, lo: int, hi: int) -> tuple[np.ndarray, list[list[int
                         if p.shape != (sh, sw):
                             p = _resize_nearest(p, sh, sw)
                         planes[i, k + j] = p
-                        for lab in np.unique(p):
+                        # the labels present: nonzero bins of a count (faster than a sort)
+                        for lab in np.flatnonzero(np.bincount(p.ravel())):
                             if lab and (int(lab), cat) in plan.concept_of:
                                 present_concepts.add(plan.concept_of[(int(lab), cat)])
                     else:

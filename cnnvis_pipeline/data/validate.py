@@ -77,7 +77,8 @@ def _int(value) -> int | None:
         return None
 
 
-def _check_file(job: _FileCheck, label_numbers: set[int]) -> list[str]:
+def _check_file(job: _FileCheck, known: np.ndarray) -> list[str]:
+    """known: bool [65536], True for 0 and every label number of label.csv."""
     # The header's size is checked against index.csv before decoding (a 30000x30000 header or a
     # 9500x9500 all-zero PNG is refused without allocating gigabytes).
     try:
@@ -96,7 +97,8 @@ def _check_file(job: _FileCheck, label_numbers: set[int]) -> list[str]:
             f"{job.shape[1]}x{job.shape[0]}"
         )
     if job.kind == "png":
-        unknown = sorted(set(np.unique(arr).tolist()) - {0} - label_numbers)
+        bad = ~known[arr]  # one lookup per pixel: labels are R + 256 * G < 65536
+        unknown = sorted(set(np.unique(arr[bad]).tolist())) if bad.any() else []
         if unknown:
             more = f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""
             problems.append(
@@ -262,6 +264,9 @@ def validation_report(root: Path, *, progress: bool = True, workers: int | None 
         problems.append(f"{label_path}: no labels belong to any category")
 
     # decode every image and PNG; order of results follows the jobs
+    known = np.zeros(65536, bool)
+    known[[n for n in label_numbers if 0 <= n < 65536]] = True
+    known[0] = True
     report.files_checked = len(jobs)
     workers = workers or min(8, os.cpu_count() or 1)
     bar = tqdm(
@@ -274,7 +279,7 @@ def validation_report(root: Path, *, progress: bool = True, workers: int | None 
     )
     with bar, ThreadPoolExecutor(max_workers=workers) as pool:
         for job, found in zip(
-            jobs, pool.map(lambda j: _check_file(j, label_numbers), jobs), strict=True
+            jobs, pool.map(lambda j: _check_file(j, known), jobs), strict=True
         ):
             bar.update(1)
             for message in found:
