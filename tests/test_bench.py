@@ -70,8 +70,8 @@ def test_prepare_benchmark_times_both_preparations(tmp_path, capsys):
     assert out["prepare_identical"] is True and out["workers"] == 2
     assert out["prepare_2_s"] > 0 and out["prepare_1_s"] > 0 and out["validate_s"] > 0
     assert out["forward_images"] == 8 and out["forward_extrapolated"] is True
-    assert out["forward_s"] == round(out["forward_timed_s"] * 24 / 8, 3)
-    assert out["prepare_over_forward"] == round(out["prepare_s"] / out["forward_s"], 3)
+    assert abs(out["forward_s"] - out["forward_timed_s"] * 24 / 8) < 0.005  # rate x 24 images
+    assert abs(out["prepare_over_forward"] - out["prepare_s"] / out["forward_s"]) < 0.002
     # 24 images x (32 x 32 x 3 + 5 planes x 16 x 16 x 2 bytes) + headers and the small arrays
     assert out["prepared_bytes"] > 24 * (32 * 32 * 3 + 5 * 16 * 16 * 2)
     left = sorted(p.name for p in next(tmp_path.glob("broden-big-*")).iterdir())
