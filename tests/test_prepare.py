@@ -63,3 +63,23 @@ def test_workers_option_is_checked(dataset, tmp_path):
     assert proc.returncode == 2
     assert "--workers: must be a whole number >= 1, not '0'" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "p").exists()
+
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(dataset, tmp_path, small_chunks, monkeypatch):
+    """A worker killed mid-task (the kernel's OOM killer, say) fails the preparation with a
+    message, instead of waiting forever for its rows; nothing is left at the output."""
+    import os
+
+    real = prepared_mod._fill_rows
+
+    def dies_on_second_task(plan, lo, hi):
+        if lo == 3:
+            os._exit(9)
+        return real(plan, lo, hi)
+
+    monkeypatch.setattr(prepared_mod, "_fill_rows", dies_on_second_task)
+    out = tmp_path / "out" / "p"
+    out.parent.mkdir()
+    with pytest.raises(CnnvisError, match="a preparation worker process died"):
+        prepare_dataset(dataset, out, progress=False, workers=2)
+    assert list(out.parent.iterdir()) == []

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -163,28 +165,32 @@ def prepare_dataset(broden_root: str | Path, out_dir: str | Path, *, image_size:
         plan = _Plan(ds, tmp, ih, iw, sh, sw, planes_per_cat, ds.concept_index())
         chunks = [(lo, min(lo + CHUNK, n)) for lo in range(0, n, CHUNK)]
         workers = max(1, min(int(workers), len(chunks)))
-        bar = tqdm(total=n, desc="prepare", unit="img", disable=not progress, mininterval=2)
         present_parts, slots = [], []
-        with bar:
-            if workers == 1:
-                results = (_fill_rows(plan, lo, hi) for lo, hi in chunks)
+        if workers == 1:
+            pool, results = None, (_fill_rows(plan, lo, hi) for lo, hi in chunks)
+        else:
+            # The workers fork before any other thread (the progress bar's) exists; they
+            # inherit the plan instead of receiving it pickled.
+            _PLAN = plan
+            pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+            results = pool.map(_fill_rows_in_worker, chunks)  # in index order
+        try:
+            with tqdm(total=n, desc="prepare", unit="img", disable=not progress,
+                      mininterval=2) as bar:
+                # The first error raised is the first bad row's, with 1 worker or many.
                 for (lo, hi), (pres, sl) in zip(chunks, results, strict=True):
                     present_parts.append(pres)
                     slots.extend(sl)
                     bar.update(hi - lo)
-            else:
-                _PLAN = plan
-                try:
-                    # imap keeps index order: the first error raised is the first bad row's.
-                    with mp.get_context("fork").Pool(workers) as pool:
-                        for (lo, hi), (pres, sl) in zip(
-                            chunks, pool.imap(_fill_rows_in_worker, chunks), strict=True
-                        ):
-                            present_parts.append(pres)
-                            slots.extend(sl)
-                            bar.update(hi - lo)
-                finally:
-                    _PLAN = None
+        except BrokenProcessPool as e:
+            raise CnnvisError(
+                f"{out_dir}: a preparation worker process died ({e}; killed for memory?); "
+                "nothing was kept; try fewer workers (the rule's threads)"
+            ) from None
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+            _PLAN = None
         present = (np.concatenate(present_parts) if present_parts
                    else np.zeros((0, len(ds.categories)), bool))
         width = max(1, max((len(s) for s in slots), default=0))
