@@ -45,9 +45,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from cnnvis_pipeline.bench.bigsynth import generate_broden_big
-    from cnnvis_pipeline.bench.workflow import _tree_digest
-    from cnnvis_pipeline.data.prepared import prepare_dataset
-    from cnnvis_pipeline.data.validate import validate_broden
+    from cnnvis_pipeline.bench.workflow import first_run
 
     workers = args.workers or os.cpu_count() or 1
     cache = Path(args.cache or DEFAULT_CACHE)
@@ -63,36 +61,12 @@ def main(argv=None) -> int:
     files = sum(1 for _ in (broden / "images").rglob("*"))
     out["files"] = files
 
-    t = time.perf_counter()
-    problems = validate_broden(broden, progress=False, workers=workers)
-    out["validate_s"] = round(time.perf_counter() - t, 3)
-    if problems:
-        raise SystemExit(f"{broden}: {len(problems)} problems, first: {problems[0]}")
-    _log(f"validate ({workers} threads): {out['validate_s']:.1f} s, "
-         f"{args.images / out['validate_s']:.1f} images/s ({files} files)")
-
-    scratch = prepared.with_name(f"prepared-serial-{os.getpid()}")
-    runs = [(workers, prepared)] + ([(1, scratch)] if workers > 1 else [])
-    digests = {}
-    for w, target in runs:
-        if w == workers and (target / "meta.json").is_file():
-            import shutil
-
-            shutil.rmtree(target)  # timed afresh
-        t = time.perf_counter()
-        prepare_dataset(broden, target, progress=False, workers=w)
-        s = time.perf_counter() - t
-        out[f"prepare_{w}_s"] = round(s, 3)
-        digests[w] = _tree_digest(target)
-        _log(f"prepare ({w} process{'es' if w > 1 else ''}): {s:.1f} s, "
-             f"{args.images / s:.1f} images/s")
-        if target == scratch:
-            import shutil
-
-            shutil.rmtree(scratch)
-    out["prepare_s"] = out[f"prepare_{workers}_s"]
-    out["prepare_ips"] = round(args.images / out["prepare_s"], 1)
-    out["prepare_identical"] = len(set(digests.values())) == 1
+    first = first_run(broden, prepared.with_name(f"first-run-{os.getpid()}"), log=_log,
+                      workers=workers, keep=prepared)
+    out.update(first)
+    out.update({f"prepare_{workers}_s": first["prepare_s"], "prepare_1_s": first["prepare_serial_s"],
+                "prepare_ips": round(args.images / first["prepare_s"], 1),
+                "validate_ips": round(args.images / first["validate_s"], 1)})
     out["prepared_bytes"] = sum(f.stat().st_size for f in prepared.iterdir())
 
     import torch

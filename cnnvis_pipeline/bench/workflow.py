@@ -354,12 +354,14 @@ def _tree_digest(directory: Path) -> str:
     return h.hexdigest()
 
 
-def first_run(broden: str | Path, scratch: Path, log=print, *, workers: int | None = None) -> dict:
+def first_run(broden: str | Path, scratch: Path, log=print, *, workers: int | None = None,
+              keep: Path | None = None) -> dict:
     """What a first run pays before any model (the download aside), timed on the benchmark's
     Broden directory (into a scratch directory, removed afterwards): the validate_dataset rule's
     validate_broden and the prepare_dataset rule's prepare_dataset with `workers` processes (the
     rule's threads: the cores of a local run), and prepare_dataset with 1 process; the two
-    prepared directories must be the same bytes (`prepare_identical`)."""
+    prepared directories must be the same bytes (`prepare_identical`). `keep`: where the
+    `workers` preparation stays (replaced if there), instead of being removed."""
     import os
     import shutil
 
@@ -378,12 +380,14 @@ def first_run(broden: str | Path, scratch: Path, log=print, *, workers: int | No
         if problems:
             raise RuntimeError(f"{broden}: {len(problems)} problems, first: {problems[0]}")
         for w in dict.fromkeys((workers, 1)):
-            out = scratch / f"prepared-{w}"
+            out = Path(keep) if keep is not None and w == workers else scratch / f"prepared-{w}"
+            shutil.rmtree(out, ignore_errors=True)
             t = time.perf_counter()
             prepare_dataset(broden, out, progress=False, workers=w)
             times[w] = time.perf_counter() - t
             digests[w] = _tree_digest(out)
-            shutil.rmtree(out)  # one at a time on the disk
+            if out.parent == scratch:
+                shutil.rmtree(out)  # one at a time on the disk
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     log(f"first run: validate {validate:.2f} s ({workers} threads), prepare {times[workers]:.2f} s "
