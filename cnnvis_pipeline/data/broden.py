@@ -167,6 +167,15 @@ def _png_header(path: Path) -> tuple[int, int] | None:
     return head[24], head[25]
 
 
+def known_label_table(numbers) -> np.ndarray:
+    """bool [65536], True for 0 (unlabeled) and each of `numbers` (label.csv's): `~table[plane]`
+    marks the pixels of a decoded segmentation whose label is unknown, without sorting it."""
+    known = np.zeros(65536, bool)
+    known[[n for n in numbers if 0 <= n < 65536]] = True
+    known[0] = True
+    return known
+
+
 def decode_label_png(path: Path, expect: tuple[int, int] | None = None) -> np.ndarray:
     """Global label numbers of a segmentation PNG: R + 256 * G, as int32 (B is unused).
 
@@ -281,12 +290,8 @@ class BrodenDataset:
         return out
 
     def _known_labels(self) -> np.ndarray:
-        """bool [65536]: 0 (unlabeled) and every label number of label.csv."""
         if getattr(self, "_known", None) is None:
-            known = np.zeros(65536, bool)
-            known[[n for n in self.label_names if 0 <= n < 65536]] = True
-            known[0] = True
-            self._known = known
+            self._known = known_label_table(self.label_names)
         return self._known
 
     def _where(self, rec: ImageRecord) -> str:

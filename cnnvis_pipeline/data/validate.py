@@ -32,6 +32,7 @@ from cnnvis_pipeline.data.broden import (
     INDEX_FIXED,
     BrodenDataset,
     decode_label_png,
+    known_label_table,
     parse_label_categories,
     read_csv_rows,
     read_rgb,
@@ -264,9 +265,7 @@ def validation_report(root: Path, *, progress: bool = True, workers: int | None 
         problems.append(f"{label_path}: no labels belong to any category")
 
     # decode every image and PNG; order of results follows the jobs
-    known = np.zeros(65536, bool)
-    known[[n for n in label_numbers if 0 <= n < 65536]] = True
-    known[0] = True
+    known = known_label_table(label_numbers)
     report.files_checked = len(jobs)
     workers = workers or min(8, os.cpu_count() or 1)
     bar = tqdm(
