@@ -61,9 +61,10 @@ elif _ds.get("download") or _ds.get("url"):
                 sort_keys=True,
             ),
             root=f"{DATA_ROOT}/datasets",
+            name=DATASET,
             manifest=MANIFEST,
         shell:
-            "{params.cnnvis} download --data-root {params.root:q} --name {DATASET:q} --spec {params.spec:q}"
+            "{params.cnnvis} download --data-root {params.root:q} --name {params.name:q} --spec {params.spec:q}"
             " --digest-out {output:q} --manifest {params.manifest:q} --quiet > {log:q} 2>&1"
 
 else:
@@ -96,9 +97,10 @@ rule validate_dataset:
         cnnvis=CNNVIS,
         dataset=DATASET_DIR,
         root=DATA_ROOT,
+        name=DATASET,
     shell:
         "{params.cnnvis} validate {params.dataset:q} --digest-file {input:q} --data-root {params.root:q}"
-        " --name {DATASET:q} --workers {threads:q} > {output:q} 2> {log:q} || (cat {output:q} >&2; rm -f {output:q}; exit 1)"
+        " --name {params.name:q} --workers {threads:q} > {output:q} 2> {log:q} || (cat {output:q} >&2; rm -f {output:q}; exit 1)"
 
 
 # Every later job waits for the data stage, so its rules take all the cores (`--set-threads` or
@@ -116,7 +118,8 @@ rule prepare_dataset:
         cnnvis=CNNVIS,
         dataset=DATASET_DIR,
         root=DATA_ROOT,
+        name=DATASET,
     shell:
         "{params.cnnvis} prepare --dataset {params.dataset:q} --digest-file {input.digest:q}"
-        " --data-root {params.root:q} --name {DATASET:q} --receipt {output:q}"
+        " --data-root {params.root:q} --name {params.name:q} --receipt {output:q}"
         " --workers {threads:q} > {log:q} 2>&1"
