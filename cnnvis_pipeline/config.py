@@ -117,10 +117,7 @@ def _raise_all(errors: list) -> None:
         return
     errors.sort(key=lambda e: (len(e.absolute_path) == 0, [str(p) for p in e.absolute_path],
                                e.validator != "additionalProperties"))
-    messages = list(dict.fromkeys(_schema_message(e) for e in errors))
-    if len(messages) == 1:
-        raise CnnvisError(messages[0])
-    raise CnnvisError(f"{len(messages)} problems:\n" + "\n".join(f"  {m}" for m in messages))
+    _raise_problems([_schema_message(e) for e in errors])
 
 
 def with_defaults(section: str, value: dict | None, schema_path: str | Path = SCHEMA_PATH) -> dict:
