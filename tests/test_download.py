@@ -17,15 +17,11 @@ from loopback_http import LoopbackServer
 
 from cnnvis_pipeline import cli
 from cnnvis_pipeline.data import commands as data_commands
-from cnnvis_pipeline.data import download
+from cnnvis_pipeline.data import download, source
+from cnnvis_pipeline.data.archive import extract_zip_safely
 from cnnvis_pipeline.data.broden import load_broden
-from cnnvis_pipeline.data.download import (
-    COMPLETE_MARKER,
-    extract_zip_safely,
-    fetch_dataset,
-    is_complete,
-    resolve_source,
-)
+from cnnvis_pipeline.data.download import COMPLETE_MARKER, fetch_dataset, is_complete
+from cnnvis_pipeline.data.source import resolve_source
 from cnnvis_pipeline.data.synth import generate_broden_synth
 from cnnvis_pipeline.data.validate import validate_broden
 from cnnvis_pipeline.errors import CnnvisError
@@ -312,7 +308,7 @@ def test_resolve_known_and_mirror():
     assert src.sha256 == "a" * 64 and src.md5 is None and src.name == "broden1_384"
     src = resolve_source({"url": "http://h/path/my.set.zip?x=1", "md5": "b" * 32})
     assert re.fullmatch(r"my-set-[0-9a-f]{8}", src.name)  # as config.dataset_name names it
-    assert src.name == download.default_name("http://h/path/my.set.zip?x=1")
+    assert src.name == source.default_name("http://h/path/my.set.zip?x=1")
     assert resolve_source({"url": "http://h/a.zip", "md5": "b" * 32, "name": "n"}).name == "n"
 
 
@@ -347,7 +343,7 @@ def test_cli_download_prints_path(server, synth_zip, tmp_path, capsys):
         ["download", "--data-root", str(tmp_path), "--url", spec["url"], "--sha256", spec["sha256"]]
     )
     assert args.func(args) == 0
-    expected = tmp_path / download.default_name(spec["url"])
+    expected = tmp_path / source.default_name(spec["url"])
     assert capsys.readouterr().out.strip() == str(expected) and is_complete(expected)
     args = _parse(["download", "--data-root", str(tmp_path), "--url", spec["url"], "--name",
                    "named", "--md5", hashlib.md5(synth_zip).hexdigest(), "--quiet"])

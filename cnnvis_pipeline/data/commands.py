@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from cnnvis_pipeline.data import entries
-from cnnvis_pipeline.data.download import KNOWN_DATASETS, fetch_dataset
+from cnnvis_pipeline.data.download import fetch_dataset
+from cnnvis_pipeline.data.source import KNOWN_DATASETS
 from cnnvis_pipeline.data.validate import summary_line, validation_report
 from cnnvis_pipeline.errors import CnnvisError
 
