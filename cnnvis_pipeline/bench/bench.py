@@ -27,172 +27,57 @@ import os
 import platform
 import shutil
 import sys
-import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "benchmarks" / "cache"
+from cnnvis_pipeline.bench.common import (
+    DEFAULT_CACHE,
+    PeakRSS,
+    current_rss_mb,
+    device_name,
+    ensure_dataset,
+)
+from cnnvis_pipeline.bench.common import log as _log
+from cnnvis_pipeline.bench.measures import activation_bytes, detectors_per_layer, verify_on_cpu
 
 
-def _log(msg: str) -> None:
-    print(msg, flush=True)
+@dataclass
+class _Bench:
+    """What the timed parts of one benchmark run share."""
 
+    args: argparse.Namespace
+    cache: Path
+    data: dict
+    device: object
+    ds: object
+    model: object
+    layers: list[str]
+    batch_size: int
+    precision: str
+    common: dict
+    idx: object
+    keep: bool = False
+    scratch: Path | None = None
+    act_bytes: int = 0
+    n: int = field(init=False)
 
-# -- memory --------------------------------------------------------------------------------------
-
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _current_rss_mb() -> float:
-    kb = _status_kb("VmRSS")
-    if kb is not None:
-        return kb / 1024
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:
-        return 0.0
-
-
-class PeakRSS:
-    """Peak resident memory over a block: the kernel's high-water mark (reset at the start when
-    /proc/self/clear_refs allows it), or else the largest of samples taken every 20 ms."""
-
-    def __init__(self):
-        self.peak_mb = 0.0
-        self._stop = threading.Event()
-        self._reset = False
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.02):
-            self.peak_mb = max(self.peak_mb, _current_rss_mb())
-
-    def __enter__(self) -> PeakRSS:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self._reset = True
-        except OSError:
-            self._reset = False
-        self.peak_mb = _current_rss_mb()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = max(self.peak_mb, _current_rss_mb())
-        hwm = _status_kb("VmHWM")
-        if self._reset and hwm is not None:
-            self.peak_mb = max(self.peak_mb, hwm / 1024)
+    def __post_init__(self) -> None:
+        self.n = len(self.ds)
 
     @property
-    def method(self) -> str:
-        return "VmHWM reset" if self._reset else "sampled"
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
 
 
-# -- dataset -------------------------------------------------------------------------------------
-
-def dataset_dirs(cache: Path, images: int, size: int, seed: int) -> tuple[Path, Path]:
-    from cnnvis_pipeline.bench.bigsynth import VERSION
-
-    root = Path(cache) / f"broden-big-v{VERSION}-n{images}-s{size}-seed{seed}"
-    return root / "broden", root / "prepared"
-
-
-def ensure_dataset(cache: Path, images: int, size: int, seed: int, workers: int | None) -> dict:
-    """Generate and prepare the dataset unless the cache has it; returns paths and timings."""
-    from cnnvis_pipeline.bench.bigsynth import generate_broden_big
-    from cnnvis_pipeline.data.prepared import prepare_dataset
-
-    broden, prepared = dataset_dirs(cache, images, size, seed)
-    info = {"broden": str(broden), "prepared": str(prepared), "gen_s": 0.0, "prep_s": 0.0,
-            "cached": True}
-    if (prepared / "meta.json").is_file():
-        return info
-    info["cached"] = False
-    if prepared.exists():
-        shutil.rmtree(prepared)
-    if not (broden / "index.csv").is_file():
-        if broden.exists():
-            shutil.rmtree(broden)
-        broden.parent.mkdir(parents=True, exist_ok=True)
-        t = time.perf_counter()
-        generate_broden_big(broden, images, size, seed=seed, workers=workers)
-        info["gen_s"] = time.perf_counter() - t
-        _log(f"generated {images} images ({size} px) in {info['gen_s']:.1f} s -> {broden}")
-    t = time.perf_counter()
-    prepare_dataset(broden, prepared, workers=workers or os.cpu_count() or 1, progress=False)
-    info["prep_s"] = time.perf_counter() - t
-    _log(f"prepared in {info['prep_s']:.1f} s -> {prepared}")
-    return info
-
-
-# -- the benchmark -------------------------------------------------------------------------------
-
-def _device_name(device) -> str:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
-def _detectors(result: dict, ds, iou_threshold: float = 0.04) -> dict:
-    """Detectors per layer: units whose top concept has IoU > iou_threshold (the units table's
-    `detector` column, by results.unit_columns)."""
-    from cnnvis_pipeline.dissection.results import unit_columns
-
-    return {layer: int(unit_columns("bench", layer, tally, ds, result["thresholds"][layer],
-                                    iou_threshold)["detector"].sum())
-            for layer, tally in result["tallies"].items()}
-
-
-def verify_on_cpu(model, layers, ds, n: int, common: dict) -> dict:
-    """Extract n images on the device, tally them there and on the CPU from the same float16
-    activations and thresholds; True per layer when every integer of the two tallies agrees."""
-    import numpy as np
-    import torch
-
-    from cnnvis_pipeline.dissection.extract import extract_shard, unit_thresholds
-    from cnnvis_pipeline.dissection.stores import ActivationStore
-    from cnnvis_pipeline.dissection.tally import ConceptTally, tally_shard
-
-    device = common["device"]
-    idx = np.arange(min(n, len(ds)), dtype=np.int64)
-    stores, hists, _ = extract_shard(model, layers, ds, idx, out_dir=None, progress=False,
-                                            **common)
-    cpu = torch.device("cpu")
-    out = {}
-    for layer in layers:
-        t = unit_thresholds(hists[layer], 0.005)
-        here = tally_shard(ds, idx, stores[layer], t, device=device, progress=False)
-        host = ActivationStore(len(idx), stores[layer].shape[1:], None, cpu,
-                               stores[layer].affine)
-        host.write(0, stores[layer].data.cpu())
-        there = tally_shard(ds, idx, host, t, device=cpu, progress=False)
-        out[layer] = all(torch.equal(getattr(here, f).cpu(), getattr(there, f))
-                         for f in ConceptTally.FIELDS)
-    return out
-
-
-def run(args) -> dict:
+def _setup(args) -> _Bench:
+    """The dataset (generated and prepared unless cached), the device and the seeded model."""
     cache = Path(args.cache or DEFAULT_CACHE)
     data = ensure_dataset(cache, args.images, args.size, args.seed, args.workers)
 
@@ -201,9 +86,6 @@ def run(args) -> dict:
     import torchvision
 
     from cnnvis_pipeline.data.prepared import PreparedDataset
-    from cnnvis_pipeline.dissection import pipeline
-    from cnnvis_pipeline.dissection.extract import forward_only
-    from cnnvis_pipeline.dissection.stores import load_only
     from cnnvis_pipeline.models import IMAGENET_MEAN, IMAGENET_STD
     from cnnvis_pipeline.models.input import pick_device
 
@@ -215,95 +97,211 @@ def run(args) -> dict:
         torch.backends.cudnn.benchmark = True
     precision = args.precision or ("bf16" if cuda else "fp32")
     batch_size = args.batch_size or (512 if cuda else 64)
-    layers = list(args.layers)
     ds = PreparedDataset(data["prepared"])
-    n = len(ds)
-    idx = np.arange(n, dtype=np.int64)
     torch.manual_seed(args.seed)
     model = torchvision.models.resnet18(weights=None).eval()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     common = {"input_size": None, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "device": device,
               "batch_size": batch_size, "precision": precision, "model_name": "resnet18"}
-    _log(f"device {device} ({_device_name(device)}), {n} images, layers {layers}, "
+    b = _Bench(args, cache, data, device, ds, model, list(args.layers), batch_size, precision,
+               common, np.arange(len(ds), dtype=np.int64))
+    _log(f"device {device} ({device_name(device)}), {b.n} images, layers {b.layers}, "
          f"batch {batch_size}, precision {precision}")
+    return b
 
-    # Warm-up (not timed): kernels, cuDNN autotuning (full and last batch sizes), page cache.
-    forward_only(model, layers, ds, idx[: min(n, 2 * batch_size)], **common)
-    if n % batch_size and n > batch_size:
-        forward_only(model, layers, ds, idx[: n % batch_size], **common)
-    load_only(ds, idx, batch_size=batch_size, fields=("images", "planes"), device=device)
-    sync()
 
-    t = time.perf_counter()
-    load_only(ds, idx, batch_size=batch_size, fields=("images",), device=device)
-    load_s = time.perf_counter() - t
-    t = time.perf_counter()
-    load_only(ds, idx, batch_size=batch_size, fields=("planes",), device=device)
-    load_planes_s = time.perf_counter() - t
-    _log(f"load (images):  {load_s:8.2f} s  {n / load_s:9.1f} images/s")
-    _log(f"load (planes):  {load_planes_s:8.2f} s  {n / load_planes_s:9.1f} images/s")
+def _time_loads(b: _Bench) -> tuple[float, float]:
+    """Warm up (not timed: kernels, cuDNN autotuning at the full and the last batch size, the
+    page cache), then time the reads of the images alone and of the planes alone."""
+    from cnnvis_pipeline.dissection.extract import forward_only
+    from cnnvis_pipeline.dissection.stores import load_only
 
-    def time_forward() -> tuple[float, float]:
-        sync()
-        t, c = time.perf_counter(), time.process_time()
-        forward_only(model, layers, ds, idx, progress=args.progress, **common)
-        sync()
-        return time.perf_counter() - t, time.process_time() - c
+    forward_only(b.model, b.layers, b.ds, b.idx[: min(b.n, 2 * b.batch_size)], **b.common)
+    if b.n % b.batch_size and b.n > b.batch_size:
+        forward_only(b.model, b.layers, b.ds, b.idx[: b.n % b.batch_size], **b.common)
+    load_only(b.ds, b.idx, batch_size=b.batch_size, fields=("images", "planes"), device=b.device)
+    b.sync()
+    times = []
+    for name in ("images", "planes"):
+        t = time.perf_counter()
+        load_only(b.ds, b.idx, batch_size=b.batch_size, fields=(name,), device=b.device)
+        times.append(time.perf_counter() - t)
+        _log(f"load ({name}):  {times[-1]:8.2f} s  {b.n / times[-1]:9.1f} images/s")
+    return times[0], times[1]
 
-    act_bytes = _activation_bytes(model, layers, args.size, n)
-    keep = args.keep_on_device
-    if keep is None:
-        keep = cuda and act_bytes < 0.6 * torch.cuda.mem_get_info(device)[0]
-    scratch = Path(args.scratch or cache / f"scratch-{os.getpid()}")
-    spec = {"name": "resnet18", "layers": layers, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+
+def _time_forward(b: _Bench) -> tuple[float, float]:
+    """Wall and process CPU seconds of the forward pass up to the last layer, nothing kept."""
+    from cnnvis_pipeline.dissection.extract import forward_only
+
+    b.sync()
+    t, c = time.perf_counter(), time.process_time()
+    forward_only(b.model, b.layers, b.ds, b.idx, progress=b.args.progress, **b.common)
+    b.sync()
+    return time.perf_counter() - t, time.process_time() - c
+
+
+def _dissect_spec(b: _Bench, statistics: bool) -> dict:
+    from cnnvis_pipeline.models import IMAGENET_MEAN, IMAGENET_STD
+
+    return {"name": "resnet18", "layers": b.layers, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
             "input_size": None,
-            "dissection": {"batch_size": batch_size, "device": str(device),
-                           "precision": precision, "quantile": args.quantile,
-                           "statistics": {"enabled": args.statistics != "off"}}}
-    spec_plain = {**spec, "dissection": {**spec["dissection"], "statistics": {"enabled": False}}}
+            "dissection": {"batch_size": b.batch_size, "device": str(b.device),
+                           "precision": b.precision, "quantile": b.args.quantile,
+                           "statistics": {"enabled": statistics}}}
 
-    def time_dissect(spec=spec):
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        try:
-            with PeakRSS() as rss:
-                sync()
-                t, c = time.perf_counter(), time.process_time()
-                result = pipeline.dissect(spec, ds, keep_on_device=keep, scratch=scratch,
-                                          progress=args.progress, model=model)
-                sync()
-                wall, cpu = time.perf_counter() - t, time.process_time() - c
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        return wall, cpu, result, rss
 
-    # Forward and dissection alternate `--repeat` times; the fastest of each is reported (on a
-    # shared machine the minimum is the figure least disturbed by other work).
+def _time_dissect(b: _Bench, spec: dict) -> tuple[float, float, dict, PeakRSS]:
+    """Wall and CPU seconds, result and peak memory of one pipeline.dissect."""
+    import torch
+
+    from cnnvis_pipeline.dissection import pipeline
+
+    if b.cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(b.device)
+    try:
+        with PeakRSS() as rss:
+            b.sync()
+            t, c = time.perf_counter(), time.process_time()
+            result = pipeline.dissect(spec, b.ds, keep_on_device=b.keep, scratch=b.scratch,
+                                      progress=b.args.progress, model=b.model)
+            b.sync()
+            wall, cpu = time.perf_counter() - t, time.process_time() - c
+    finally:
+        shutil.rmtree(b.scratch, ignore_errors=True)
+    return wall, cpu, result, rss
+
+
+def _rounds(b: _Bench) -> tuple[list, list, list, float]:
+    """Forward and dissection alternate `--repeat` times (on a shared machine the fastest of
+    each is the figure least disturbed by other work); returns the forward, dissection and
+    no-statistics dissection timings and the forward pass's peak GPU memory."""
+    import torch
+
+    args = b.args
+    spec = _dissect_spec(b, args.statistics != "off")
     forwards, dissects, plains = [], [], []
     peak_gpu_forward = 0.0
-    rss_before = _current_rss_mb()
     for k in range(max(1, args.repeat)):
+        note = f"  (round {k + 1})" if args.repeat > 1 else ""
         if not args.no_forward:
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(device)
-            forwards.append(time_forward())
-            if cuda:
-                peak_gpu_forward = torch.cuda.max_memory_allocated(device) / 2**20
-            _log(f"forward:        {forwards[-1][0]:8.2f} s  {n / forwards[-1][0]:9.1f} images/s"
-                 + (f"  (round {k + 1})" if args.repeat > 1 else ""))
-        dissects.append(time_dissect())
-        if args.repeat > 1:
-            _log(f"dissect:        {dissects[-1][0]:8.2f} s  (round {k + 1})")
+            if b.cuda:
+                torch.cuda.reset_peak_memory_stats(b.device)
+            forwards.append(_time_forward(b))
+            if b.cuda:
+                peak_gpu_forward = torch.cuda.max_memory_allocated(b.device) / 2**20
+            _log(f"forward:        {forwards[-1][0]:8.2f} s  {b.n / forwards[-1][0]:9.1f} "
+                 f"images/s{note}")
+        dissects.append(_time_dissect(b, spec))
+        if note:
+            _log(f"dissect:        {dissects[-1][0]:8.2f} s{note}")
         if args.statistics == "compare":
-            plains.append(time_dissect(spec_plain))
+            plains.append(_time_dissect(b, _dissect_spec(b, False)))
             _log(f"dissect, no statistics: {plains[-1][0]:8.2f} s  (round {k + 1})")
+    return forwards, dissects, plains, peak_gpu_forward
+
+
+def _statistics_figures(args, result: dict, dissect_s: float, dissect_cpu_s: float,
+                        plains: list) -> dict:
+    """Statistics time and FDR detectors; with --statistics compare, the dissection without
+    statistics and the relative cost of the statistics."""
+    figures = {}
+    if args.statistics != "off":
+        figures["statistics_s"] = result["statistics_s"]
+        figures["detectors_fdr"] = {
+            layer: int(sig["detector_fdr"][sig["rank"] == 0].sum())
+            for layer, sig in result["significance"].items()}
+        _log(f"statistics: tally {result['tally_s']:.2f} s (with the per-image records), "
+             f"intervals + p-values {result['statistics_s']:.2f} s; FDR detectors "
+             f"{figures['detectors_fdr']}")
+    if plains:
+        plain_s, plain_cpu_s, plain, _ = min(plains, key=lambda d: d[0])
+        figures.update(dissect_nostats_s=plain_s, dissect_nostats_cpu_s=plain_cpu_s,
+                       tally_nostats_s=plain["tally_s"],
+                       statistics_cost=dissect_s / plain_s - 1,
+                       statistics_cost_cpu=dissect_cpu_s / plain_cpu_s - 1)
+        _log(f"dissect without statistics: {plain_s:.2f} s (tally {plain['tally_s']:.2f} s); "
+             f"statistics add {100 * (dissect_s / plain_s - 1):.1f}% wall, "
+             f"{100 * (dissect_cpu_s / plain_cpu_s - 1):.1f}% CPU time")
+    return figures
+
+
+def _workflow_settings(b: _Bench) -> dict:
+    return {"batch_size": b.batch_size, "device": b.device.type, "precision": b.precision,
+            "quantile": b.args.quantile, "shards": b.args.shards}
+
+
+def _first_run_figures(b: _Bench, forward_s: float, cores: int) -> dict:
+    """Validation and preparation through the workflow's rules, against the forward pass."""
+    from cnnvis_pipeline.bench import workflow as bench_workflow
+
+    first = bench_workflow.first_run(b.data["broden"], Path(b.args.scratch or b.cache)
+                                     / f"first-run-{os.getpid()}", log=_log, workers=cores)
+    first["prepare_ips"] = round(b.n / first["prepare_s"], 1)
+    first["prepare_serial_ips"] = round(b.n / first["prepare_serial_s"], 1)
+    first["validate_ips"] = round(b.n / first["validate_s"], 1)
+    if forward_s == forward_s:
+        first["prepare_over_forward"] = round(first["prepare_s"] / forward_s, 3)
+        first["first_run_over_forward"] = round(
+            (first["prepare_s"] + first["validate_s"]) / forward_s, 3)
+        _log(f"prepare / forward: {first['prepare_over_forward']:.3f}; validate + prepare "
+             f"/ forward: {first['first_run_over_forward']:.3f}")
+    return first
+
+
+def _workflow_figures(b: _Bench, forward_s: float) -> dict:
+    """--workflow, --first-run and --bulk: the dissection through the Snakemake workflow."""
+    args = b.args
+    if not (args.workflow or args.first_run or args.bulk):
+        return {}
+    from cnnvis_pipeline.bench import workflow as bench_workflow
+
+    cores = args.cores or os.cpu_count() or 1
+    figures = {}
+    if args.workflow:
+        work = Path(args.scratch or b.cache) / f"workflow-{os.getpid()}"
+        try:
+            figures.update(bench_workflow.compare(
+                b.data["broden"], b.data["prepared"], work, b.layers, _workflow_settings(b),
+                cores=cores, repeat=args.repeat, log=_log))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.first_run:
+        figures.update(_first_run_figures(b, forward_s, cores))
+    if args.bulk:
+        work = Path(args.scratch or b.cache) / f"bulk-{os.getpid()}"
+        try:
+            figures.update(bench_workflow.bulk(
+                b.data["broden"], b.data["prepared"], work, b.layers, _workflow_settings(b),
+                counts=args.bulk, cores=cores, archs=args.bulk_archs, log=_log))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return figures
+
+
+def _r(x, k=3):
+    return None if x != x else round(float(x), k)
+
+
+def run(args) -> dict:
+    import torch
+
+    b = _setup(args)
+    load_s, load_planes_s = _time_loads(b)
+    b.act_bytes = activation_bytes(b.model, b.layers, args.size, b.n)
+    b.keep = args.keep_on_device
+    if b.keep is None:
+        b.keep = b.cuda and b.act_bytes < 0.6 * torch.cuda.mem_get_info(b.device)[0]
+    b.scratch = Path(args.scratch or b.cache / f"scratch-{os.getpid()}")
+    rss_before = current_rss_mb()
+    forwards, dissects, plains, peak_gpu_forward = _rounds(b)
     forward_s, forward_cpu_s = min(forwards) if forwards else (float("nan"), float("nan"))
     dissect_s, dissect_cpu_s, result, _ = min(dissects, key=lambda d: d[0])
     peak_rss = max(d[3].peak_mb for d in dissects)
     rss_method = dissects[0][3].method
-    peak_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else 0.0
-    detectors = _detectors(result, ds)
+    peak_gpu = torch.cuda.max_memory_allocated(b.device) / 2**20 if b.cuda else 0.0
+    detectors = detectors_per_layer(result, b.ds)
+    n = b.n
     _log(f"dissect:        {dissect_s:8.2f} s  {n / dissect_s:9.1f} images/s  "
          f"(extract {result['extract_s']:.2f} s, thresholds + tally {result['tally_s']:.2f} s)")
     ratio = dissect_s / forward_s if forward_s == forward_s else float("nan")
@@ -311,115 +309,37 @@ def run(args) -> dict:
     _log(f"whole / forward: {ratio:.3f} (process CPU time: {dissect_cpu_s:.1f} s / "
          f"{forward_cpu_s:.1f} s = {ratio_cpu:.3f})")
     _log(f"peak RSS (dissect): {peak_rss:.0f} MB ({rss_method}; {rss_before:.0f} MB "
-         f"before); peak GPU memory: "
-         f"{peak_gpu:.0f} MB; activations {act_bytes / 2**20:.0f} MB "
-         f"{'on the device' if keep else 'in files'}")
+         f"before); peak GPU memory: {peak_gpu:.0f} MB; activations "
+         f"{b.act_bytes / 2**20:.0f} MB {'on the device' if b.keep else 'in files'}")
     _log(f"detectors (IoU > 0.04): {detectors}")
-    stats_figures = {}
-    if args.statistics != "off":
-        stats_figures["statistics_s"] = result["statistics_s"]
-        stats_figures["detectors_fdr"] = {
-            layer: int(sig["detector_fdr"][sig["rank"] == 0].sum())
-            for layer, sig in result["significance"].items()}
-        _log(f"statistics: tally {result['tally_s']:.2f} s (with the per-image records), "
-             f"intervals + p-values {result['statistics_s']:.2f} s; FDR detectors "
-             f"{stats_figures['detectors_fdr']}")
-    if plains:
-        plain_s, plain_cpu_s, plain, _ = min(plains, key=lambda d: d[0])
-        stats_figures.update(dissect_nostats_s=plain_s, dissect_nostats_cpu_s=plain_cpu_s,
-                             tally_nostats_s=plain["tally_s"],
-                             statistics_cost=dissect_s / plain_s - 1,
-                             statistics_cost_cpu=dissect_cpu_s / plain_cpu_s - 1)
-        _log(f"dissect without statistics: {plain_s:.2f} s (tally {plain['tally_s']:.2f} s); "
-             f"statistics add {100 * (dissect_s / plain_s - 1):.1f}% wall, "
-             f"{100 * (dissect_cpu_s / plain_cpu_s - 1):.1f}% CPU time")
+    stats_figures = _statistics_figures(args, result, dissect_s, dissect_cpu_s, plains)
     verified = None
-    if args.verify and device.type != "cpu":
+    if args.verify and b.device.type != "cpu":
         t = time.perf_counter()
-        verified = verify_on_cpu(model, layers, ds, args.verify, common)
-        _log(f"{device.type} tally == cpu tally on the first {min(args.verify, n)} images: "
+        verified = verify_on_cpu(b.model, b.layers, b.ds, args.verify, b.common)
+        _log(f"{b.device.type} tally == cpu tally on the first {min(args.verify, n)} images: "
              f"{verified} ({time.perf_counter() - t:.1f} s)")
-
-    workflow = {}
-    if args.workflow:
-        from cnnvis_pipeline.bench import workflow as bench_workflow
-
-        work = Path(args.scratch or cache) / f"workflow-{os.getpid()}"
-        try:
-            workflow = bench_workflow.compare(
-                data["broden"], data["prepared"], work, layers,
-                {"batch_size": batch_size, "device": device.type, "precision": precision,
-                 "quantile": args.quantile, "shards": args.shards},
-                cores=args.cores or os.cpu_count() or 1, repeat=args.repeat, log=_log)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-    if args.first_run:
-        from cnnvis_pipeline.bench import workflow as bench_workflow
-
-        first = bench_workflow.first_run(data["broden"], Path(args.scratch or cache)
-                                         / f"first-run-{os.getpid()}", log=_log,
-                                         workers=args.cores or os.cpu_count() or 1)
-        first["prepare_ips"] = round(n / first["prepare_s"], 1)
-        first["prepare_serial_ips"] = round(n / first["prepare_serial_s"], 1)
-        first["validate_ips"] = round(n / first["validate_s"], 1)
-        if forward_s == forward_s:
-            first["prepare_over_forward"] = round(first["prepare_s"] / forward_s, 3)
-            first["first_run_over_forward"] = round(
-                (first["prepare_s"] + first["validate_s"]) / forward_s, 3)
-            _log(f"prepare / forward: {first['prepare_over_forward']:.3f}; validate + prepare "
-                 f"/ forward: {first['first_run_over_forward']:.3f}")
-        workflow.update(first)
-    if args.bulk:
-        from cnnvis_pipeline.bench import workflow as bench_workflow
-
-        work = Path(args.scratch or cache) / f"bulk-{os.getpid()}"
-        try:
-            workflow.update(bench_workflow.bulk(
-                data["broden"], data["prepared"], work, layers,
-                {"batch_size": batch_size, "device": device.type, "precision": precision,
-                 "quantile": args.quantile, "shards": args.shards},
-                counts=args.bulk, cores=args.cores or os.cpu_count() or 1,
-                archs=args.bulk_archs, log=_log))
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-
-    def r(x, k=3):
-        return None if x != x else round(float(x), k)
-
+    workflow = _workflow_figures(b, forward_s)
     return {**workflow,
-        "images": n, "size": args.size, "layers": layers, "device": device.type,
-        "device_name": _device_name(device), "batch_size": batch_size, "precision": precision,
-        "load_s": r(load_s), "load_planes_s": r(load_planes_s), "forward_s": r(forward_s),
-        "dissect_s": r(dissect_s), "extract_s": r(result["extract_s"]),
-        "forward_cpu_s": r(forward_cpu_s), "dissect_cpu_s": r(dissect_cpu_s),
-        "ratio_cpu": r(ratio_cpu), "rss_before_mb": r(rss_before, 1),
-        "tally_s": r(result["tally_s"]), "ratio": r(ratio),
-        "load_ips": r(n / load_s, 1), "forward_ips": r(n / forward_s, 1),
-        "dissect_ips": r(n / dissect_s, 1),
-        "peak_rss_mb": r(peak_rss, 1), "rss_method": rss_method,
-        "forward_runs_s": [r(f[0]) for f in forwards], "dissect_runs_s": [r(d[0]) for d in dissects],
-        "peak_gpu_mb": r(peak_gpu, 1), "peak_gpu_forward_mb": r(peak_gpu_forward, 1),
-        "keep_on_device": bool(keep), "activation_mb": r(act_bytes / 2**20, 1),
-        "detectors": detectors, "verified": verified, "gen_s": r(data["gen_s"]), "prep_s": r(data["prep_s"]),
-        "cached": data["cached"], "torch": torch.__version__, "python": platform.python_version(),
-        "cpus": os.cpu_count(), "date": _dt.datetime.now().isoformat(timespec="seconds"),
-        "statistics": args.statistics, **{k: r(v) if isinstance(v, float) else v
-                                          for k, v in stats_figures.items()},
+        "images": n, "size": args.size, "layers": b.layers, "device": b.device.type,
+        "device_name": device_name(b.device), "batch_size": b.batch_size,
+        "precision": b.precision, "load_s": _r(load_s), "load_planes_s": _r(load_planes_s),
+        "forward_s": _r(forward_s), "dissect_s": _r(dissect_s),
+        "extract_s": _r(result["extract_s"]), "forward_cpu_s": _r(forward_cpu_s),
+        "dissect_cpu_s": _r(dissect_cpu_s), "ratio_cpu": _r(ratio_cpu),
+        "rss_before_mb": _r(rss_before, 1), "tally_s": _r(result["tally_s"]), "ratio": _r(ratio),
+        "load_ips": _r(n / load_s, 1), "forward_ips": _r(n / forward_s, 1),
+        "dissect_ips": _r(n / dissect_s, 1), "peak_rss_mb": _r(peak_rss, 1),
+        "rss_method": rss_method, "forward_runs_s": [_r(f[0]) for f in forwards],
+        "dissect_runs_s": [_r(d[0]) for d in dissects], "peak_gpu_mb": _r(peak_gpu, 1),
+        "peak_gpu_forward_mb": _r(peak_gpu_forward, 1), "keep_on_device": bool(b.keep),
+        "activation_mb": _r(b.act_bytes / 2**20, 1), "detectors": detectors,
+        "verified": verified, "gen_s": _r(b.data["gen_s"]), "prep_s": _r(b.data["prep_s"]),
+        "cached": b.data["cached"], "torch": torch.__version__,
+        "python": platform.python_version(), "cpus": os.cpu_count(),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"), "statistics": args.statistics,
+        **{k: _r(v) if isinstance(v, float) else v for k, v in stats_figures.items()},
     }
-
-
-def _activation_bytes(model, layers: list[str], size: int, n: int) -> int:
-    """float16 bytes of the layers' activations over n images (one probe forward at batch 1)."""
-    import torch
-
-    from cnnvis_pipeline.models.hooks import LayerRecorder
-
-    device = next(model.parameters()).device
-    probe = torch.zeros(1, 3, size, size, device=device)
-    with LayerRecorder(model, layers, stop_after_last=True) as rec, torch.inference_mode():
-        outs = rec.run(probe)
-    return sum(o[0].numel() * 2 for o in outs.values()) * n
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m cnnvis_pipeline.bench", description=__doc__.split(

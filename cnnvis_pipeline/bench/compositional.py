@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_CACHE = Path(__file__).resolve().parents[2] / "benchmarks" / "cache"
+from cnnvis_pipeline.bench.common import DEFAULT_CACHE, ensure_dataset
 
 
 def _log(msg: str) -> None:
@@ -68,7 +68,6 @@ def run(args) -> dict:
     import numpy as np
     import torch
 
-    from cnnvis_pipeline.bench.bench import ensure_dataset
     from cnnvis_pipeline.dissection import compositional as cp
     from cnnvis_pipeline.models.input import pick_device
 

@@ -27,7 +27,7 @@ def _log(msg: str) -> None:
 
 
 def main(argv=None) -> int:
-    from cnnvis_pipeline.bench.bench import DEFAULT_CACHE, dataset_dirs
+    from cnnvis_pipeline.bench.common import DEFAULT_CACHE, dataset_dirs
 
     p = argparse.ArgumentParser(prog="python -m cnnvis_pipeline.bench.prepare",
                                 description=__doc__.split("\n\n")[0])
