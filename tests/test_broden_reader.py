@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnvis_pipeline.data.broden import decode_label_png, load_broden
+from cnnvis_pipeline.data.broden import load_broden
+from cnnvis_pipeline.data.decode import decode_label_png
 from cnnvis_pipeline.errors import CnnvisError
 
 

@@ -4,7 +4,11 @@
 - ImageRecord: one row of index.csv, its pixel-level planes and image-level labels.
 - BrodenDataset: the parsed CSVs of a dataset directory; reads images and decodes label planes.
 - load_broden(root): parse and check a dataset directory (errors name the file and row).
-- decode_label_png(path): a segmentation PNG to global label numbers (R + 256 * G).
+- read_csv_rows, write_csv, parse_label_categories, unknown_columns: the CSV rules, shared with
+  the validator (data/validate.py).
+
+The files themselves are decoded by data/decode.py (`decode_label_png`: a segmentation PNG to
+global label numbers, R + 256 * G).
 
 Category columns follow category.csv (any order); a category is pixel-level when its cells list PNG
 files and image-level when they list label numbers. Every path is resolved and must stay inside
@@ -16,14 +20,12 @@ from __future__ import annotations
 import csv
 import os
 import re
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from cnnvis_pipeline.data.decode import decode_label_png, known_label_table, read_rgb
 from cnnvis_pipeline.errors import CnnvisError
 
 INDEX_FIXED = ["image", "split", "ih", "iw", "sh", "sw"]
@@ -124,99 +126,6 @@ def parse_label_categories(text: str, *, where: str) -> dict[str, int]:
     return out
 
 
-SEGMENTATION_MODES = {2: "RGB", 6: "RGBA"}  # PNG colour types a segmentation may have
-
-
-def _size_problem(path: Path, size: tuple[int, int], expect, what: str) -> str | None:
-    if expect is None or (size[1], size[0]) == tuple(expect):
-        return None
-    names = "iw x ih" if what == "image" else "sw x sh"
-    return (f"{path}: {what} is {size[0]}x{size[1]}, index.csv says {names} = "
-            f"{expect[1]}x{expect[0]}")
-
-
-@contextmanager
-def _open_checked(path: Path, what: str, expect):
-    """Image.open (which reads only the header), the header's size checked against `expect`
-    (height, width) from index.csv before anything is decoded; errors name the file."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
-    except FileNotFoundError:
-        raise CnnvisError(f"{path}: {'image' if what == 'image' else 'segmentation PNG'} is "
-                          "missing") from None
-    except Image.DecompressionBombError as e:
-        raise CnnvisError(f"{path}: refused before decoding: {e}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        kind = "image" if what == "image" else "segmentation PNG"
-        raise CnnvisError(f"{path}: cannot decode {kind} ({e})") from None
-    with im:
-        problem = _size_problem(path, im.size, expect, what)
-        if problem:
-            raise CnnvisError(problem)
-        yield im
-
-
-def _png_header(path: Path) -> tuple[int, int] | None:
-    """(bit depth, colour type) from a PNG's IHDR chunk, or None if it is not a PNG."""
-    with open(path, "rb") as f:
-        head = f.read(26)
-    if len(head) < 26 or head[:8] != b"\x89PNG\r\n\x1a\n" or head[12:16] != b"IHDR":
-        return None
-    return head[24], head[25]
-
-
-def known_label_table(numbers) -> np.ndarray:
-    """bool [65536], True for 0 (unlabeled) and each of `numbers` (label.csv's): `~table[plane]`
-    marks the pixels of a decoded segmentation whose label is unknown, without sorting it."""
-    known = np.zeros(65536, bool)
-    known[[n for n in numbers if 0 <= n < 65536]] = True
-    known[0] = True
-    return known
-
-
-def decode_label_png(path: Path, expect: tuple[int, int] | None = None) -> np.ndarray:
-    """Global label numbers of a segmentation PNG: R + 256 * G, as int32 (B is unused).
-
-    The PNG must be 8-bit RGB or RGBA (what the label encoding means); `expect` = (sh, sw) from
-    index.csv is checked from the header before decoding."""
-    with _open_checked(path, "segmentation", expect) as im:
-        try:
-            header = _png_header(path)
-        except OSError as e:
-            raise CnnvisError(f"{path}: cannot read segmentation PNG ({e.strerror})") from None
-        if header is None:
-            raise CnnvisError(f"{path}: segmentation is not a PNG file ({im.format})")
-        depth, colour = header
-        if colour not in SEGMENTATION_MODES or depth != 8:
-            kind = {0: "grayscale", 2: "RGB", 3: "palette", 4: "grayscale+alpha",
-                    6: "RGBA"}.get(colour, f"colour type {colour}")
-            raise CnnvisError(
-                f"{path}: segmentation PNG is {depth}-bit {kind} (mode {im.mode}); it must be "
-                "8-bit RGB or RGBA (label = R + 256 * G)"
-            )
-        try:
-            im.load()
-            rgb = np.asarray(im.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as e:
-            raise CnnvisError(f"{path}: cannot decode segmentation PNG ({e})") from None
-    # Decode in int32: uint8 * 256 would overflow.
-    return rgb[..., 0].astype(np.int32) + 256 * rgb[..., 1].astype(np.int32)
-
-
-def read_rgb(path: Path, expect: tuple[int, int] | None = None) -> np.ndarray:
-    """An image file as uint8 RGB [H, W, 3]; a corrupt file raises CnnvisError naming it.
-
-    `expect` = (ih, iw) from index.csv is checked from the header before decoding."""
-    with _open_checked(path, "image", expect) as im:
-        try:
-            im.load()
-            return np.asarray(im.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as e:
-            raise CnnvisError(f"{path}: cannot decode image ({e})") from None
-
-
 class BrodenDataset:
     """A parsed Broden-format directory. Construct with load_broden(root)."""
 
@@ -307,19 +216,33 @@ def load_broden(root: str | Path) -> BrodenDataset:
     if not root.is_dir():
         raise CnnvisError(f"{root}: dataset directory does not exist")
     ds = BrodenDataset(root)
+    ds.categories = _read_categories(root / "category.csv")
+    _read_labels(ds, root / "label.csv")
+    kinds = _read_index(ds, root / "index.csv")
+    ds.pixel_categories = [c for c in ds.categories if kinds.get(c) == "pixel"]
+    ds.image_categories = [c for c in ds.categories if kinds.get(c) == "image"]
+    ds.concepts = _concepts(ds)
+    if not ds.concepts:
+        raise CnnvisError(f"{root / 'label.csv'}: no labels belong to any category")
+    return ds
 
-    cat_path = root / "category.csv"
+
+def _read_categories(cat_path: Path) -> list[str]:
+    categories: list[str] = []
     for n, row in enumerate(_read_csv(cat_path, ["name"]), start=2):
         name = (row.get("name") or "").strip()
         if not name or not _CAT_FIELD.match(name) or "(" in name:
             raise CnnvisError(f"{cat_path}: line {n}: invalid category name {name!r}")
-        if name in ds.categories:
+        if name in categories:
             raise CnnvisError(f"{cat_path}: line {n}: duplicate category {name!r}")
-        ds.categories.append(name)
-    if not ds.categories:
+        categories.append(name)
+    if not categories:
         raise CnnvisError(f"{cat_path}: no categories")
+    return categories
 
-    label_path = root / "label.csv"
+
+def _read_labels(ds: BrodenDataset, label_path: Path) -> None:
+    """label.csv into ds.label_names and ds.label_categories."""
     for n, row in enumerate(_read_csv(label_path, ["number", "name", "category"]), start=2):
         number = _int(label_path, n, "number", row.get("number"))
         if number <= 0:
@@ -336,73 +259,83 @@ def load_broden(root: str | Path) -> BrodenDataset:
         ds.label_names[number] = (row.get("name") or "").strip() or f"label{number}"
         ds.label_categories[number] = cats
 
-    index_path = root / "index.csv"
+
+def _read_index(ds: BrodenDataset, index_path: Path) -> dict[str, str]:
+    """index.csv into ds.records; return each category's kind (pixel or image)."""
     rows = _read_csv(index_path, INDEX_FIXED + ds.categories)
     if not rows:
         raise CnnvisError(f"{index_path}: the dataset has no images")
     unknown = unknown_columns(list(rows[0]), ds.categories)
     if unknown:
-        raise CnnvisError(unknown_columns_message(index_path, unknown, cat_path))
+        raise CnnvisError(unknown_columns_message(index_path, unknown,
+                                                  ds.root / "category.csv"))
     kinds: dict[str, str] = {}
     for n, row in enumerate(rows, start=2):
         where = f"{index_path}: line {n}"
-        if None in row:
-            raise CnnvisError(f"{where}: more cells than header columns")
-        rec = ImageRecord(
-            row=n,
-            image=(row["image"] or "").strip(),
-            split=(row["split"] or "").strip(),
-            ih=_int(index_path, n, "ih", row["ih"]),
-            iw=_int(index_path, n, "iw", row["iw"]),
-            sh=_int(index_path, n, "sh", row["sh"]),
-            sw=_int(index_path, n, "sw", row["sw"]),
-        )
-        if min(rec.ih, rec.iw, rec.sh, rec.sw) <= 0:
-            raise CnnvisError(f"{where}: ih, iw, sh, sw must be positive")
-        ds.resolve(rec.image, where=where)
+        rec = _record(ds, index_path, n, row, where)
         for cat in ds.categories:
             entries = [e.strip() for e in (row[cat] or "").split(";") if e.strip()]
-            if not entries:
-                continue
-            is_png = [e.lower().endswith(".png") for e in entries]
-            kind = "pixel" if all(is_png) else "image" if not any(is_png) else "mixed"
-            if kind == "mixed" or kinds.setdefault(cat, kind) != kind:
-                raise CnnvisError(
-                    f"{where}: column {cat!r} mixes PNG files and label numbers "
-                    "(a category is either pixel-level or image-level)"
-                )
-            if kind == "pixel":
-                for e in entries:
-                    ds.resolve(e, where=where)
-                rec.pixel[cat] = entries
-            else:
-                labels = []
-                for e in entries:
-                    if not e.isdigit():
-                        raise CnnvisError(f"{where}: column {cat!r}: {e!r} is not a label number")
-                    lab = int(e)
-                    if lab not in ds.label_names:
-                        raise CnnvisError(
-                            f"{where}: column {cat!r}: label {lab} is not in label.csv"
-                        )
-                    labels.append(lab)
-                rec.labels[cat] = sorted(set(labels))
+            if entries:
+                _read_cell(ds, rec, cat, entries, kinds, where)
         ds.records.append(rec)
+    return kinds
 
-    ds.pixel_categories = [c for c in ds.categories if kinds.get(c) == "pixel"]
-    ds.image_categories = [c for c in ds.categories if kinds.get(c) == "image"]
-    # A label belongs to every category label.csv names for it; an image-level label seen in a
-    # category column also belongs to that category even if label.csv forgot to say so.
+
+def _record(ds: BrodenDataset, index_path: Path, n: int, row: dict, where: str) -> ImageRecord:
+    """Line `n` of index.csv without its category cells; its image path checked."""
+    if None in row:
+        raise CnnvisError(f"{where}: more cells than header columns")
+    rec = ImageRecord(
+        row=n,
+        image=(row["image"] or "").strip(),
+        split=(row["split"] or "").strip(),
+        ih=_int(index_path, n, "ih", row["ih"]),
+        iw=_int(index_path, n, "iw", row["iw"]),
+        sh=_int(index_path, n, "sh", row["sh"]),
+        sw=_int(index_path, n, "sw", row["sw"]),
+    )
+    if min(rec.ih, rec.iw, rec.sh, rec.sw) <= 0:
+        raise CnnvisError(f"{where}: ih, iw, sh, sw must be positive")
+    ds.resolve(rec.image, where=where)
+    return rec
+
+
+def _read_cell(ds: BrodenDataset, rec: ImageRecord, cat: str, entries: list[str],
+               kinds: dict[str, str], where: str) -> None:
+    """One category cell of `rec`: PNG paths (pixel-level) or label numbers (image-level), the
+    same kind in every row (`kinds`)."""
+    is_png = [e.lower().endswith(".png") for e in entries]
+    kind = "pixel" if all(is_png) else "image" if not any(is_png) else "mixed"
+    if kind == "mixed" or kinds.setdefault(cat, kind) != kind:
+        raise CnnvisError(
+            f"{where}: column {cat!r} mixes PNG files and label numbers "
+            "(a category is either pixel-level or image-level)"
+        )
+    if kind == "pixel":
+        for e in entries:
+            ds.resolve(e, where=where)
+        rec.pixel[cat] = entries
+        return
+    labels = []
+    for e in entries:
+        if not e.isdigit():
+            raise CnnvisError(f"{where}: column {cat!r}: {e!r} is not a label number")
+        lab = int(e)
+        if lab not in ds.label_names:
+            raise CnnvisError(f"{where}: column {cat!r}: label {lab} is not in label.csv")
+        labels.append(lab)
+    rec.labels[cat] = sorted(set(labels))
+
+
+def _concepts(ds: BrodenDataset) -> list[Concept]:
+    """One concept per (label, category), in category.csv's order, then by label number.
+
+    A label belongs to every category label.csv names for it; an image-level label seen in a
+    category column also belongs to that category even if label.csv forgot to say so."""
     for rec in ds.records:
         for cat, labels in rec.labels.items():
             for lab in labels:
                 ds.label_categories[lab].setdefault(cat, 0)
-    concepts = []
-    for cat in ds.categories:
-        for lab in sorted(ds.label_names):
-            if cat in ds.label_categories[lab]:
-                concepts.append((lab, ds.label_names[lab], cat))
-    ds.concepts = [Concept(i, lab, name, cat) for i, (lab, name, cat) in enumerate(concepts)]
-    if not ds.concepts:
-        raise CnnvisError(f"{label_path}: no labels belong to any category")
-    return ds
+    pairs = [(lab, ds.label_names[lab], cat) for cat in ds.categories
+             for lab in sorted(ds.label_names) if cat in ds.label_categories[lab]]
+    return [Concept(i, lab, name, cat) for i, (lab, name, cat) in enumerate(pairs)]

@@ -31,14 +31,12 @@ from tqdm import tqdm
 from cnnvis_pipeline.data.broden import (
     INDEX_FIXED,
     BrodenDataset,
-    decode_label_png,
-    known_label_table,
     parse_label_categories,
     read_csv_rows,
-    read_rgb,
     unknown_columns,
     unknown_columns_message,
 )
+from cnnvis_pipeline.data.decode import decode_label_png, known_label_table, read_rgb
 from cnnvis_pipeline.errors import CnnvisError
 
 SPLITS = ("train", "val")
@@ -109,14 +107,30 @@ def _check_file(job: _FileCheck, known: np.ndarray) -> list[str]:
     return problems
 
 
-def validation_report(root: Path, *, progress: bool = True, workers: int | None = None):
+def validation_report(root: Path, *, progress: bool = True,
+                      workers: int | None = None) -> ValidationReport:
+    """Every problem of the dataset at `root` and its counts; CSV problems first, then index.csv's
+    and its files' in line order."""
     report = ValidationReport()
-    problems = report.problems
     if not root.is_dir():
-        problems.append(f"{root}: dataset directory does not exist")
+        report.problems.append(f"{root}: dataset directory does not exist")
         return report
+    categories = _check_categories(root, report)
+    label_cats = _check_labels(root, categories, report)
+    _check_category_tables(root, categories, set(label_cats), report.problems)
+    index = _IndexCheck(root, categories, set(label_cats), report)
+    if not index.check_rows():
+        return report
+    if label_cats and not index.image_level_seen and not any(label_cats.values()):
+        report.problems.append(f"{root / 'label.csv'}: no labels belong to any category")
+    index.check_files(progress=progress, workers=workers)
+    report.problems.extend(msg for _, _, msg in sorted(index.problems))
+    return report
 
-    # category.csv
+
+def _check_categories(root: Path, report: ValidationReport) -> list[str]:
+    """category.csv: the valid category names, in order."""
+    problems = report.problems
     cat_path = root / "category.csv"
     categories: list[str] = []
     for n, row in _read_table(cat_path, ["name"], problems) or []:
@@ -130,8 +144,13 @@ def validation_report(root: Path, *, progress: bool = True, workers: int | None 
     if cat_path.is_file() and not categories:
         problems.append(f"{cat_path}: no categories")
     report.categories = len(categories)
+    return categories
 
-    # label.csv
+
+def _check_labels(root: Path, categories: list[str],
+                  report: ValidationReport) -> dict[int, set[str]]:
+    """label.csv: label number -> its categories that category.csv lists."""
+    problems = report.problems
     label_path = root / "label.csv"
     label_cats: dict[int, set[str]] = {}
     for n, row in _read_table(label_path, ["number", "name", "category"], problems) or []:
@@ -140,26 +159,32 @@ def validation_report(root: Path, *, progress: bool = True, workers: int | None 
         if number is None:
             got = row.get("number")
             problems.append(f"{where}: column 'number' must be an integer, got {got!r}")
-            continue
-        if number <= 0:
+        elif number <= 0:
             problems.append(f"{where}: label number must be > 0 (0 is unlabeled)")
-            continue
-        if number in label_cats:
+        elif number in label_cats:
             problems.append(f"{where}: duplicate label number {number}")
-            continue
-        try:
-            cats = parse_label_categories(row.get("category") or "", where=where)
-        except CnnvisError as e:
-            problems.append(str(e))
-            cats = {}
-        for c in cats:
-            if categories and c not in categories:
-                problems.append(f"{where}: category {c!r} is not in category.csv")
-        label_cats[number] = set(cats) & set(categories)
+        else:
+            label_cats[number] = _label_categories(row, where, categories, problems)
     report.labels = len(label_cats)
-    label_numbers = set(label_cats)
+    return label_cats
 
-    # c_<category>.csv, when present
+
+def _label_categories(row: dict, where: str, categories: list[str],
+                      problems: list[str]) -> set[str]:
+    try:
+        cats = parse_label_categories(row.get("category") or "", where=where)
+    except CnnvisError as e:
+        problems.append(str(e))
+        cats = {}
+    for c in cats:
+        if categories and c not in categories:
+            problems.append(f"{where}: category {c!r} is not in category.csv")
+    return set(cats) & set(categories)
+
+
+def _check_category_tables(root: Path, categories: list[str], label_numbers: set[int],
+                           problems: list[str]) -> None:
+    """c_<category>.csv, when present: integer label numbers of label.csv."""
     for cat in categories:
         cpath = root / f"c_{cat}.csv"
         if not cpath.exists():
@@ -174,117 +199,144 @@ def validation_report(root: Path, *, progress: bool = True, workers: int | None 
             elif number not in label_numbers:
                 problems.append(f"{cpath}: line {n}: label {number} is not in label.csv")
 
-    # index.csv
-    index_path = root / "index.csv"
-    rows = _read_table(index_path, INDEX_FIXED + categories, problems)
-    if rows is None:
-        return report
-    if rows and categories:
-        unknown = unknown_columns(list(rows[0][1]), categories)
-        if unknown:
-            problems.append(unknown_columns_message(index_path, unknown, cat_path))
-    if not rows:
-        problems.append(f"{index_path}: the dataset has no images")
-    ds = BrodenDataset(root)  # for its path rule (relative, inside images/)
-    index_problems: list[tuple[int, int, str]] = []  # (line, order, message)
-    jobs: list[_FileCheck] = []
-    kinds: dict[str, tuple[str, int]] = {}  # category -> (kind, first line)
-    seen_images: dict[str, int] = {}
-    image_level_seen = False
 
-    def add(line: int, message: str) -> None:
-        index_problems.append((line, len(index_problems), message))
+class _IndexCheck:
+    """index.csv row by row, and then every file it names. Its problems are kept as (line,
+    order, message), so that a file's problems join its row's in line order."""
 
-    def resolve(line: int, rel: str, where: str) -> Path | None:
+    def __init__(self, root: Path, categories: list[str], label_numbers: set[int],
+                 report: ValidationReport):
+        self.root, self.categories, self.label_numbers = root, categories, label_numbers
+        self.report = report
+        self.index_path = root / "index.csv"
+        self.ds = BrodenDataset(root)  # for its path rule (relative, inside images/)
+        self.problems: list[tuple[int, int, str]] = []
+        self.jobs: list[_FileCheck] = []
+        self.kinds: dict[str, tuple[str, int]] = {}  # category -> (kind, first line)
+        self.seen_images: dict[str, int] = {}
+        self.image_level_seen = False
+
+    def add(self, line: int, message: str) -> None:
+        self.problems.append((line, len(self.problems), message))
+
+    def resolve(self, line: int, rel: str, where: str) -> Path | None:
         try:
-            return ds.resolve(rel, where=where)
+            return self.ds.resolve(rel, where=where)
         except CnnvisError as e:
-            add(line, str(e))
+            self.add(line, str(e))
             return None
 
-    for n, row in rows:
-        where = f"{index_path}: line {n}"
+    def check_rows(self) -> bool:
+        """Check every row; False when index.csv cannot be read at all."""
+        report = self.report
+        rows = _read_table(self.index_path, INDEX_FIXED + self.categories, report.problems)
+        if rows is None:
+            return False
+        if rows and self.categories:
+            unknown = unknown_columns(list(rows[0][1]), self.categories)
+            if unknown:
+                report.problems.append(unknown_columns_message(
+                    self.index_path, unknown, self.root / "category.csv"))
+        if not rows:
+            report.problems.append(f"{self.index_path}: the dataset has no images")
+        for n, row in rows:
+            self._check_row(n, row)
+        report.images = len(rows)
+        return True
+
+    def _check_row(self, n: int, row: dict) -> None:
+        where = f"{self.index_path}: line {n}"
         if None in row:
-            add(n, f"{where}: more cells than header columns")
+            self.add(n, f"{where}: more cells than header columns")
+        sizes = self._sizes(n, row, where)
+        if "split" in row and (row["split"] or "").strip() not in SPLITS:
+            self.add(n, f"{where}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
+        split = (row.get("split") or "").strip()
+        self.report.splits[split] = self.report.splits.get(split, 0) + 1
+        if "image" in row:
+            self._check_image(n, (row["image"] or "").strip(), where, _shape(sizes, "ih", "iw"))
+        seg_shape = _shape(sizes, "sh", "sw")
+        for cat in self.categories:
+            entries = [e.strip() for e in (row.get(cat) or "").split(";") if e.strip()]
+            if entries:
+                self._check_cell(n, cat, entries, where, seg_shape)
+
+    def _sizes(self, n: int, row: dict, where: str) -> dict[str, int]:
+        """The valid ones of ih, iw, sh, sw."""
         sizes = {}
         for col in ("ih", "iw", "sh", "sw"):
             if col not in row:
                 continue
             v = _int(row[col])
             if v is None or v <= 0:
-                add(n, f"{where}: column {col!r} must be a positive integer, got {row[col]!r}")
+                self.add(n, f"{where}: column {col!r} must be a positive integer, "
+                         f"got {row[col]!r}")
             else:
                 sizes[col] = v
-        if "split" in row and (row["split"] or "").strip() not in SPLITS:
-            add(n, f"{where}: split {row['split']!r} is not one of {', '.join(SPLITS)}")
-        split = (row.get("split") or "").strip()
-        report.splits[split] = report.splits.get(split, 0) + 1
-        if "image" in row:
-            rel = (row["image"] or "").strip()
-            if rel in seen_images:
-                add(n, f"{where}: image {rel!r} is listed twice (also line {seen_images[rel]})")
-            seen_images.setdefault(rel, n)
-            path = resolve(n, rel, where)
-            if path is not None:
-                shape = (sizes["ih"], sizes["iw"]) if {"ih", "iw"} <= set(sizes) else None
-                jobs.append(_FileCheck(n, where, path, "image", shape))
-        seg_shape = (sizes["sh"], sizes["sw"]) if {"sh", "sw"} <= set(sizes) else None
-        for cat in categories:
-            entries = [e.strip() for e in (row.get(cat) or "").split(";") if e.strip()]
-            if not entries:
-                continue
-            is_png = [e.lower().endswith(".png") for e in entries]
-            kind = "pixel" if all(is_png) else "image" if not any(is_png) else "mixed"
-            if kind == "mixed":
-                add(n, f"{where}: column {cat!r} mixes PNG files and label numbers")
-                continue
-            first_kind, first_line = kinds.setdefault(cat, (kind, n))
-            if first_kind != kind:
-                add(
-                    n,
-                    f"{where}: column {cat!r} holds {_WHAT[kind]} but line {first_line} has "
-                    f"{_WHAT[first_kind]} (a category is either pixel-level or image-level)",
-                )
-                continue
+        return sizes
+
+    def _check_image(self, n: int, rel: str, where: str, shape) -> None:
+        if rel in self.seen_images:
+            self.add(n, f"{where}: image {rel!r} is listed twice (also line "
+                     f"{self.seen_images[rel]})")
+        self.seen_images.setdefault(rel, n)
+        path = self.resolve(n, rel, where)
+        if path is not None:
+            self.jobs.append(_FileCheck(n, where, path, "image", shape))
+
+    def _check_cell(self, n: int, cat: str, entries: list[str], where: str, seg_shape) -> None:
+        """One category cell: PNG files (pixel-level) or label numbers (image-level), the same
+        kind in every row."""
+        is_png = [e.lower().endswith(".png") for e in entries]
+        kind = "pixel" if all(is_png) else "image" if not any(is_png) else "mixed"
+        if kind == "mixed":
+            self.add(n, f"{where}: column {cat!r} mixes PNG files and label numbers")
+            return
+        first_kind, first_line = self.kinds.setdefault(cat, (kind, n))
+        if first_kind != kind:
+            self.add(
+                n,
+                f"{where}: column {cat!r} holds {_WHAT[kind]} but line {first_line} has "
+                f"{_WHAT[first_kind]} (a category is either pixel-level or image-level)",
+            )
+            return
+        for e in entries:
             if kind == "pixel":
-                for e in entries:
-                    path = resolve(n, e, where)
-                    if path is not None:
-                        jobs.append(_FileCheck(n, where, path, "png", seg_shape))
+                path = self.resolve(n, e, where)
+                if path is not None:
+                    self.jobs.append(_FileCheck(n, where, path, "png", seg_shape))
+            elif not e.isdigit():
+                self.add(n, f"{where}: column {cat!r}: {e!r} is not a label number")
+            elif int(e) not in self.label_numbers:
+                self.add(n, f"{where}: column {cat!r}: label {int(e)} is not in label.csv")
             else:
-                for e in entries:
-                    if not e.isdigit():
-                        add(n, f"{where}: column {cat!r}: {e!r} is not a label number")
-                    elif int(e) not in label_numbers:
-                        add(n, f"{where}: column {cat!r}: label {int(e)} is not in label.csv")
-                    else:
-                        image_level_seen = True
-    report.images = len(rows)
+                self.image_level_seen = True
 
-    if label_numbers and not image_level_seen and not any(label_cats.values()):
-        problems.append(f"{label_path}: no labels belong to any category")
+    def check_files(self, *, progress: bool, workers: int | None) -> None:
+        """Decode every image and PNG on a thread pool; results follow the jobs' order."""
+        jobs = self.jobs
+        known = known_label_table(self.label_numbers)
+        self.report.files_checked = len(jobs)
+        workers = workers or min(8, os.cpu_count() or 1)
+        bar = tqdm(
+            total=len(jobs),
+            unit="file",
+            desc=f"validate {self.root.name}",
+            disable=not progress or len(jobs) < PROGRESS_MIN_FILES,
+            file=sys.stderr,
+            leave=False,
+        )
+        with bar, ThreadPoolExecutor(max_workers=workers) as pool:
+            for job, found in zip(
+                jobs, pool.map(lambda j: _check_file(j, known), jobs), strict=True
+            ):
+                bar.update(1)
+                for message in found:
+                    self.add(job.line, message)
 
-    # decode every image and PNG; order of results follows the jobs
-    known = known_label_table(label_numbers)
-    report.files_checked = len(jobs)
-    workers = workers or min(8, os.cpu_count() or 1)
-    bar = tqdm(
-        total=len(jobs),
-        unit="file",
-        desc=f"validate {root.name}",
-        disable=not progress or len(jobs) < PROGRESS_MIN_FILES,
-        file=sys.stderr,
-        leave=False,
-    )
-    with bar, ThreadPoolExecutor(max_workers=workers) as pool:
-        for job, found in zip(
-            jobs, pool.map(lambda j: _check_file(j, known), jobs), strict=True
-        ):
-            bar.update(1)
-            for message in found:
-                add(job.line, message)
-    problems.extend(msg for _, _, msg in sorted(index_problems))
-    return report
+
+def _shape(sizes: dict[str, int], h: str, w: str) -> tuple[int, int] | None:
+    return (sizes[h], sizes[w]) if {h, w} <= set(sizes) else None
 
 
 def validate_broden(
