@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cnnvis_pipeline.data import entries
 from cnnvis_pipeline.data.download import fetch_dataset
+from cnnvis_pipeline.data.receipts import read_receipt, write_receipt
 from cnnvis_pipeline.data.source import KNOWN_DATASETS
 from cnnvis_pipeline.data.validate import summary_line, validation_report
 from cnnvis_pipeline.errors import CnnvisError
@@ -53,7 +54,7 @@ def _prepare(args) -> int:
         if not (args.data_root and args.name and args.receipt) or args.out:
             raise CnnvisError("prepare: --digest-file needs --data-root, --name and --receipt "
                               "(and no --out)")
-        digest = entries.read_receipt(args.digest_file, "dataset-digest")["digest"]
+        digest = read_receipt(args.digest_file, "dataset-digest")["digest"]
         out = Path(args.data_root) / "prepared" / entries.entry_name(args.name, digest)
     elif args.out:
         from cnnvis_pipeline.data.manifest import dataset_digest
@@ -66,7 +67,7 @@ def _prepare(args) -> int:
     entries.ensure_prepared(args.dataset, out, digest=digest, image_size=args.image_size,
                             progress=not args.quiet, workers=args.workers)
     if args.receipt:
-        entries.write_receipt(args.receipt, "prepared", prepared=str(out), digest=digest)
+        write_receipt(args.receipt, "prepared", prepared=str(out), digest=digest)
     print(out)
     return 0
 
@@ -128,7 +129,7 @@ def _cmd_validate(args) -> int:
     if args.digest_file:
         if not (args.data_root and args.name):
             raise CnnvisError("validate: --digest-file needs --data-root and --name")
-        digest = entries.read_receipt(args.digest_file, "dataset-digest")["digest"]
+        digest = read_receipt(args.digest_file, "dataset-digest")["digest"]
         problems, line = entries.ensure_validated(root, data_root=args.data_root, name=args.name,
                                                   digest=digest, workers=args.workers,
                                                   progress=not args.quiet)

@@ -15,13 +15,15 @@ same moment. The rules are:
 
 - entry_lock(entry): the lock context manager.
 - remove_stale_temporaries(entry): under the lock, temporary siblings of killed attempts.
-- write_receipt(path, **fields) / read_receipt(path, kind).
+- ensure_synth / ensure_validated / ensure_prepared: the dataset's entries, each complete once
+  per content; write_dataset_digest: the digest file (a receipt, data/receipts.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,6 +32,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from cnnvis_pipeline.data.manifest import write_if_changed
+from cnnvis_pipeline.data.receipts import write_receipt
 from cnnvis_pipeline.errors import CnnvisError
 
 log = logging.getLogger(__name__)
@@ -81,24 +84,6 @@ def remove_stale_temporaries(entry: str | Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def write_receipt(path: str | Path, kind: str, **fields) -> Path:
-    write_if_changed(path, json.dumps({"kind": kind, **fields}, indent=1, sort_keys=True) + "\n")
-    return Path(path)
-
-
-def read_receipt(path: str | Path, kind: str) -> dict:
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CnnvisError(f"{path}: missing") from None
-    except (OSError, ValueError) as e:
-        raise CnnvisError(f"{path}: not a {kind} receipt ({e})") from None
-    if not isinstance(data, dict) or data.get("kind") != kind:
-        raise CnnvisError(f"{path}: not a {kind} receipt")
-    return data
-
-
 # -- the dataset's entries ----------------------------------------------------------------------
 SYNTH_MARKER = ".complete"
 
@@ -135,8 +120,6 @@ def write_dataset_digest(dataset: str | Path, out: str | Path, *,
 def ensure_synth(out: str | Path, *, images: int, size: int, seed: int) -> Path:
     """`out` is a broden-synth dataset of these parameters: generated under its lock, or found
     complete (success); a directory of other parameters is an error, never overwritten."""
-    import os
-
     from cnnvis_pipeline.data.synth import generate_broden_synth
 
     out = Path(out)
@@ -189,7 +172,6 @@ def ensure_validated(dataset: str | Path, *, data_root: str | Path, name: str, d
                      workers: int | None = None, progress: bool = False):
     """Validate a dataset once per content: `{data_root}/validated/<name>-<digest>.txt` records
     a dataset that passed. Returns (problems, summary line)."""
-    from cnnvis_pipeline.data.manifest import write_if_changed
     from cnnvis_pipeline.data.validate import summary_line, validation_report
 
     record = Path(data_root) / "validated" / f"{entry_name(name, digest)}.txt"

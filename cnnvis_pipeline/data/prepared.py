@@ -32,6 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cnnvis_pipeline.data.broden import BrodenDataset, load_broden
+from cnnvis_pipeline.data.receipts import read_receipt
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.fileio import atomic_dir
 
@@ -231,16 +232,6 @@ class Batch:
     present: np.ndarray  # bool [B, C]
 
 
-def resolve_prepared(path: str | Path) -> Path:
-    """The prepared directory `path` names: itself, or the one its prepare receipt names."""
-    path = Path(path)
-    if path.is_file():
-        from cnnvis_pipeline.data.entries import read_receipt
-
-        return Path(read_receipt(path, "prepared")["prepared"])
-    return path
-
-
 class PreparedDataset:
     """Memory-mapped view of a prepared directory."""
 
@@ -248,8 +239,6 @@ class PreparedDataset:
         self.path = Path(path)
         want = None
         if self.path.is_file():  # a receipt of the workflow's prepare_dataset
-            from cnnvis_pipeline.data.entries import read_receipt
-
             receipt = read_receipt(self.path, "prepared")
             self.path, want = Path(receipt["prepared"]), receipt["digest"]
         meta_path = self.path / "meta.json"

@@ -38,7 +38,6 @@ COLORS = {
 }
 SHAPES = ["disc", "box", "triangle", "cross", "ring", "hbar", "vbar", "diamond"]
 PARTS = ["upper", "lower", "rim", "core"]
-PART_PLANES = [["upper", "lower"], ["rim", "core"]]
 MATERIALS = {  # name -> (base colour name, pattern contrast)
     "wood": ("orange", 0.35),
     "grass": ("green", 0.25),
