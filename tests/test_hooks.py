@@ -14,13 +14,9 @@ from cnnvis_pipeline.data.prepared import PreparedDataset
 from cnnvis_pipeline.dissection import extract as engine
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.models.check import check_model
-from cnnvis_pipeline.models.hooks import (
-    LayerRecorder,
-    default_layout,
-    probe_layers,
-    to_feature_map,
-    token_grid,
-)
+from cnnvis_pipeline.models.hooks import LayerRecorder
+from cnnvis_pipeline.models.layouts import default_layout, to_feature_map, token_grid
+from cnnvis_pipeline.models.probe import probe_layers
 from cnnvis_pipeline.viz import strongest_locations
 
 
@@ -249,3 +245,33 @@ def test_layer_call_syntax_in_config():
     with pytest.raises(CnnvisError, match="layouts: 'layer4' not among"):
         cc.model_specs({"models": {"r": {"torchvision": "resnet18", "layers": ["layer3"],
                                          "layouts": {"layer4": "nhwc"}}}})
+
+
+def test_a_specs_layouts_reach_every_caller(prepared_dir, tmp_path):
+    """Layouts are a parameter, not a property of the built model: the spec's `layouts` reach
+    the model check, the `layers` listing, the extraction and the visualisations' forward. An
+    nhwc layout on an nchw layer reads its [N, C, H, W] output as [N, W, C, H]."""
+    from cnnvis_pipeline.dissection.pipeline import run_extract
+    from cnnvis_pipeline.models.check import describe_layers
+    from cnnvis_pipeline.models.registry import build_model
+    from cnnvis_pipeline.viz._common import layer_forward
+
+    ds = PreparedDataset(prepared_dir)
+    layer = "features.relu2"  # [N, 8, 16, 16] on the 32x32 images
+    spec = spec_of(layers=[layer], layouts={layer: "nhwc"})
+    assert check_model(spec_of(layers=[layer]), ds)["layers"][layer]["feature_map"] == [8, 16, 16]
+    assert check_model(spec, ds)["layers"][layer]["feature_map"] == [16, 8, 16]
+    row = next(r for r in describe_layers(spec, (32, 32)) if r["layer"] == layer)
+    assert row["layout"] == "nhwc" and row["feature_map"] == (16, 8, 16)
+    model, _ = build_model("tiny", spec)
+    x = torch.rand(2, 3, 32, 32)
+    plain = layer_forward(model, layer, x)
+    assert plain.shape == (2, 8, 16, 16)
+    assert torch.equal(layer_forward(model, layer, x, layouts=spec["layouts"]),
+                       plain.permute(0, 3, 1, 2))
+    spec = dict(spec, dissection={"batch_size": 16, "device": "cpu"})
+    out = run_extract(spec, prepared_dir, 0, 1, tmp_path / "extract", progress=False)
+    shapes = json.loads((out / "info.json").read_text())["shapes"]
+    assert shapes[layer] == [len(ds), 16, 8, 16]
+    with pytest.raises(CnnvisError, match=r"tiny: layouts.features.relu2: 'chw' is not one of"):
+        check_model(dict(spec, layouts={layer: "chw"}), ds)

@@ -60,11 +60,12 @@ def benchmark_presets(model, spec: dict, prepared, layer: str, layer_dir, *,
         c0, t0 = time.process_time(), time.perf_counter()
         images, _ = activation_maximization(model, layer, units, steps=steps, size=size, lr=lr,
                                             seed=seed, input_size=in_hw, mean=mean, std=std,
-                                            preset=preset, model_name=name)
+                                            preset=preset, model_name=name,
+                                            layouts=spec.get("layouts"))
         cpu, wall = time.process_time() - c0, time.perf_counter() - t0
         with frozen_eval(model), torch.no_grad():
             a = layer_forward(model, layer, preprocess(images, mean, std, input_size=in_hw),
-                              model_name=name)
+                              model_name=name, layouts=spec.get("layouts"))
             achieved = a[torch.arange(len(units)), torch.tensor(units)].amax(dim=(1, 2))
         for u, ach in zip(units, achieved.tolist(), strict=True):
             t = float(top.get(u, 0.0))

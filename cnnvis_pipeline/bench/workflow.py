@@ -308,7 +308,8 @@ def _activation_bytes(spec: dict, prepared) -> int:
     ds = PreparedDataset(prepared)
     model, _ = build_model(spec["name"], spec)
     size = spec.get("input_size") or ds.images.shape[1:3]
-    with LayerRecorder(model, spec["layers"], stop_after_last=True) as rec, torch.inference_mode():
+    with LayerRecorder(model, spec["layers"], stop_after_last=True,
+                       layouts=spec.get("layouts")) as rec, torch.inference_mode():
         outs = rec.run(torch.zeros(1, 3, *size))
     return int(sum(o[0].numel() * 2 for o in outs.values()) * len(ds))
 

@@ -70,7 +70,7 @@ def late_layer(rows) -> str | None:
 
 def check_arch(arch: str, prepared, *, batch_size: int = 8) -> dict:
     from cnnvis_pipeline.dissection.pipeline import dissect
-    from cnnvis_pipeline.models.hooks import probe_layers
+    from cnnvis_pipeline.models.probe import probe_layers
     from cnnvis_pipeline.models.registry import build_model
 
     spec = zoo_spec(arch)

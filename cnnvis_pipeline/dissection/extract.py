@@ -33,14 +33,14 @@ from cnnvis_pipeline.models.input import images_to_input, prepare_model
 def forward_only(model: torch.nn.Module, layers: list[str], dataset: PreparedDataset,
                  indices: np.ndarray, *, input_size, mean, std, device: torch.device,
                  batch_size: int = 64, precision: str = "fp32", model_name: str = "model",
-                 progress: bool = False) -> None:
+                 progress: bool = False, layouts: dict | None = None) -> None:
     """extract_shard's input pipeline and forward pass (up to the last of `layers`), keeping nothing."""
     tune_malloc()
     autocast = set_precision(precision, device) == "bf16"
     channels_last = prepare_model(model, device)
     # The recorder's semantics (calls of re-used modules, where to stop), keeping nothing.
     with LayerRecorder(model, layers, model_name=model_name, stop_after_last=True,
-                       keep=False) as rec, torch.inference_mode():
+                       keep=False, layouts=layouts) as rec, torch.inference_mode():
         for b in tqdm(load_batches(dataset, indices, batch_size, ("images",), device),
                       total=-(-len(indices) // batch_size), desc=f"forward {model_name}",
                       disable=not progress, mininterval=2):
@@ -70,7 +70,7 @@ def extract_shard(model: torch.nn.Module, layers: list[str], dataset: PreparedDa
                   indices: np.ndarray, *, input_size, mean, std, device: torch.device,
                   batch_size: int = 64, out_dir: Path | None = None, precision: str = "fp32",
                   model_name: str = "model", progress: bool = True, quantile: float = 0.005,
-                  calibrate: bool = True):
+                  calibrate: bool = True, layouts: dict | None = None):
     """One forward pass per batch over `indices`; returns (stores, histograms, maxima).
 
     stores[layer]: ActivationStore (float16 [n, U, h, w] in per-unit coordinates, see Affine);
@@ -81,7 +81,8 @@ def extract_shard(model: torch.nn.Module, layers: list[str], dataset: PreparedDa
     With `calibrate` (the default) each unit's Affine comes from a forward pass over the
     calibration sample (calibration_indices of the whole dataset, so every shard stores in the
     same coordinates, and `quantile` is the dissection's); without it, plain float16.
-    The precision used is set by set_precision (TF32 off unless asked for).
+    The precision used is set by set_precision (TF32 off unless asked for). `layouts`: the
+    model spec's {layer: layout} (models.layouts).
     """
     tune_malloc()
     used = set_precision(precision, device)
@@ -103,8 +104,8 @@ def extract_shard(model: torch.nn.Module, layers: list[str], dataset: PreparedDa
                     f"65504 x its calibration sample's spread) on images {first}..{last}"
                 )
 
-    with LayerRecorder(model, layers, model_name=model_name, stop_after_last=True) as rec, \
-            torch.inference_mode():
+    with LayerRecorder(model, layers, model_name=model_name, stop_after_last=True,
+                       layouts=layouts) as rec, torch.inference_mode():
         if calibrate and len(indices):
             idx = calibration_indices(len(dataset))
             x = images_to_input(np.ascontiguousarray(dataset.images[idx]), input_size, mean, std,

@@ -98,7 +98,7 @@ def run_extract(spec: dict, prepared: str | Path, shard: int, shards: int, out: 
             model, spec["layers"], ds, idx, input_size=spec.get("input_size"), mean=spec["mean"],
             std=spec["std"], device=device, batch_size=int(s["batch_size"]), out_dir=tmp,
             precision=s["precision"], model_name=spec["name"], progress=progress,
-            quantile=float(s["quantile"]),
+            quantile=float(s["quantile"]), layouts=spec.get("layouts"),
         )
         for layer in spec["layers"]:
             hists[layer].save(tmp / f"hist_{layer}.npz")
@@ -330,6 +330,7 @@ def dissect(spec: dict, prepared: str | Path | PreparedDataset, out_dir: str | P
         std=spec["std"], device=device, batch_size=int(s["batch_size"]),
         out_dir=None if keep_on_device else Path(scratch), precision=s["precision"],
         model_name=spec["name"], progress=progress, quantile=float(s["quantile"]),
+        layouts=spec.get("layouts"),
     )
     sync()
     t1 = time.perf_counter()

@@ -2,7 +2,10 @@
 
 - registry.py: build_model (synthnet, torchvision, factory), safe checkpoint loading.
 - input.py: the model's input: device choice, the one resize + normalisation, model preparation.
-- hooks.py: LayerRecorder, forward hooks on dotted layer names.
+- layouts.py: how a layer's output is a feature map [N, C, H, W] (nchw, nhwc, tokens), and back.
+- hooks.py: LayerRecorder, forward hooks on dotted layer names (`@K` calls of re-used modules).
+- edits.py: hooks that edit a layer's output (zero_units, fix_units, grouped ablation).
+- probe.py: every module in one forward pass (probe_layers); the check of listed layers.
 - synthnet.py: the reference CNN and its training.
 
 This file imports nothing (config.py reads the default normalisation without loading torch).

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from cnnvis_pipeline.errors import CnnvisError
-from cnnvis_pipeline.models.hooks import check_layers, probe_layers
 from cnnvis_pipeline.models.input import images_to_input
+from cnnvis_pipeline.models.probe import check_layers, probe_layers
 from cnnvis_pipeline.models.registry import build_model
 
 
@@ -63,7 +63,8 @@ def check_built(model, spec: dict, ds) -> dict:
     x = images_to_input(np.array(ds.images[:1]), spec.get("input_size"), spec["mean"], spec["std"],
                         torch.device("cpu"))
     try:
-        shapes = check_layers(model, spec["layers"], x, model_name=name)
+        shapes = check_layers(model, spec["layers"], x, model_name=name,
+                              layouts=spec.get("layouts"))
     except RuntimeError as e:  # the model cannot run on this input at all
         raise CnnvisError(f"{name}: the model fails on a {tuple(x.shape[-2:])} input "
                           f"(input_size {spec.get('input_size')}): {str(e)[:300]}") from None
@@ -89,7 +90,7 @@ def describe_layers(spec: dict, input_size) -> list[dict]:
     h, w = input_size
     x = torch.zeros(1, 3, int(h), int(w))
     rows = []
-    for r in probe_layers(model, x, model_name=name):
+    for r in probe_layers(model, x, model_name=name, layouts=spec.get("layouts")):
         rows.append({"layer": r.name, "calls": r.calls, "output": r.shape, "layout": r.layout,
                      "feature_map": r.feature_map, "problem": r.problem})
     return rows

@@ -6,8 +6,8 @@
     torchvision: resnet18, weights: IMAGENET1K_V1 | DEFAULT | null (seeded random)
     factory: "package.module:callable"  any importable callable returning an nn.Module
   plus optional `checkpoint` (a state dict read with torch.load(weights_only=True)), `kwargs`,
-  `seed` (the random initialisation when there are no weights) and `layouts` ({layer: layout},
-  attached to the model for models.hooks). A synthnet without `kwargs.num_classes` takes its
+  `seed` (the random initialisation when there are no weights); a spec's `layouts` are not the
+  model's: every caller passes them to the hooks (`layouts=spec["layouts"]`). A synthnet without `kwargs.num_classes` takes its
   class count from its checkpoint (a `train:` model has one class per label of its category).
 - load_state_dict_file(path): a checkpoint as a state dict; pickled code is refused.
 - file_sha256(path).
@@ -170,10 +170,4 @@ def build_model(name: str, spec: dict) -> tuple[nn.Module, dict]:
             raise CnnvisError(f"{ckpt}: does not fit model {name!r}: {detail}") from None
         info["checkpoint"] = str(ckpt)
         info["checkpoint_sha256"] = file_sha256(ckpt)
-    from cnnvis_pipeline.models.hooks import set_layouts
-
-    try:
-        set_layouts(model, spec.get("layouts"))
-    except CnnvisError as e:
-        raise CnnvisError(f"{where}.{e}") from None
     return model.eval(), info

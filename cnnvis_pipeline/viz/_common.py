@@ -77,10 +77,11 @@ def preprocess(x: torch.Tensor, mean=None, std=None, input_size=None) -> torch.T
 
 
 def layer_forward(model: nn.Module, layer: str, x: torch.Tensor, *,
-                  model_name: str = "model") -> torch.Tensor:
-    """Run `model` on `x` up to `layer` and return the layer's [N, C, H, W] output, graph kept."""
+                  model_name: str = "model", layouts: dict | None = None) -> torch.Tensor:
+    """Run `model` on `x` up to `layer` and return the layer's [N, C, H, W] output, graph kept
+    (`layouts`: the model spec's {layer: layout})."""
     with LayerRecorder(model, [layer], detach=False, model_name=model_name,
-                       stop_after_last=True) as rec:
+                       stop_after_last=True, layouts=layouts) as rec:
         outputs = rec.run(x)
     if layer not in outputs:
         raise CnnvisError(f"{model_name}: layer {layer!r} was not used in the forward pass")

@@ -102,6 +102,7 @@ def activation_maximization(
     polish_steps: int | None = None,
     polish_lr: float | None = None,
     model_name: str = "model",
+    layouts: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images that maximise the activation of each unit (channel) of `layer`.
 
@@ -155,7 +156,7 @@ def activation_maximization(
         with torch.no_grad():
             grey = torch.full((1, 3, h, w), 0.5, device=dev)
             channels = layer_forward(model, layer, to_model(grey, in_hw),
-                                     model_name=model_name).shape[1]
+                                     model_name=model_name, layouts=layouts).shape[1]
         unit_list = list(range(channels)) if units is None else [int(u) for u in units]
         bad = [u for u in unit_list if not 0 <= u < channels]
         if not unit_list or bad:
@@ -189,13 +190,14 @@ def activation_maximization(
             """(max, mean) of each unit's map on its untransformed image at input_size."""
             with torch.no_grad():
                 a = layer_forward(model, layer, to_model(img, in_hw),
-                                  model_name=model_name)[rows, unit_idx]
+                                  model_name=model_name, layouts=layouts)[rows, unit_idx]
             return a.amax(dim=(1, 2)), a.mean(dim=(1, 2))
 
         for step in range(fourier_steps):
             with override(step):
                 x = random_affine(image(), gen, pad=PAD, jitter=JITTER)
-                act = layer_forward(model, layer, to_model(x, canvas_hw), model_name=model_name)
+                act = layer_forward(model, layer, to_model(x, canvas_hw), model_name=model_name,
+                                    layouts=layouts)
                 loss = -_objective(act[rows, unit_idx], objective).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -211,7 +213,7 @@ def activation_maximization(
             for k in range(polish_steps):
                 with override(fourier_steps + k):
                     act = layer_forward(model, layer, to_model(torch.sigmoid(logits), in_hw),
-                                        model_name=model_name)
+                                        model_name=model_name, layouts=layouts)
                     loss = -_objective(act[rows, unit_idx], objective).sum()
                     popt.zero_grad(set_to_none=True)
                     loss.backward()

@@ -59,13 +59,14 @@ def _argmax(act: torch.Tensor, unit: int):
 
 def strongest_locations(model: nn.Module, layer: str, unit: int, images: torch.Tensor, *,
                         mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                        model_name: str = "model"):
+                        model_name: str = "model", layouts: dict | None = None):
     """(values [N], ys [N], xs [N]): the strongest activation of `unit` in each image and its
     location on the layer's spatial map (ties: the first in row-major order)."""
     images = check_images(images)
     check_mean_std(mean, std)
     with frozen_eval(model), torch.no_grad():
-        act = layer_forward(model, layer, preprocess(images, mean, std), model_name=model_name)
+        act = layer_forward(model, layer, preprocess(images, mean, std), model_name=model_name,
+                            layouts=layouts)
     unit = _check_unit(unit, act.shape[1], layer, model_name)
     values, _pos, ys, xs = _argmax(act, unit)
     return values, ys, xs
@@ -73,7 +74,7 @@ def strongest_locations(model: nn.Module, layer: str, unit: int, images: torch.T
 
 def deconvnet(model: nn.Module, layer: str, unit: int, images: torch.Tensor, *,
               mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-              model_name: str = "model") -> torch.Tensor:
+              model_name: str = "model", layouts: dict | None = None) -> torch.Tensor:
     """DeconvNet projection of the strongest activation of `unit` (channel) of `layer`.
 
     For each image: forward to `layer`, keep only the largest activation of `unit` over the
@@ -90,7 +91,8 @@ def deconvnet(model: nn.Module, layer: str, unit: int, images: torch.Tensor, *,
     with frozen_eval(model), relu_backward_override(model, "deconv"), guard.track(model):
         x = images.detach().clone().requires_grad_(True)
         with guard:
-            act = layer_forward(model, layer, preprocess(x, mean, std), model_name=model_name)
+            act = layer_forward(model, layer, preprocess(x, mean, std), model_name=model_name,
+                                layouts=layouts)
         unit = _check_unit(unit, act.shape[1], layer, model_name)
         values, pos, _ys, _xs = _argmax(act.detach(), unit)
         n, c = act.shape[:2]
@@ -148,7 +150,8 @@ class _SupportMode(TorchFunctionMode):
 
 
 def receptive_field(model: nn.Module, layer: str, input_size: int | tuple[int, int], y: int,
-                    x: int, *, model_name: str = "model", device=None) -> tuple[int, int, int, int]:
+                    x: int, *, model_name: str = "model", layouts: dict | None = None,
+                    device=None) -> tuple[int, int, int, int]:
     """The box (top, left, bottom, right) of input pixels that influence `layer` at (y, x).
 
     bottom and right are exclusive, so `image[:, top:bottom, left:right]` is the patch; the box is
@@ -163,7 +166,7 @@ def receptive_field(model: nn.Module, layer: str, input_size: int | tuple[int, i
     with frozen_eval(model):
         inp = torch.randn((2, 3, *hw), generator=gen).to(dev).requires_grad_(True)
         with _SupportMode():
-            act = layer_forward(model, layer, inp, model_name=model_name)
+            act = layer_forward(model, layer, inp, model_name=model_name, layouts=layouts)
         _n, c, lh, lw = act.shape
         if isinstance(y, bool) or isinstance(x, bool) or not (0 <= int(y) < lh and 0 <= int(x) < lw):
             raise CnnvisError(

@@ -104,7 +104,8 @@ def paper_lambda_tv(depth: float) -> float:
 
 def layer_representation(model: nn.Module, layer: str, images: torch.Tensor, *,
                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                         batch_size: int = 64, model_name: str = "model") -> torch.Tensor:
+                         batch_size: int = 64, model_name: str = "model",
+                         layouts: dict | None = None) -> torch.Tensor:
     """The (detached) output of `layer` for `images` [N, 3, H, W], computed in batches."""
     images = check_images(images)
     check_mean_std(mean, std)
@@ -112,13 +113,15 @@ def layer_representation(model: nn.Module, layer: str, images: torch.Tensor, *,
     with frozen_eval(model), torch.no_grad():
         for start in range(0, images.shape[0], max(1, batch_size)):
             x = preprocess(images[start:start + batch_size], mean, std)
-            outs.append(layer_forward(model, layer, x, model_name=model_name).detach().clone())
+            outs.append(layer_forward(model, layer, x, model_name=model_name,
+                                      layouts=layouts).detach().clone())
     return torch.cat(outs)
 
 
 def representation_spread(model: nn.Module, layer: str, images: torch.Tensor, *,
                           mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                          batch_size: int = 64, model_name: str = "model") -> float:
+                          batch_size: int = 64, model_name: str = "model",
+                          layouts: dict | None = None) -> float:
     """(1 / n^2) sum_{i, j} ||Phi(x_i) - Phi(x_j)||^2 over all n^2 ordered pairs of `images`.
 
     As the paper's reference code computes its normaliser: the mean of the full matrix of
@@ -127,7 +130,7 @@ def representation_spread(model: nn.Module, layer: str, images: torch.Tensor, *,
     (NORMALIZED_ERROR_FORMULA).
     """
     phi = layer_representation(model, layer, images, mean=mean, std=std, batch_size=batch_size,
-                               model_name=model_name).flatten(1).double()
+                               model_name=model_name, layouts=layouts).flatten(1).double()
     n = phi.shape[0]
     if n < 2:
         raise CnnvisError("representation_spread needs at least 2 images")
@@ -186,6 +189,7 @@ def invert(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     model_name: str = "model",
+    layouts: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reconstruct each image from the whole representation of `layer`.
 
@@ -215,7 +219,7 @@ def invert(
     with frozen_eval(model):
         with torch.no_grad():
             phi0 = layer_forward(model, layer, preprocess(images, mean, std),
-                                 model_name=model_name).detach().clone()
+                                 model_name=model_name, layouts=layouts).detach().clone()
         if not bool((phi0.reshape(n, -1).abs().amax(dim=1) > 0).all()):
             raise CnnvisError(
                 f"{model_name}: layer {layer!r} is all zeros for some image; nothing to invert"
@@ -224,7 +228,8 @@ def invert(
         x = (centre + 0.05 * noise).clamp(0.0, 1.0).requires_grad_(True)
         velocity = torch.zeros_like(x)
         for step in range(steps):
-            phi = layer_forward(model, layer, preprocess(x, mean, std), model_name=model_name)
+            phi = layer_forward(model, layer, preprocess(x, mean, std), model_name=model_name,
+                                layouts=layouts)
             energy = (_relative_error(phi, phi0)
                       + lambda_alpha * alpha_norm(x, centre, alpha, bound)
                       + lambda_tv * tv_norm(x, beta, tv_scale))
@@ -236,6 +241,7 @@ def invert(
 
         with torch.no_grad():
             recon = x.detach().clone()
-            phi = layer_forward(model, layer, preprocess(recon, mean, std), model_name=model_name)
+            phi = layer_forward(model, layer, preprocess(recon, mean, std), model_name=model_name,
+                                layouts=layouts)
             errors = _relative_error(phi, phi0)
     return recon, errors

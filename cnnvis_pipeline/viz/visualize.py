@@ -101,7 +101,8 @@ class _Layer:
 
     @property
     def norm(self) -> dict:
-        return {"mean": self.spec["mean"], "std": self.spec["std"], "model_name": self.name}
+        return {"mean": self.spec["mean"], "std": self.spec["std"], "model_name": self.name,
+                "layouts": self.spec.get("layouts")}
 
     def images(self, idx) -> torch.Tensor:
         """[N, 3, h, w] in [0, 1] as the model sees them before normalisation."""
@@ -134,7 +135,8 @@ def layer_activations(model, layer: str, ds: PreparedDataset, idx, spec: dict,
     input pipeline: models.input.images_to_input)."""
     idx = np.asarray(idx, np.int64)
     outs = []
-    with LayerRecorder(model, [layer], model_name=spec["name"], stop_after_last=True) as rec:
+    with LayerRecorder(model, [layer], model_name=spec["name"], stop_after_last=True,
+                       layouts=spec.get("layouts")) as rec:
         for start in range(0, len(idx), batch_size):
             part = idx[start : start + batch_size]
             x = images_to_input(np.ascontiguousarray(ds.images[part]),
@@ -243,7 +245,8 @@ def _map_maxima(L: _Layer, images: torch.Tensor, selected: list[int]) -> torch.T
     """Each selected unit's maximum over its map on its own image (as top_images' maxima)."""
     x = normalize(resize(images.to(L.device), _am_input_size(L)), L.spec["mean"],
                   L.spec["std"])
-    with LayerRecorder(L.model, [L.layer], model_name=L.name, stop_after_last=True) as rec:
+    with LayerRecorder(L.model, [L.layer], model_name=L.name, stop_after_last=True,
+                       layouts=L.spec.get("layouts")) as rec:
         a = rec.run(x)[L.layer]
     return a[torch.arange(len(selected)), torch.tensor(selected)].amax(dim=(1, 2)).cpu()
 
@@ -274,7 +277,7 @@ def _deconv_tiles(L: _Layer, x: torch.Tensor, proj: torch.Tensor, ys, xs, rf_cac
         key = (int(ys[j]), int(xs[j]))
         if key not in rf_cache:
             rf_cache[key] = receptive_field(L.model, L.layer, hw, *key, model_name=L.name,
-                                            device=L.device)
+                                            layouts=L.spec.get("layouts"), device=L.device)
         t0, l0, b0, r0 = rf_cache[key]
         boxes.append([t0, l0, b0, r0])
         patches.append(im.to_uint8(x[j, :, t0:b0, l0:r0]))
@@ -327,7 +330,8 @@ def _inversion_weights(L: _Layer, rs: dict, x0: torch.Tensor) -> dict:
     """The weights of the inversion of this layer: the config's, else the paper's TV weight for
     the layer's relative depth (what the manifest records)."""
     lambda_tv, lambda_alpha = inversion_weights(rs, L.layer)
-    depth = inversion.relative_depth(L.model, L.layer, x0, **L.norm)
+    depth = inversion.relative_depth(L.model, L.layer, x0, mean=L.spec["mean"], std=L.spec["std"],
+                                     model_name=L.name)
     if lambda_tv is None:
         lambda_tv = inversion.paper_lambda_tv(depth)
     return {"relative_depth": depth, "lambda_tv": lambda_tv, "lambda_alpha": lambda_alpha}
