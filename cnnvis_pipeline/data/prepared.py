@@ -2,7 +2,8 @@
 
 - prepare_dataset(broden_root, out_dir, workers=W): decode images and label planes into .npy
   arrays (written under a temporary name, renamed into place when complete), in W processes.
-- PreparedDataset(out_dir): memory-mapped access, `batch(indices)` for the dissection.
+- PreparedDataset(out_dir): memory-mapped access, `batch(indices)` for the dissection; what
+  other stages may read of it is declared by data/interface.py (PreparedData).
 - dataset_digest(ds): the content digest of the dataset directory (data/manifest.py).
 - PreparedDataset also opens a prepare receipt (what the workflow's prepare_dataset writes:
   JSON naming the shared prepared directory and the digest it must have).
@@ -32,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from cnnvis_pipeline.data.broden import BrodenDataset, load_broden
+from cnnvis_pipeline.data.interface import Batch
 from cnnvis_pipeline.data.receipts import read_receipt
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.fileio import atomic_dir
@@ -223,17 +225,9 @@ def prepare_dataset(broden_root: str | Path, out_dir: str | Path, *, image_size:
     return out_dir
 
 
-@dataclass
-class Batch:
-    indices: np.ndarray  # [B] image indices
-    images: np.ndarray  # uint8 [B, H, W, 3]
-    planes: np.ndarray  # uint16 [B, P, sh, sw]
-    slots: np.ndarray  # int32 [B, J]
-    present: np.ndarray  # bool [B, C]
-
-
 class PreparedDataset:
-    """Memory-mapped view of a prepared directory."""
+    """Memory-mapped view of a prepared directory. Other stages read only the members of
+    data/interface.py's PreparedData (shapes and dtypes are documented there)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
