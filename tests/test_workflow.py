@@ -8,13 +8,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 import torch
+
+from cnnvis_pipeline.tables import read_provenance
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +44,15 @@ def tables(workdir: Path) -> dict[str, bytes]:
             for p in sorted((workdir / "results").rglob("*.parquet"))}
 
 
+def expected_tables() -> set[str]:
+    """The tables of `--until summary` with the two_models config: six per model layer."""
+    layers = [("tiny", "features.relu3"), ("tiny", "features.relu4"),
+              ("tiny_random", "features.relu4")]
+    return {f"results/{m}/{layer}/{t}.parquet" for m, layer in layers
+            for t in ("thresholds", "iou", "units", "top_images", "significance", "sweep")
+            } | {"results/summary/detectors.parquet"}
+
+
 def test_tiny_workflow_elsewhere_and_shards_equal_one_pass(tmp_path, workflow):
     one = tmp_path / "one"
     two = tmp_path / "two"
@@ -53,21 +64,30 @@ def test_tiny_workflow_elsewhere_and_shards_equal_one_pass(tmp_path, workflow):
         units = pd.read_parquet(wd / "results/tiny/features.relu3/units.parquet")
         assert len(units) == 8 and {"model", "layer", "unit", "threshold", "concept", "category",
                                     "iou", "detector"} <= set(units.columns)
+        # relu4 (8 units): one row per unit and concept; IoU = intersection / union; the units
+        # table's IoU is each unit's best
         iou = pd.read_parquet(wd / "results/tiny/features.relu4/iou.parquet")
-        assert len(iou) == 8 * iou["concept"].nunique() * 1 or len(iou) > 0
-        assert {"intersection", "union", "category", "concept"} <= set(iou.columns)
+        concepts = len(iou[["concept", "category"]].drop_duplicates())
+        assert iou["unit"].value_counts().to_dict() == dict.fromkeys(range(8), concepts)
+        assert not iou.duplicated(["unit", "concept", "category"]).any()
+        seen = iou["union"] > 0
+        assert (iou["iou"][seen] == iou["intersection"][seen] / iou["union"][seen]).all()
+        assert (iou["iou"][~seen] == 0).all()
+        units4 = pd.read_parquet(wd / "results/tiny/features.relu4/units.parquet")
+        assert units4["iou"].tolist() == iou.groupby("unit")["iou"].max().tolist()
         summary = pd.read_parquet(wd / "results/summary/detectors.parquet")
         assert set(summary["model"]) == {"tiny", "tiny_random"}
-        assert (wd / "results/tiny/features.relu4/detectors.png").stat().st_size > 1000
-        assert (wd / "results/logs/tiny/extract_0.log").exists()
         # nothing of the default config leaked in (dataset and models are replaced)
         assert not (wd / "results/synthnet").exists()
         assert not (wd / "results/tiny/extract").exists()  # temp activations removed
-    # The shard count is not part of the result: byte-identical tables.
+    # The shard count is not part of the result: byte-identical tables and plots.
     a, b = tables(one), tables(two)
-    assert a.keys() == b.keys() and len(a) >= 10
+    assert set(a) == set(b) == expected_tables()
     for k in a:
         assert a[k] == b[k], k
+    for plot in ("results/tiny/features.relu4/detectors.png", "results/summary/unique_detectors.png"):
+        png = (one / plot).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and png == (two / plot).read_bytes(), plot
 
 
 def test_user_dataset_and_factory_model_with_checkpoint(tmp_path, synth_dir, workflow):
@@ -89,5 +109,5 @@ def test_user_dataset_and_factory_model_with_checkpoint(tmp_path, synth_dir, wor
     assert proc.returncode == 0
     units = pd.read_parquet(tmp_path / "run/results/mynet/2.1/units.parquet")
     assert len(units) == 4 and (units["threshold"] > 0).all()
-    meta = pq.read_schema(tmp_path / "run/results/mynet/2.1/units.parquet").metadata
-    assert b"checkpoint_sha256" in meta[b"cnnvis.provenance"]
+    prov = read_provenance(tmp_path / "run/results/mynet/2.1/units.parquet")
+    assert prov["checkpoint_sha256"] == hashlib.sha256((tmp_path / "w.pt").read_bytes()).hexdigest()
