@@ -117,6 +117,10 @@ def test_bulk_dry_run_two_shards(bulk_dir, workflow):
 
 @pytest.mark.slow
 def test_bulk_audit(bulk_dir, workflow):
+    import torch
+
+    from cnnvis_pipeline import __version__
+    from cnnvis_pipeline.dissection.figures import plot_series, plot_summary
     from cnnvis_pipeline.models.registry import file_sha256
     from cnnvis_pipeline.tables import read_provenance
 
@@ -134,7 +138,8 @@ def test_bulk_audit(bulk_dir, workflow):
     pairs = set(zip(summary["model"], summary["layer"], strict=True))
     assert pairs == {(m, layer) for m, layers in MODEL_LAYERS.items() for layer in layers}
     prov = read_provenance(results / "summary" / "detectors.parquet")
-    assert prov["cnnvis_pipeline_version"] and prov["torch_version"]
+    assert prov["cnnvis_pipeline_version"] == __version__
+    assert prov["torch_version"] == torch.__version__
 
     for m, layers in MODEL_LAYERS.items():
         for layer in layers:
@@ -148,9 +153,13 @@ def test_bulk_audit(bulk_dir, workflow):
     # the activations of shard 0 were temporary: gone after the run
     assert not any((results / m / "extract" / "0").exists() for m in MODEL_LAYERS)
 
+    # the figures draw the summary table: drawn again from it here, they are the same bytes
+    counts = pd.read_parquet(results / "summary" / "detectors.parquet")
+    plot_summary(counts, work / "unique_detectors.png")
+    plot_series(counts, "snap", [f"snap-e{k}" for k in (1, 2, 3)], work / "series_snap.png")
     for fig in ("unique_detectors.png", "series_snap.png"):
         data = (results / "summary" / fig).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, fig
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and data == (work / fig).read_bytes(), fig
 
 
 def test_series_counts_and_plot(tmp_path):
@@ -175,4 +184,10 @@ def test_series_counts_and_plot(tmp_path):
     assert got["unique_detectors"].tolist() == [0, 1, 2]
     out = tmp_path / "series_snap.png"
     plot_series(counts, "snap", models, out)
-    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a model outside the series is not drawn: the same bytes without it
+    plot_series(counts[counts["model"] != "other"], "snap", models, tmp_path / "alone.png")
+    assert (tmp_path / "alone.png").read_bytes() == out.read_bytes()
+    # the x axis follows the given checkpoint order (name order draws another figure)
+    plot_series(counts, "snap", sorted(models), tmp_path / "by_name.png")
+    assert (tmp_path / "by_name.png").read_bytes() != out.read_bytes()

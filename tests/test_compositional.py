@@ -242,7 +242,6 @@ def test_pruning_gives_the_unpruned_beam_and_skips_work(planted_data):
                         for it in s.explain(m)[0]] for m in masks], dict(s.stats))
     assert out[True][0] == out[False][0]
     assert out[True][1]["candidates"] == out[False][1]["candidates"]
-    assert out[False][1]["evaluated"] > 0
     assert out[True][1]["evaluated"] < out[False][1]["evaluated"] / 4
     # the penalty is applied: scores are iou * 0.9 ** (length - 1)
     for beam in out[True][0]:

@@ -128,10 +128,9 @@ def test_unit_activity_ok_sparse_dead(prepared_dir):
 def test_active_fraction_counts_upsampled_cells(model, prepared_dir):
     ds = PreparedDataset(prepared_dir)
     _t, _iou, _m, tally = dissect(model, ds, 1.0, 0.0)
-    frac, act = unit_activity(tally, ds, _t)
+    frac, _ = unit_activity(tally, ds, _t)
     # Upsampled masks of the top Q of raw cells: a few times Q, never all.
     assert 0 < np.median(frac) < 10 * Q and (frac < 1).all()
-    assert set(act) <= {"ok", "sparse", "dead"}
     # A unit that is zero everywhere is dead.
     h = find_module(model, LAYER).register_forward_hook(
         lambda m, i, out: out * torch.tensor([0.0] + [1.0] * (out.shape[1] - 1)).view(1, -1, 1, 1))
