@@ -31,7 +31,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from cnnvis_pipeline.data.manifest import write_if_changed
+from cnnvis_pipeline.data.manifest import dataset_digest, write_if_changed
 from cnnvis_pipeline.data.receipts import write_receipt
 from cnnvis_pipeline.errors import CnnvisError
 
@@ -96,8 +96,6 @@ def entry_name(name: str, digest: str) -> str:
 def dataset_digest_record(dataset: str | Path, *, manifest: str | Path | None) -> dict:
     """The content digest of a dataset directory (see manifest.dataset_digest), as the digest
     file holds it; raise CnnvisError when the directory is missing."""
-    from cnnvis_pipeline.data.manifest import dataset_digest
-
     dataset = Path(dataset)
     if not dataset.is_dir():
         raise CnnvisError(f"{dataset}: dataset directory does not exist")
