@@ -9,9 +9,10 @@
 - spec_digest(obj): sha256 of a canonical JSON encoding (the tables' config digest).
 - check_schema(cfg): the config against workflow/schemas/config.schema.yaml, one line naming
   the bad key.
-- with_defaults(section, value): one section (`dissection`, `reports`) checked against the schema
-  and filled with the schema's defaults, for library callers that do not go through Snakemake.
-  The schema is the only place that holds defaults.
+- with_defaults(section, value): one section (`dissection`, `views`, ...) checked against the
+  schema and filled with the schema's defaults (cnnvis_pipeline.settings builds its dataclasses
+  from these). The schema is the only place that holds defaults.
+- MOVED: keys of earlier configs and where they are now (a clear error naming the new key).
 
 Imports neither torch nor any stage, so that `snakemake -n` stays light.
 """
@@ -51,6 +52,51 @@ def merge_with_default(user: dict, default: dict) -> dict:
     for k in REPLACED_SECTIONS:
         merged[k] = copy.deepcopy(user[k] if k in user else default.get(k))
     return merged
+
+
+# Keys of earlier configs: each is refused naming its new place (or why it is gone).
+MOVED = {
+    ("dissection", "shards"): "resources.shards",
+    ("dissection", "batch_size"): "resources.batch_size",
+    ("dissection", "device"): "resources.device",
+    ("dissection", "keep_activations"): "resources.keep_activations",
+    ("dissection", "statistics", "seed"): "seed (one seed at the top level)",
+    ("dataset", "synth", "seed"): "seed (one seed at the top level)",
+    ("reports",): "views (what is computed) and report (what the pages show)",
+    ("reports", "top_units"): "views.units",
+    ("reports", "top_images"): "report.top_images",
+    ("reports", "threads"): "resources.threads",
+    ("reports", "deconvnet"): "views.deconvnet",
+    ("reports", "activation_max"): "views.activation_max",
+    ("reports", "inversion"): "views.inversion",
+    ("reports", "activation_max", "seed"): "seed (one seed at the top level)",
+    ("reports", "inversion", "seed"): "seed (one seed at the top level)",
+    ("reports", "inversion", "spread_images"): "nothing: the spread is measured on 64 images",
+    ("views", "activation_max", "seed"): "seed (one seed at the top level)",
+    ("views", "inversion", "seed"): "seed (one seed at the top level)",
+    ("views", "inversion", "spread_images"): "nothing: the spread is measured on 64 images",
+}
+
+
+def _lookup(cfg, path):
+    node = cfg
+    for p in path:
+        node = node.get(p) if isinstance(node, dict) else None
+    return node
+
+
+def moved_keys(cfg: dict) -> list[str]:
+    """One line per key of an earlier config, naming where it is now (the most specific key:
+    `reports.top_units` rather than `reports`)."""
+    found = [path for path in MOVED if _lookup(cfg, path) is not None]
+    out = [f"config: {'.'.join(path)} has moved: use {MOVED[path]}" for path in found
+           if not any(len(o) > len(path) and o[:len(path)] == path for o in found)]
+    models = cfg.get("models") if isinstance(cfg.get("models"), dict) else {}
+    for name, m in models.items():
+        if isinstance(m, dict) and isinstance(m.get("train"), dict) and "seed" in m["train"]:
+            out.append(f"config: models.{name}.train.seed has moved: use seed (one seed at the "
+                       "top level; a model's own `seed` sets only its random initialisation)")
+    return out
 
 
 def _key_path(path) -> str:
@@ -139,6 +185,9 @@ def check_schema(cfg: dict, schema_path: str | Path = SCHEMA_PATH) -> None:
     """
     import jsonschema
 
+    moved = moved_keys(cfg)
+    if moved:
+        _raise_problems(moved)
     schema = load_schema(schema_path)
     _raise_all(list(jsonschema.Draft202012Validator(schema).iter_errors(cfg)))
 
@@ -153,7 +202,7 @@ def dataset_name(cfg: dict) -> str:
         return check_name("dataset", ds["name"], where="config: dataset.name")
     if "synth" in ds:
         s = ds["synth"] or {}
-        return f"broden-synth-{s.get('images', 1000)}x{s.get('size', 64)}-seed{s.get('seed', 0)}"
+        return f"broden-synth-{s.get('images', 1000)}x{s.get('size', 64)}-seed{cfg.get('seed', 0)}"
     if ds.get("download"):
         return check_name("dataset", ds["download"], where="config: dataset.download")
     if ds.get("url"):
@@ -199,14 +248,15 @@ def model_specs(cfg: dict) -> dict[str, dict]:
     out: dict[str, dict] = {}
     problems: list[str] = []
     for name, m in models.items():
-        spec = _model_spec(name, m, models, out, problems)
+        spec = _model_spec(name, m, models, out, problems, int(cfg.get("seed", 0)))
         if spec is not None and not m.get("checkpoints"):
             out[name] = dict(spec, series=None, series_index=None)
     _raise_problems(problems)
     return out
 
 
-def _model_spec(name, m, models: dict, out: dict, problems: list[str]) -> dict | None:
+def _model_spec(name, m, models: dict, out: dict, problems: list[str],
+                seed: int = 0) -> dict | None:
     """The spec of model `name` (its series members added to `out`), or None when a problem
     (appended to `problems`) leaves nothing to build it from."""
     where = f"config: models.{name}"
@@ -249,7 +299,7 @@ def _model_spec(name, m, models: dict, out: dict, problems: list[str]) -> dict |
         "mean": list(m.get("mean") or IMAGENET_MEAN),
         "std": list(m.get("std") or IMAGENET_STD),
         "input_size": m.get("input_size"),
-        "seed": int(m.get("seed", 0)),
+        "seed": int(m.get("seed", seed)),
         "train": m.get("train"),
         "units": m.get("units") or [],
     }

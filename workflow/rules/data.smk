@@ -21,7 +21,7 @@ if "synth" in _ds:
             manifest=MANIFEST,
             images=_ds["synth"]["images"],
             size=_ds["synth"]["size"],
-            seed=_ds["synth"]["seed"],
+            seed=config["seed"],
         shell:
             "{params.cnnvis} synth --out {params.dataset:q} --images {params.images:q}"
             " --size {params.size:q} --seed {params.seed:q} --digest-out {output:q}"
