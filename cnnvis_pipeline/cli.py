@@ -31,7 +31,7 @@ COMMANDS = {
                                                          "prepare")},
     "layers": "cnnvis_pipeline.models.commands",
     **{c: "cnnvis_pipeline.dissection.commands"
-       for c in ("train", "check-model", "extract", "thresholds", "tally", "tables", "summary",
+       for c in ("train", "check-model", "extract", "tables", "summary",
                  "dissect", "compositional", "formulas")},
     "visualize": "cnnvis_pipeline.viz.commands",
     "report": "cnnvis_pipeline.reports.commands",

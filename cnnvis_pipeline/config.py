@@ -71,10 +71,10 @@ MOVED = {
     ("reports", "inversion"): "views.inversion",
     ("reports", "activation_max", "seed"): "seed (one seed at the top level)",
     ("reports", "inversion", "seed"): "seed (one seed at the top level)",
-    ("reports", "inversion", "spread_images"): "nothing: the spread is measured on 64 images",
+    ("reports", "inversion", "spread_images"): "REMOVED: the inversion's spread is always measured on 64 images",
     ("views", "activation_max", "seed"): "seed (one seed at the top level)",
     ("views", "inversion", "seed"): "seed (one seed at the top level)",
-    ("views", "inversion", "spread_images"): "nothing: the spread is measured on 64 images",
+    ("views", "inversion", "spread_images"): "REMOVED: the inversion's spread is always measured on 64 images",
 }
 
 
@@ -89,8 +89,13 @@ def moved_keys(cfg: dict) -> list[str]:
     """One line per key of an earlier config, naming where it is now (the most specific key:
     `reports.top_units` rather than `reports`)."""
     found = [path for path in MOVED if _lookup(cfg, path) is not None]
-    out = [f"config: {'.'.join(path)} has moved: use {MOVED[path]}" for path in found
-           if not any(len(o) > len(path) and o[:len(path)] == path for o in found)]
+    out = []
+    for path in found:
+        if any(len(o) > len(path) and o[:len(path)] == path for o in found):
+            continue
+        new, key = MOVED[path], ".".join(path)
+        out.append(f"config: {key} is no longer a setting ({new.removeprefix('REMOVED: ')})"
+                   if new.startswith("REMOVED: ") else f"config: {key} has moved: use {new}")
     models = cfg.get("models") if isinstance(cfg.get("models"), dict) else {}
     for name, m in models.items():
         if isinstance(m, dict) and isinstance(m.get("train"), dict) and "seed" in m["train"]:

@@ -20,17 +20,19 @@ Imports neither torch nor any stage.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from cnnvis_pipeline.config import with_defaults
+from cnnvis_pipeline.errors import CnnvisError
 
 SECTIONS = ("dissection", "resources", "compositional", "views", "report")
 
 
 def _build(cls, values: dict, **extra):
     """A dataclass from a schema-filled mapping (unknown keys are schema errors before this)."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - set(extra)
     return cls(**{k: v for k, v in values.items() if k in names}, **extra)
 
 
@@ -160,6 +162,11 @@ class Job:
         return self.model["name"]
 
     @classmethod
+    def from_json(cls, text: str, flag: str = "--spec") -> Job:
+        """Parse a job's `--spec` text (a JSON object; anything else is a clear error)."""
+        return cls.from_spec(spec_object(text, flag))
+
+    @classmethod
     def from_spec(cls, spec: dict) -> Job:
         """Parse a `--spec` object (sections left out take the schema's defaults)."""
         seed = int(spec.get("seed", 0))
@@ -180,4 +187,18 @@ def job_spec(model: dict, config: dict, sections: tuple[str, ...]) -> dict:
     for s in sections:
         if config.get(s) is not None:
             out[s] = config[s]
+    return out
+
+
+def spec_object(text: str, flag: str = "--spec") -> dict:
+    """The JSON object of a `--spec` option, or a CnnvisError saying what a spec is."""
+    try:
+        out = json.loads(text)
+    except ValueError:
+        out = None
+    if not isinstance(out, dict):
+        raise CnnvisError(
+            f"{flag}: expected a JSON object (the resolved model entry), e.g. "
+            f"""'{{"name": "m", "torchvision": "resnet18", "weights": null, "layers": ["layer4"]}}'"""
+            f"; got {text[:60]!r}")
     return out

@@ -87,7 +87,8 @@ def test_cli_registration_only_in_commands_modules():
 
 
 def test_config_does_not_load_torch():
-    code = ("import sys, cnnvis_pipeline.config as c; c.with_defaults('reports', None); "
+    code = ("import sys, cnnvis_pipeline.config as c, cnnvis_pipeline.settings as s; "
+            "s.Job.from_spec({'name': 'm', 'layers': ['a']}); "
             "print(sorted({'torch', 'torchvision'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -47,7 +47,7 @@ SYNTHNET_LAYERS = ["features.relu4"]
 def bulk_config(workflow, tmp: Path, shards: int) -> dict:
     cfg = workflow.config("bulk")
     cfg["models"]["snap"]["checkpoints"] = [str(tmp / "ckpt" / f"e{k}.pt") for k in (1, 2, 3)]
-    cfg["dissection"]["shards"] = shards
+    cfg["resources"]["shards"] = shards
     return cfg
 
 

@@ -17,6 +17,7 @@ from cnnvis_pipeline.data.prepared import PreparedDataset, prepare_dataset
 from cnnvis_pipeline.data.synth import generate_broden_synth
 from cnnvis_pipeline.dissection import compositional as cp
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.settings import Compositional, Job
 
 # -- an independent reading of the definitions ---------------------------------------------------
 
@@ -170,7 +171,7 @@ def test_planted_compositional_units_get_exactly_their_formulas(planted_data):
         dense = np.zeros_like(p)
         dense[m.images] = cp.unpack_rows(m.rows, cm.pixels)
         np.testing.assert_array_equal(dense, p)
-    results, _ = cp.explain_units(cm, masks, cp.resolve_settings({}))
+    results, _ = cp.explain_units(cm, masks, Compositional.parse({}))
     got = [(cp.formula_text(beam[0].node, cm.text), beam[0].length, beam[0].iou)
            for beam, _ in results]
     assert got == [("disc AND red", 2, 1.0), ("box OR hbar", 2, 1.0),
@@ -251,15 +252,15 @@ def test_pruning_gives_the_unpruned_beam_and_skips_work(planted_data):
 
 
 def test_settings_are_checked():
-    assert cp.resolve_settings(None) == {"max_length": 3, "beam": 5, "penalty": 1.0,
-                                         "units": "all"}
+    assert Compositional.parse(None) == Compositional(max_length=3, beam=5, penalty=1.0,
+                                                      units="all")
     for bad, key in (({"beam": 0}, "compositional.beam"),
                      ({"max_length": 1.5}, "compositional.max_length"),
                      ({"penalty": 0}, "compositional.penalty"),
                      ({"units": [1, -2]}, "compositional.units"),
                      ({"units": "some"}, "compositional.units")):
         with pytest.raises(CnnvisError, match=key):
-            cp.resolve_settings(bad)
+            Compositional.parse(bad)
     with pytest.raises(CnnvisError, match=r"units \[9\] do not exist"):
         cp.select_units([1, 9], 8, "conv")
     np.testing.assert_array_equal(cp.select_units([3, 1, 3], 8, "conv"), [1, 3])
@@ -276,25 +277,24 @@ def dissected(planted_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("dissected")
     spec = {"name": "rand", "arch": "synthnet", "seed": 0, "layers": ["features.relu3"],
             "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-            "dissection": {"quantile": 0.02, "batch_size": 32, "device": "cpu"}}
+            "dissection": {"quantile": 0.02}, "resources": {"batch_size": 32, "device": "cpu"}}
     extracts = [root / "extract" / str(k) for k in range(2)]
     for k, d in enumerate(extracts):
-        pipeline.run_extract(spec, ds.path, k, 2, d, progress=False)
-    pipeline.run_thresholds(spec, ds.path, extracts, root)
-    tallies = []
-    for k, d in enumerate(extracts):
-        tallies.append(pipeline.run_tally(spec, ds.path, d, root, root / f"tally{k}.npz",
-                                          progress=False))
-    pipeline.run_tables(spec, ds.path, tallies, extracts, root)
+        pipeline.run_extract(Job.from_spec(spec), ds.path, k, 2, d, progress=False)
+    pipeline.run_layers(Job.from_spec(spec), ds.path, extracts, root, progress=False)
     return spec, ds, root, extracts
+
+
+def _job(spec: dict, compositional: dict) -> Job:
+    return Job.from_spec(dict(spec, compositional=compositional))
 
 
 def test_length_1_formulas_are_the_units_table(dissected, tmp_path):
     spec, ds, root, extracts = dissected
     layer = "features.relu3"
-    out = cp.run_compositional(spec, ds.path, extracts, root / layer / "thresholds.parquet",
-                               layer, 0, 1, {"max_length": 1}, tmp_path / "f.parquet",
-                               progress=False)
+    out = cp.run_compositional(_job(spec, {"max_length": 1}), ds.path, extracts,
+                               root / layer / "thresholds.parquet", layer, 0, 1,
+                               tmp_path / "f.parquet", progress=False)
     f = pq.read_table(out).to_pandas()
     units = pq.read_table(root / layer / "units.parquet").to_pandas()
     iou = pq.read_table(root / layer / "iou.parquet").to_pandas()
@@ -321,10 +321,11 @@ def test_unit_shards_merge_to_the_one_process_table(dissected, tmp_path):
     spec, ds, root, extracts = dissected
     layer = "features.relu3"
     settings = {"max_length": 3, "beam": 3, "units": [0, 2, 3, 5, 7, 8, 11]}
-    one = cp.run_compositional(spec, ds.path, extracts, root / layer / "thresholds.parquet",
-                               layer, 0, 1, settings, tmp_path / "one.parquet", progress=False)
-    parts = [cp.run_compositional(spec, ds.path, list(reversed(extracts)),
-                                  root / layer / "thresholds.parquet", layer, k, 3, settings,
+    job = _job(spec, settings)
+    one = cp.run_compositional(job, ds.path, extracts, root / layer / "thresholds.parquet",
+                               layer, 0, 1, tmp_path / "one.parquet", progress=False)
+    parts = [cp.run_compositional(job, ds.path, list(reversed(extracts)),
+                                  root / layer / "thresholds.parquet", layer, k, 3,
                                   tmp_path / f"part{k}.parquet", progress=False)
              for k in range(3)]
     merged = cp.run_formulas(list(reversed(parts)), tmp_path / "merged.parquet")
@@ -394,10 +395,11 @@ def test_workflow_step_writes_formulas_and_shards_merge_as_one_process(tmp_path)
 
     repo = Path(__file__).resolve().parents[1]
     cfg = {
-        "dataset": {"synth": {"images": 24, "size": 32, "seed": 1}},
+        "seed": 1,
+        "dataset": {"synth": {"images": 24, "size": 32}},
         "models": {"tiny": {"arch": "synthnet", "kwargs": {"width": 4},
                             "layers": ["features.relu4"]}},
-        "dissection": {"shards": 2, "batch_size": 8, "keep_activations": True},
+        "resources": {"shards": 2, "batch_size": 8, "keep_activations": True},
         "compositional": {"beam": 3, "max_length": 2},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))

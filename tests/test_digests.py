@@ -231,7 +231,7 @@ def test_content_changes_rerun_exactly_what_depends_on_them(synth_dir, tmp_path)
             "fac": {"factory": "dg_nets:build", "checkpoint": str(ckpt), "layers": ["1"]},
             "plain": {"arch": "synthnet", "kwargs": {"width": 4}, "layers": ["features.relu4"]},
         },
-        "dissection": {"shards": 1, "batch_size": 16, "device": "cpu"},
+        "resources": {"shards": 1, "batch_size": 16, "device": "cpu"},
     }))
     snakemake(work, env)
     units = work / "results/fac/1/units.parquet"

@@ -191,7 +191,7 @@ def test_extraction_checks_the_model_first(prepared_dir, tmp_path, capsys):
     from cnnvis_pipeline.cli import main
 
     def extract(layers, **model):
-        spec = dict(spec_of(layers=layers, **model), dissection={"batch_size": 4, "device": "cpu"})
+        spec = dict(spec_of(layers=layers, **model), resources={"batch_size": 4, "device": "cpu"})
         out = tmp_path / "extract" / "0"
         rc = main(["extract", "--prepared", str(prepared_dir), "--spec", json.dumps(spec),
                    "--shard", "0", "--shards", "1", "--out", str(out), "--quiet"])

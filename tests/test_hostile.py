@@ -228,12 +228,12 @@ def _set(cfg: dict, dotted: str, value) -> dict:
 BAD_CONFIGS = [
     # (what, change, words the message must contain)
     ("unknown top-level key", lambda c: _set(c, "dissectoin", {}), ["config:", "'dissectoin'"]),
-    ("unknown dissection key", lambda c: _set(c, "dissection.shardz", 2),
-     ["config: dissection:", "'shardz'"]),
+    ("unknown resources key", lambda c: _set(c, "resources.shardz", 2),
+     ["config: resources:", "'shardz'"]),
     ("unknown model key", lambda c: _set(c, "models.tiny.layer", ["x"]),
      ["config: models.tiny:", "'layer'"]),
-    ("wrong type", lambda c: _set(c, "dissection.shards", "two"),
-     ["config: dissection.shards:", "integer", "'two'"]),
+    ("wrong type", lambda c: _set(c, "resources.shards", "two"),
+     ["config: resources.shards:", "integer", "'two'"]),
     ("wrong type: layers", lambda c: _set(c, "models.tiny.layers", "features.relu3"),
      ["config: models.tiny.layers:", "array"]),
     ("out of range", lambda c: _set(c, "dissection.quantile", 1.5),
@@ -306,7 +306,7 @@ def test_unsafe_dataset_name_without_the_schema():
 def model_spec(tmp_path: Path | None = None, **model) -> dict:
     model = {"arch": "synthnet", "kwargs": {"width": 4}, "layers": ["features.relu3"], **model}
     spec = cc.model_specs({"models": {"tiny": model}})["tiny"]
-    return dict(spec, name="tiny", dissection={"batch_size": 4, "device": "cpu"})
+    return dict(spec, name="tiny", resources={"batch_size": 4, "device": "cpu"})
 
 
 def extract(capsys, prepared_dir, tmp_path, spec) -> tuple[int, str, Path]:

@@ -297,7 +297,7 @@ def _spec(**model) -> str:
     model = {k: v for k, v in {"factory": "nt_models:blocks", "layers": ["blocks.0"],
                                **model}.items() if v is not None}
     spec = cc.model_specs({"models": {"m": model}})["m"]
-    return json.dumps(dict(spec, name="m", dissection={"batch_size": 4, "device": "cpu"}))
+    return json.dumps(dict(spec, name="m", resources={"batch_size": 4, "device": "cpu"}))
 
 
 class _Evil:

@@ -8,6 +8,7 @@ from torch import nn
 
 from cnnvis_pipeline.data.prepared import PreparedDataset
 from cnnvis_pipeline.dissection.pipeline import dissect
+from cnnvis_pipeline.settings import Job
 
 
 class PlantedColours(nn.Module):
@@ -35,12 +36,13 @@ class PlantedColours(nn.Module):
 def test_pipeline_recovers_planted_detectors(prepared_dir, tmp_path):
     ds = PreparedDataset(prepared_dir)
     spec = {"name": "planted", "layers": ["pool"], "mean": [0, 0, 0], "std": [1, 1, 1],
-            "dissection": {"quantile": 0.01, "iou_threshold": 0.04, "batch_size": 16,
-                           "device": "cpu"}}
+            "dissection": {"quantile": 0.01, "iou_threshold": 0.04},
+            "resources": {"batch_size": 16, "device": "cpu"}}
     model = PlantedColours()
     wrapper = nn.Sequential()
     wrapper.add_module("pool", model)
-    out = dissect(spec, ds, tmp_path / "out", model=wrapper, keep_on_device=True, progress=False)
+    out = dissect(Job.from_spec(spec), ds, tmp_path / "out", model=wrapper, keep_on_device=True,
+                  progress=False)
     units = out["units"]["pool"].set_index("unit")
     assert units.loc[0, "concept"] == "red" and units.loc[2, "concept"] == "blue"
     assert units.loc[0, "category"] == units.loc[2, "category"] == "color"

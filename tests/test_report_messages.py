@@ -19,7 +19,7 @@ SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 def tiny_config(**models) -> dict:
     """.test/config/tiny.yaml on the CPU in batches of 8, with other `models` if given."""
     cfg = yaml.safe_load((REPO / ".test" / "config" / "tiny.yaml").read_text())
-    cfg["dissection"].update(batch_size=8, device="cpu")
+    cfg["resources"].update(batch_size=8, device="cpu")
     if models:
         cfg["models"] = models
     return cfg
@@ -27,8 +27,9 @@ def tiny_config(**models) -> dict:
 
 def three_problems() -> dict:
     cfg = tiny_config()
-    cfg["dissection"].update(shards="two", quantile=1.5)
-    cfg["reports"] = {"top_unitz": 3}
+    cfg["resources"]["shards"] = "two"
+    cfg["dissection"] = {"quantile": 1.5}
+    cfg["views"] = {"top_unitz": 3}
     return cfg
 
 
@@ -40,17 +41,17 @@ def test_every_schema_problem_is_reported_each_with_its_key():
     body = sorted(ln.strip() for ln in lines[1:])
     assert len(body) == 3, lines
     assert body[0].startswith("config: dissection.quantile: ")
-    assert body[1].startswith("config: dissection.shards: expected integer, got 'two'")
-    assert body[2].startswith("config: reports: unknown key(s) 'top_unitz'; allowed: ")
+    assert body[1].startswith("config: resources.shards: expected integer, got 'two'")
+    assert body[2].startswith("config: views: unknown key(s) 'top_unitz'; allowed: ")
     assert "more problem" not in str(e.value)
 
 
 def test_one_problem_is_one_line():
     cfg = tiny_config()
-    cfg["dissection"]["shards"] = "two"
+    cfg["resources"]["shards"] = "two"
     with pytest.raises(CnnvisError) as e:
         cc.check_schema(cfg, SCHEMA)
-    assert str(e.value) == "config: dissection.shards: expected integer, got 'two'"
+    assert str(e.value) == "config: resources.shards: expected integer, got 'two'"
 
 
 def test_every_model_problem_is_reported_at_once():
@@ -86,8 +87,8 @@ def test_workflow_lists_every_config_problem(tmp_path, workflow):
     assert proc.returncode != 0
     err = proc.stdout + proc.stderr
     assert "invalid configuration: 3 problems:" in err, err[-3000:]
-    for key in ("config: dissection.quantile:", "config: dissection.shards:",
-                "config: reports: unknown key(s) 'top_unitz'"):
+    for key in ("config: dissection.quantile:", "config: resources.shards:",
+                "config: views: unknown key(s) 'top_unitz'"):
         assert key in err, (key, err[-3000:])
 
 

@@ -21,15 +21,16 @@ from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.models.hooks import find_module
 from cnnvis_pipeline.models.registry import build_model
 from cnnvis_pipeline.reports.html import build_model_report, build_summary_page
+from cnnvis_pipeline.settings import ActivationMax, Job, Views
 from cnnvis_pipeline.tables import SCHEMAS, read_provenance
 from cnnvis_pipeline.viz import representation_spread
 from cnnvis_pipeline.viz.selection import requested_units, select_units
-from cnnvis_pipeline.viz.settings import inversion_weights, report_settings
 from cnnvis_pipeline.viz.visualize import inversion_candidates, run_visualize
 
 LAYER = "features.relu4"
-TINY_REPORTS = {"top_units": 3, "top_images": 4, "activation_max": {"steps": 24, "size": 32},
-                "inversion": {"images": 2, "steps": 8, "spread_images": 10}}
+TINY_VIEWS = {"views": {"units": 3, "activation_max": {"steps": 24, "size": 32},
+                        "inversion": {"images": 2, "steps": 8}},
+              "report": {"top_images": 4}}
 
 
 @pytest.fixture(autouse=True)
@@ -77,49 +78,47 @@ def test_requested_units_from_the_model_spec():
 
 
 def test_inversion_weights_by_depth_unless_set_per_layer():
-    s = report_settings({"inversion": {"layers": {"layer3": {"lambda_tv": 0.5}}}})
-    assert inversion_weights(s, "layer1") == (None, 1e-4)  # None: the paper's for the depth
-    assert inversion_weights(s, "layer3") == (0.5, 1e-4)
-    s = report_settings({"inversion": {"lambda_tv": 0.02, "lambda_alpha": 0.0,
-                                       "layers": {"b": {"lambda_alpha": 1e-3}}}})
-    assert inversion_weights(s, "a") == (0.02, 0.0) and inversion_weights(s, "b") == (0.02, 1e-3)
-    with pytest.raises(CnnvisError, match=r"config: reports\.inversion\.layers\.x"):
-        report_settings({"inversion": {"layers": {"x": {"lambda": 1}}}})
-    with pytest.raises(CnnvisError, match=r"config: reports\.inversion\.layers\.x"):
-        report_settings({"inversion": {"layers": {"x": {"lambda_tv": -1}}}})
+    s = Views.parse({"inversion": {"layers": {"layer3": {"lambda_tv": 0.5}}}}).inversion
+    assert s.weights("layer1") == (None, 1e-4)  # None: the paper's for the depth
+    assert s.weights("layer3") == (0.5, 1e-4)
+    s = Views.parse({"inversion": {"lambda_tv": 0.02, "lambda_alpha": 0.0,
+                                   "layers": {"b": {"lambda_alpha": 1e-3}}}}).inversion
+    assert s.weights("a") == (0.02, 0.0) and s.weights("b") == (0.02, 1e-3)
+    with pytest.raises(CnnvisError, match=r"config: views\.inversion\.layers\.x"):
+        Views.parse({"inversion": {"layers": {"x": {"lambda": 1}}}})
+    with pytest.raises(CnnvisError, match=r"config: views\.inversion\.layers\.x"):
+        Views.parse({"inversion": {"layers": {"x": {"lambda_tv": -1}}}})
 
 
-def test_report_settings_defaults_come_from_the_schema():
+def test_view_settings_defaults_come_from_the_schema():
     import yaml
 
     schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml")
-                            .read_text())["properties"]["reports"]["properties"]
-    s = report_settings({"activation_max": {"steps": 7}})
+                            .read_text())["properties"]["views"]["properties"]
+    s = Views.parse({"activation_max": {"steps": 7}}, seed=3)
     am = schema["activation_max"]["properties"]
-    assert s["activation_max"] == {**{k: v["default"] for k, v in am.items()}, "steps": 7}
-    assert s["activation_max"]["size"] == 128 and s["activation_max"]["lr"] == 0.05
-    full = report_settings(None)
-    assert set(full) == set(schema)
-    assert full["top_units"] == schema["top_units"]["default"] == 16
-    assert full["inversion"]["images"] == schema["inversion"]["properties"]["images"]["default"]
+    assert s.activation_max == ActivationMax(**{**{k: v["default"] for k, v in am.items()},
+                                                "steps": 7, "seed": 3})
+    assert s.activation_max.size == 128 and s.activation_max.lr == 0.05
+    assert s.units == schema["units"]["default"] == 16
+    assert s.inversion.images == schema["inversion"]["properties"]["images"]["default"] == 4
     # The caller's dict is not filled in place.
     user = {"inversion": {"steps": 3}}
-    report_settings(user)
+    Views.parse(user)
     assert user == {"inversion": {"steps": 3}}
-    with pytest.raises(CnnvisError, match=r"config: reports.activation_max: unknown key\(s\) 'step'"):
-        report_settings({"activation_max": {"step": 7}})
-    with pytest.raises(CnnvisError, match="config: reports.top_units: -1 is less than"):
-        report_settings({"top_units": -1})
+    with pytest.raises(CnnvisError, match=r"config: views.activation_max: unknown key\(s\) 'step'"):
+        Views.parse({"activation_max": {"step": 7}})
+    with pytest.raises(CnnvisError, match="config: views.units: -1 is less than"):
+        Views.parse({"units": -1})
 
 
 def test_dissection_settings_for_library_callers_come_from_the_schema():
-    from cnnvis_pipeline.dissection.pipeline import settings
-
-    s = settings({"dissection": {"quantile": 0.01}})
-    assert s["quantile"] == 0.01 and s["iou_threshold"] == 0.04 and s["top_k"] == 9
-    assert settings({})["batch_size"] == 64 and settings({})["device"] == "auto"
+    s = Job.from_spec({"name": "m", "layers": ["a"], "dissection": {"quantile": 0.01}})
+    assert s.dissection.quantile == 0.01 and s.dissection.iou_threshold == 0.04
+    assert s.dissection.top_k == 9
+    assert s.resources.batch_size == 64 and s.resources.device == "auto"
     with pytest.raises(CnnvisError, match="config: dissection.precision: 'fp8' is not one of"):
-        settings({"dissection": {"precision": "fp8"}})
+        Job.from_spec({"name": "m", "layers": ["a"], "dissection": {"precision": "fp8"}})
 
 
 # --- the visualize step on a tiny dissection -------------------------------------------------
@@ -128,7 +127,8 @@ def test_dissection_settings_for_library_callers_come_from_the_schema():
 def tiny_spec(**extra):
     return {"name": "tiny", "arch": "synthnet", "kwargs": {"width": 4}, "seed": 0,
             "layers": ["features.relu3", LAYER], "mean": [0.5] * 3, "std": [0.25] * 3,
-            "units": {LAYER: [7]}, "dissection": {"top_k": 5, "device": "cpu"}, **extra}
+            "units": {LAYER: [7]}, "dissection": {"top_k": 5}, "resources": {"device": "cpu"},
+            **TINY_VIEWS, **extra}
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +136,8 @@ def visualized(prepared_dir, tmp_path_factory):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("vis")
     spec = tiny_spec()
-    dissect(spec, prepared_dir, out, progress=False)
-    manifest = run_visualize(spec, prepared_dir, LAYER, out / LAYER, TINY_REPORTS)
+    dissect(Job.from_spec(spec), prepared_dir, out, progress=False)
+    manifest = run_visualize(Job.from_spec(spec), prepared_dir, LAYER, out / LAYER)
     return spec, out, manifest
 
 
@@ -185,7 +185,7 @@ def test_inversion_table_and_normalisation(visualized, prepared_dir):
     model, _ = build_model("tiny", spec)
     x = torch.from_numpy(np.asarray(ds.images[inv["image_index"].to_numpy()])).permute(0, 3, 1, 2)
     x = x.float() / 255
-    spread_x = torch.from_numpy(np.asarray(ds.images[cand[:10]])).permute(0, 3, 1, 2).float() / 255
+    spread_x = torch.from_numpy(np.asarray(ds.images[cand[:64]])).permute(0, 3, 1, 2).float() / 255
     spread = representation_spread(model, LAYER, spread_x, mean=spec["mean"], std=spec["std"])
     norm2 = layer_output(model, x).flatten(1).double().pow(2).sum(1).numpy()
     np.testing.assert_allclose(inv["normalized_error"], inv["error"] * norm2 / spread, rtol=1e-5)
@@ -239,8 +239,8 @@ class FunctionalReLUNet(nn.Module):
 def test_deconv_refusal_is_recorded_and_reported(prepared_dir, tmp_path):
     spec = tiny_spec(layers=[LAYER], units={})
     net = FunctionalReLUNet().eval()
-    dissect(spec, prepared_dir, tmp_path, progress=False, model=net)
-    m = run_visualize(spec, prepared_dir, LAYER, tmp_path / LAYER, TINY_REPORTS, model=net)
+    dissect(Job.from_spec(spec), prepared_dir, tmp_path, progress=False, model=net)
+    m = run_visualize(Job.from_spec(spec), prepared_dir, LAYER, tmp_path / LAYER, model=net)
     assert "functional ReLU" in m["deconv_error"]
     assert all("deconv_file" not in c for c in m["units"])
     assert all("am_file" in c for c in m["units"]) and len(m["inversion"]) == 2
@@ -286,7 +286,7 @@ def test_manifest_is_json_and_tables_are_deterministic(visualized, prepared_dir,
 
     copy = tmp_path / LAYER
     shutil.copytree(out / LAYER, copy)
-    run_visualize(spec, prepared_dir, LAYER, copy, TINY_REPORTS)
+    run_visualize(Job.from_spec(spec), prepared_dir, LAYER, copy)
     for name in ("activation_max.parquet", "inversion.parquet"):
         assert (copy / name).read_bytes() == (out / LAYER / name).read_bytes()
 

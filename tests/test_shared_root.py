@@ -31,7 +31,7 @@ def config(data_root: Path, dataset: dict) -> dict:
         "dataset": dataset,
         "models": {"tiny": {"arch": "synthnet", "kwargs": {"width": 4},
                             "layers": ["features.relu4"]}},
-        "dissection": {"shards": 1, "batch_size": 8, "device": "cpu"},
+        "resources": {"shards": 1, "batch_size": 8, "device": "cpu"},
     }
 
 
@@ -54,7 +54,7 @@ def tables(workdir: Path) -> dict[str, bytes]:
 def test_two_runs_at_once_on_one_data_root(kind, tmp_path, synth_dir):
     root = tmp_path / "shared root"
     if kind == "synth":
-        dataset = {"synth": {"images": 24, "size": 32, "seed": 5}}
+        dataset = {"synth": {"images": 24, "size": 32}}
     else:
         dataset = {"path": str(shutil.copytree(synth_dir, tmp_path / "my dataset"))}
     cfg = config(root, dataset)

@@ -29,6 +29,7 @@ from cnnvis_pipeline.dissection.records import (
 from cnnvis_pipeline.dissection.significance import bh_qvalues, significance, sweep_counts
 from cnnvis_pipeline.dissection.stores import ActivationStore
 from cnnvis_pipeline.dissection.tally import tally_shard
+from cnnvis_pipeline.settings import Job, Statistics
 
 H = W = 16
 S = H * W
@@ -109,7 +110,7 @@ def run(ds, acts, shards=1, **stats):
         else:
             merged.merge(t)
             rec.merge(r)
-    return merged, rec, significance(merged, rec, ds, settings, 0.04)
+    return merged, rec, significance(merged, rec, ds, Statistics(**settings), 0.04)
 
 
 def test_records_leave_the_tally_unchanged(tmp_path):
@@ -256,11 +257,11 @@ def test_dissect_writes_the_statistics_tables(prepared_dir, tmp_path):
 
     ds = PreparedDataset(prepared_dir)
     spec = {"name": "planted", "layers": ["pool"], "mean": [0, 0, 0], "std": [1, 1, 1],
-            "dissection": {"quantile": 0.01, "iou_threshold": 0.04, "batch_size": 16,
-                           "device": "cpu"}}
+            "dissection": {"quantile": 0.01, "iou_threshold": 0.04},
+            "resources": {"batch_size": 16, "device": "cpu"}}
     wrapper = nn.Sequential()
     wrapper.add_module("pool", PlantedColours())
-    out = dissect(spec, ds, tmp_path / "out", model=wrapper, progress=False)
+    out = dissect(Job.from_spec(spec), ds, tmp_path / "out", model=wrapper, progress=False)
     layer = tmp_path / "out/pool"
     units = pd.read_parquet(layer / "units.parquet").set_index("unit")
     # the colour units are significant detectors; the fixed random pattern gets p = 1

@@ -35,7 +35,7 @@ def build(width=4):
 
 def tiny_config(workflow, shards: int) -> dict:
     cfg = workflow.config("two_models")
-    cfg["dissection"]["shards"] = shards
+    cfg["resources"]["shards"] = shards
     return cfg
 
 

@@ -55,7 +55,7 @@ def sha256(data: bytes) -> str:
 def config(dataset: dict, **top) -> dict:
     """.test/config/tiny.yaml with `dataset` (and the `top` sections) in place, on the CPU."""
     cfg = yaml.safe_load((REPO / ".test" / "config" / "tiny.yaml").read_text())
-    cfg["dissection"]["device"] = "cpu"
+    cfg.setdefault("resources", {})["device"] = "cpu"
     return {**cfg, "dataset": dataset, **top}
 
 

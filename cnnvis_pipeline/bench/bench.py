@@ -145,8 +145,8 @@ def _dissect_spec(b: _Bench, statistics: bool) -> dict:
 
     return {"name": "resnet18", "layers": b.layers, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
             "input_size": None,
-            "dissection": {"batch_size": b.batch_size, "device": str(b.device),
-                           "precision": b.precision, "quantile": b.args.quantile,
+            "resources": {"batch_size": b.batch_size, "device": str(b.device)},
+            "dissection": {"precision": b.precision, "quantile": b.args.quantile,
                            "statistics": {"enabled": statistics}}}
 
 
@@ -155,6 +155,7 @@ def _time_dissect(b: _Bench, spec: dict) -> tuple[float, float, dict, PeakRSS]:
     import torch
 
     from cnnvis_pipeline.dissection import pipeline
+    from cnnvis_pipeline.settings import Job
 
     if b.cuda:
         torch.cuda.empty_cache()
@@ -163,8 +164,8 @@ def _time_dissect(b: _Bench, spec: dict) -> tuple[float, float, dict, PeakRSS]:
         with PeakRSS() as rss:
             b.sync()
             t, c = time.perf_counter(), time.process_time()
-            result = pipeline.dissect(spec, b.ds, keep_on_device=b.keep, scratch=b.scratch,
-                                      progress=b.args.progress, model=b.model)
+            result = pipeline.dissect(Job.from_spec(spec), b.ds, keep_on_device=b.keep,
+                                      scratch=b.scratch, progress=b.args.progress, model=b.model)
             b.sync()
             wall, cpu = time.perf_counter() - t, time.process_time() - c
     finally:

@@ -70,6 +70,7 @@ def run(args) -> dict:
 
     from cnnvis_pipeline.dissection import compositional as cp
     from cnnvis_pipeline.models.input import pick_device
+    from cnnvis_pipeline.settings import Compositional
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -103,7 +104,7 @@ def run(args) -> dict:
     _log(f"unit masks: {units_s:.2f} s for {len(units)} units (images per unit: mean "
          f"{active.mean():.0f}, max {active.max()})")
 
-    settings = cp.resolve_settings({"max_length": args.max_length, "beam": args.beam})
+    settings = Compositional.parse({"max_length": args.max_length, "beam": args.beam})
     t = time.perf_counter()
     results, stats = cp.explain_units(cm, masks, settings, progress=args.progress)
     sync()

@@ -43,10 +43,17 @@ def models_config(archs: list[str], layers: list[str], seeds: list[int] | None =
     return out
 
 
-def full_config(broden: str | Path, data_root: str | Path, models: dict, dissection: dict) -> dict:
+def full_config(broden: str | Path, data_root: str | Path, models: dict, settings: dict) -> dict:
+    """The run's config; `settings` holds the benchmark's dissection and resources keys in one
+    mapping, split here into the two sections."""
+    from cnnvis_pipeline import config as cc
+
+    resources = set(cc.load_schema()["properties"]["resources"]["properties"])
     return {"data_root": str(data_root),
             "dataset": {"path": str(Path(broden).resolve()), "name": DATASET_NAME},
-            "models": models, "dissection": dict(dissection)}
+            "models": models,
+            "dissection": {k: v for k, v in settings.items() if k not in resources},
+            "resources": {k: v for k, v in settings.items() if k in resources}}
 
 
 def model_spec(config: dict, name: str) -> dict:
@@ -54,14 +61,12 @@ def model_spec(config: dict, name: str) -> dict:
     import yaml
 
     from cnnvis_pipeline import config as cc
+    from cnnvis_pipeline.settings import job_spec
 
     default = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     merged = cc.merge_with_default(json.loads(json.dumps(config)), default)
-    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    dissection = {k: v.get("default") for k, v in
-                  schema["properties"]["dissection"]["properties"].items() if "default" in v}
-    dissection.update(merged.get("dissection") or {})
-    return dict(cc.model_specs(merged)[name], name=name, dissection=dissection)
+    return job_spec(dict(cc.model_specs(merged)[name], name=name), merged,
+                    ("dissection", "resources"))
 
 
 def workflow_config(work: str | Path, broden: str | Path, prepared: str | Path, models: dict,
@@ -208,7 +213,7 @@ def dry_run_s(work: str | Path, config: Path, cores: int, targets: list[str]) ->
     return time.perf_counter() - t
 
 
-def job_startup_s(repeat: int = 3, command: str = "tally") -> float:
+def job_startup_s(repeat: int = 3, command: str = "tables") -> float:
     """Fastest wall time of `python -m cnnvis_pipeline <command> --help` (start, import, parse)."""
     best = float("inf")
     for _ in range(repeat):
@@ -236,12 +241,13 @@ def inprocess_s(spec: dict, prepared: str | Path, out_dir: Path, scratch: Path) 
     import shutil
 
     from cnnvis_pipeline.dissection import pipeline
+    from cnnvis_pipeline.settings import Job
 
     shutil.rmtree(out_dir, ignore_errors=True)
     t = time.perf_counter()
     try:
-        pipeline.dissect(spec, prepared, out_dir, keep_on_device=False, scratch=scratch,
-                         progress=False)
+        pipeline.dissect(Job.from_spec(spec), prepared, out_dir, keep_on_device=False,
+                         scratch=scratch, progress=False)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return time.perf_counter() - t
@@ -266,7 +272,7 @@ def compare(broden, prepared, work: Path, layers: list[str], dissection: dict, *
     targets = table_targets(models)
     startup = job_startup_s()
     dry = dry_run_s(work, config, cores, targets)
-    log(f"job start-up (cnnvis tally --help): {startup:.2f} s; snakemake -n: {dry:.2f} s")
+    log(f"job start-up (cnnvis tables --help): {startup:.2f} s; snakemake -n: {dry:.2f} s")
     runs, inproc, loads = [], [], []
     for k in range(max(1, repeat)):
         loads.append(_load())

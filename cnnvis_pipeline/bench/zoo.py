@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.settings import Job
 
 # Input sizes and constructor kwargs for a small forward pass.
 _SMALL = 128
@@ -88,8 +89,8 @@ def check_arch(arch: str, prepared, *, batch_size: int = 8) -> dict:
         probed = next(r for r in rows if r.name == layer)
         row.update(layer=layer, layout=probed.layout or "nchw",
                    feature_map="x".join(map(str, probed.feature_map)))
-        spec = dict(spec, layers=[layer], dissection={"batch_size": batch_size, "device": "cpu"})
-        out = dissect(spec, prepared, model=model, progress=False)
+        spec = dict(spec, layers=[layer], resources={"batch_size": batch_size, "device": "cpu"})
+        out = dissect(Job.from_spec(spec), prepared, model=model, progress=False)
         units = int(out["tallies"][layer].units)
         row.update(status="dissected", message=f"{units} units")
     except CnnvisError as e:

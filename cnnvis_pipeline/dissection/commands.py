@@ -1,6 +1,8 @@
-"""CLI commands of the dissection stage: train (synthnet), extract, thresholds, tally, tables,
-summary, dissect, compositional (formulas of one shard of a layer's units) and formulas (their
-merge)."""
+"""CLI commands of the dissection stage: train (synthnet), check-model, extract, tables (a
+layer's thresholds, tally and tables from every shard), summary, dissect (one process),
+compositional (formulas of one shard of a layer's units) and formulas (their merge).
+
+`--spec` is the job's JSON (cnnvis_pipeline.settings), parsed once into a typed Job."""
 
 from __future__ import annotations
 
@@ -8,10 +10,11 @@ import json
 
 from cnnvis_pipeline.dissection import compositional, pipeline
 from cnnvis_pipeline.fileio import atomic_file
+from cnnvis_pipeline.settings import Job
 
 
-def _spec(args) -> dict:
-    return json.loads(args.spec)
+def _job(args) -> Job:
+    return Job.from_json(args.spec)
 
 
 def _train(args) -> int:
@@ -21,16 +24,17 @@ def _train(args) -> int:
     from cnnvis_pipeline.models.check import train_num_classes
     from cnnvis_pipeline.models.synthnet import train_synthnet
 
-    spec = json.loads(args.spec)
+    job = _job(args)
+    spec = job.model
     train = dict(spec.get("train") or {})
     ds = PreparedDataset(args.prepared)
     train_num_classes(spec, ds)  # a kwargs.num_classes that disagrees with the category: refused
-    # What the spec leaves out takes train_synthnet's defaults (the seed: the model's seed).
+    # What the spec leaves out takes train_synthnet's defaults; the seed is the run's.
     kw = {k: train[k] for k in ("epochs", "batch_size", "lr", "category") if k in train}
     if "width" in spec.get("kwargs", {}):
         kw["width"] = spec["kwargs"]["width"]
     model, history, names = train_synthnet(
-        ds, seed=int(train.get("seed", spec.get("seed", 0))), mean=spec["mean"], std=spec["std"],
+        ds, seed=job.seed, mean=spec["mean"], std=spec["std"],
         progress=not args.quiet, **kw,
     )
     with atomic_file(args.out) as tmp:
@@ -46,19 +50,10 @@ def _check(args) -> int:
     from cnnvis_pipeline.fileio import write_text
     from cnnvis_pipeline.models.check import check_model
 
-    summary = check_model(json.loads(args.spec), PreparedDataset(args.prepared))
+    summary = check_model(_job(args).model, PreparedDataset(args.prepared))
     write_text(args.out, json.dumps(summary, indent=1, sort_keys=True) + "\n")
     print(f"{summary['model']}: {len(summary['layers'])} layer(s) checked: "
           + ", ".join(f"{k} {v['feature_map']}" for k, v in summary["layers"].items()))
-    return 0
-
-
-def _tables(a) -> int:
-    if a.tallies:
-        pipeline.run_tables(_spec(a), a.prepared, a.tallies, a.extracts, a.out_dir, a.layers)
-    else:
-        pipeline.run_layers(_spec(a), a.prepared, a.extracts, a.out_dir, a.layers,
-                            progress=not a.quiet)
     return 0
 
 
@@ -66,7 +61,9 @@ def register(sub) -> None:
     def add(name, help_, func, *, spec=True, prepared=True):
         p = sub.add_parser(name, help=help_)
         if spec:
-            p.add_argument("--spec", required=True, help="resolved model spec as JSON")
+            p.add_argument("--spec", required=True,
+                           help="the job as JSON: the resolved model entry with its name, the "
+                                "run's seed and the config sections the stage reads")
         if prepared:
             p.add_argument("--prepared", required=True, help="prepared dataset directory")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -81,35 +78,18 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="JSON summary to write")
 
     p = add("extract", "forward pass over one shard; float16 activations + histograms",
-            lambda a: pipeline.run_extract(_spec(a), a.prepared, a.shard, a.shards, a.out,
+            lambda a: pipeline.run_extract(_job(a), a.prepared, a.shard, a.shards, a.out,
                                            progress=not a.quiet) and 0)
     p.add_argument("--shard", type=int, required=True)
     p.add_argument("--shards", type=int, required=True)
     p.add_argument("--out", required=True, help="shard directory to write")
 
-    p = add("thresholds", "merge shard histograms into per-unit thresholds",
-            lambda a: pipeline.run_thresholds(_spec(a), a.prepared, a.extracts, a.out_dir,
-                                              a.layers))
+    p = add("tables", "a layer's thresholds, tally and tables from every shard's extraction",
+            lambda a: pipeline.run_layers(_job(a), a.prepared, a.extracts, a.out_dir, a.layers,
+                                          progress=not a.quiet) or 0)
     p.add_argument("--layers", nargs="+", default=None, help="only these layers")
     p.add_argument("--extracts", nargs="+", required=True)
     p.add_argument("--out-dir", required=True, help="results/<model>")
-
-    p = add("tally", "count mask/label intersections of one shard",
-            lambda a: pipeline.run_tally(_spec(a), a.prepared, a.extract, a.out_dir, a.out,
-                                         progress=not a.quiet) and 0)
-    p.add_argument("--extract", required=True, help="the shard's extract directory")
-    p.add_argument("--out-dir", required=True, help="results/<model> (holds the thresholds)")
-    p.add_argument("--out", required=True, help="tally .npz to write")
-
-    p = add("tables", "the iou/units/top_images tables and plots of layers: from the shards' "
-            "extractions (thresholds, tally and tables in one step), or from --tallies",
-            _tables)
-    p.add_argument("--layers", nargs="+", default=None, help="only these layers")
-    p.add_argument("--tallies", nargs="+", default=None,
-                   help="merge these tally files (`cnnvis tally`; thresholds from --out-dir) "
-                        "instead of computing thresholds and tallying here")
-    p.add_argument("--extracts", nargs="+", required=True)
-    p.add_argument("--out-dir", required=True)
 
     p = add("summary", "detectors per model, layer and category over all models",
             lambda a: pipeline.run_summary(a.units, a.out, a.figure,
@@ -126,7 +106,7 @@ def register(sub) -> None:
                         'checkpoint, in order>], "figure": "<png to write>"}}')
 
     p = add("dissect", "the whole dissection of one model in one process",
-            lambda a: pipeline.dissect(_spec(a), a.prepared, a.out_dir, keep_on_device=False,
+            lambda a: pipeline.dissect(_job(a), a.prepared, a.out_dir, keep_on_device=False,
                                        scratch=a.scratch, progress=not a.quiet) and 0)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--scratch", required=True, help="directory for the float16 activations")
@@ -134,15 +114,13 @@ def register(sub) -> None:
     p = add("compositional", "compositional explanations (formulas of concepts) of one shard of "
             "a layer's units",
             lambda a: compositional.run_compositional(
-                _spec(a), a.prepared, a.extracts, a.thresholds, a.layer, a.shard, a.shards,
-                json.loads(a.settings), a.out, progress=not a.quiet) and 0)
+                _job(a), a.prepared, a.extracts, a.thresholds, a.layer, a.shard, a.shards,
+                a.out, progress=not a.quiet) and 0)
     p.add_argument("--layer", required=True)
     p.add_argument("--extracts", nargs="+", required=True, help="every shard's extract directory")
     p.add_argument("--thresholds", required=True, help="the layer's thresholds.parquet")
     p.add_argument("--shard", type=int, required=True, help="which part of the units")
     p.add_argument("--shards", type=int, required=True, help="parts the units are split into")
-    p.add_argument("--settings", required=True,
-                   help='JSON: {"max_length", "beam", "penalty", "units"} (config compositional:)')
     p.add_argument("--out", required=True, help="partial formulas table to write")
 
     p = add("formulas", "merge the unit shards' formulas into one formulas.parquet",

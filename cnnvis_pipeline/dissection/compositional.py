@@ -33,6 +33,7 @@ How it is fast (and exact):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -42,7 +43,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnvis_pipeline.config import with_defaults
 from cnnvis_pipeline.data.prepared import PreparedDataset
 from cnnvis_pipeline.dissection.bitmasks import (  # noqa: F401 (the compositional API)
     AND,
@@ -66,6 +66,7 @@ from cnnvis_pipeline.dissection.formulas import (  # noqa: F401 (the composition
     node_concepts,
 )
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.settings import Compositional, Job
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +124,6 @@ def unit_masks(batches: Iterable[tuple[int, torch.Tensor]], thresholds: np.ndarr
 
 # -- the formulas table --------------------------------------------------------------------------
 
-def resolve_settings(cfg: dict | None) -> dict:
-    """The `compositional:` section, checked against the schema and filled with its defaults."""
-    s = with_defaults("compositional", cfg)
-    s["penalty"] = float(s["penalty"])
-    return s
-
-
 def select_units(units_setting, n_units: int, layer: str) -> np.ndarray:
     if units_setting == "all":
         return np.arange(n_units, dtype=np.int64)
@@ -162,12 +156,12 @@ def formula_columns(model: str, layer: str, units: Sequence[int], results, cm: C
     return cols
 
 
-def explain_units(cm: ConceptMasks, masks: Sequence[Mask], settings: dict, *,
+def explain_units(cm: ConceptMasks, masks: Sequence[Mask], settings: Compositional, *,
                   prune: bool = True, progress: bool = False) -> tuple[list, dict]:
     from tqdm import tqdm
 
-    searcher = Searcher(cm, max_length=settings["max_length"], beam=settings["beam"],
-                        penalty=settings["penalty"], prune=prune)
+    searcher = Searcher(cm, max_length=settings.max_length, beam=settings.beam,
+                        penalty=settings.penalty, prune=prune)
     results = [searcher.explain(m) for m in tqdm(masks, desc="formulas", disable=not progress,
                                                  mininterval=2)]
     return results, searcher.stats
@@ -200,19 +194,18 @@ def layer_batches(extract_dirs: Sequence[str | Path], layer: str, batch_size: in
 
 # -- file steps (what the workflow's rules run) -----------------------------------------------------
 
-def run_compositional(spec: dict, prepared: str | Path, extract_dirs: Sequence[str | Path],
+def run_compositional(job: Job, prepared: str | Path, extract_dirs: Sequence[str | Path],
                       thresholds: str | Path, layer: str, shard: int, shards: int,
-                      settings: dict | None, out: str | Path, *, progress: bool = True) -> Path:
+                      out: str | Path, *, progress: bool = True) -> Path:
     """Formulas of one shard of a layer's (selected) units -> a partial formulas table `out`."""
     import pyarrow.parquet as pq
 
-    from cnnvis_pipeline.dissection import pipeline
     from cnnvis_pipeline.models.input import pick_device
     from cnnvis_pipeline.tables import write_table
 
-    s = resolve_settings(settings)
+    s = job.compositional or Compositional.parse({})
     ds = PreparedDataset(prepared)
-    device = pick_device(pipeline.settings(spec)["device"])
+    device = pick_device(job.resources.device)
     t = pq.read_table(thresholds, columns=["threshold"]).column("threshold").to_numpy()
     # The stored activations are in per-unit coordinates (the same for every shard).
     from cnnvis_pipeline.dissection.stores import ActivationStore
@@ -222,11 +215,11 @@ def run_compositional(spec: dict, prepared: str | Path, extract_dirs: Sequence[s
     store = ActivationStore.open(first / f"acts_{layer}.npy")
     t_stored = store.affine.to_stored(t)
     store.close()
-    units = shard_units(select_units(s["units"], len(t), layer), shards, shard)
+    units = shard_units(select_units(s.units, len(t), layer), shards, shard)
     t0 = time.perf_counter()
     cm = ConceptMasks(ds, device)
     t1 = time.perf_counter()
-    batch = int(pipeline.settings(spec)["batch_size"])
+    batch = job.resources.batch_size
     masks = unit_masks(layer_batches(extract_dirs, layer, batch, device), t_stored, units,
                        tuple(ds.seg_size), device)
     t2 = time.perf_counter()
@@ -234,22 +227,22 @@ def run_compositional(spec: dict, prepared: str | Path, extract_dirs: Sequence[s
                   - json.loads((Path(d) / "info.json").read_text())["start"]
                   for d in extract_dirs)
     if covered != len(ds):
-        raise CnnvisError(f"{spec['name']}: extract shards cover {covered} of {len(ds)} images")
+        raise CnnvisError(f"{job.name}: extract shards cover {covered} of {len(ds)} images")
     results, stats = explain_units(cm, masks, s, progress=progress)
     t3 = time.perf_counter()
     log.info("%s %s shard %d/%d: %d units; concept masks %.2f s, unit masks %.2f s, search "
-             "%.2f s; %s", spec["name"], layer, shard, shards, len(units), t1 - t0, t2 - t1,
+             "%.2f s; %s", job.name, layer, shard, shards, len(units), t1 - t0, t2 - t1,
              t3 - t2, stats)
     ckpt = json.loads((Path(extract_dirs[0]) / "info.json").read_text())["checkpoint_sha256"]
-    return write_table("formulas", formula_columns(spec["name"], layer, units, results, cm),
-                       out, _provenance(spec, ds, ckpt, s))
+    return write_table("formulas", formula_columns(job.name, layer, units, results, cm),
+                       out, _provenance(job, ds, ckpt, s))
 
 
-def _provenance(spec: dict, ds: PreparedDataset, ckpt: str | None, s: dict) -> dict:
-    from cnnvis_pipeline.dissection import pipeline
+def _provenance(job: Job, ds: PreparedDataset, ckpt: str | None, s: Compositional) -> dict:
+    from cnnvis_pipeline.dissection.pipeline import table_provenance
 
-    prov = pipeline._prov(spec, ds, {"checkpoint_sha256": ckpt})
-    prov["compositional"] = json.dumps({k: s[k] for k in sorted(s)}, sort_keys=True)
+    prov = table_provenance(job, ds, {"checkpoint_sha256": ckpt})
+    prov["compositional"] = json.dumps(dataclasses.asdict(s), sort_keys=True)
     return prov
 
 

@@ -24,6 +24,7 @@ import torch
 
 from cnnvis_pipeline.dissection.stores import _RowReader
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.settings import Statistics
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 # Streams of the hash: bootstrap weights, null choices, the partners' random order.
@@ -289,9 +290,9 @@ def _canonical(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def new_stats(dataset, statistics: dict) -> ImageStats | None:
+def new_stats(dataset, statistics: Statistics) -> ImageStats | None:
     """The recorder a tally pass fills (None when statistics are disabled)."""
-    if not statistics["enabled"]:
+    if not statistics.enabled:
         return None
-    return ImageStats(partner_indices(dataset.present, int(statistics["seed"]),
-                                      int(statistics["partners"])))
+    return ImageStats(partner_indices(dataset.present, statistics.seed,
+                                      statistics.partners))

@@ -19,6 +19,7 @@ import torch
 
 from cnnvis_pipeline.dissection.records import ImageStats, null_choices, poisson_weights
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.settings import Statistics
 from cnnvis_pipeline.tables import unique_detectors
 
 # -- merge time ----------------------------------------------------------------------------------
@@ -64,14 +65,14 @@ def top_pairs(iou: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.nda
     return (np.repeat(np.arange(u), top), np.tile(np.arange(top), u), order.reshape(-1))
 
 
-def significance(tally, stats: ImageStats, dataset, statistics: dict,
+def significance(tally, stats: ImageStats, dataset, statistics: Statistics,
                  iou_threshold: float) -> dict[str, np.ndarray]:
     """Per tested (unit, concept) pair: unit, rank, concept (index), iou, iou_low, iou_high,
     p_value, q_value, detector, detector_fdr (numpy arrays, in unit then rank order)."""
-    R = int(statistics["replicates"])
-    D = int(statistics["partners"])
-    seed = int(statistics["seed"])
-    level = float(statistics["level"])
+    R = statistics.replicates
+    D = statistics.partners
+    seed = statistics.seed
+    level = statistics.level
     n = len(dataset)
     C = len(dataset.concepts)
     present = np.asarray(dataset.present, bool)
@@ -79,7 +80,7 @@ def significance(tally, stats: ImageStats, dataset, statistics: dict,
     cat = np.asarray(dataset.concept_category, np.int64)
     iou, inter_t, _ = tally.iou(cat)
     U = iou.shape[0]
-    unit, rank, concept = top_pairs(iou, int(statistics["top"]))
+    unit, rank, concept = top_pairs(iou, statistics.top)
     T = len(unit)
     pair_of = np.full((U, C), -1, np.int64)
     pair_of[unit, concept] = np.arange(T)
@@ -126,7 +127,7 @@ def significance(tally, stats: ImageStats, dataset, statistics: dict,
     # Null: the labels of each block of images permuted at random (a permutation: the label
     # areas do not change, and partners are annotated for the same categories, so neither do
     # the mask areas); only the intersections move.
-    Rn = int(statistics["null_replicates"])
+    Rn = statistics.null_replicates
     exceed = np.zeros(T, np.int64)
     for r0 in range(0, Rn, _NULL_BLOCK):  # blocks of replicates bound the memory
         choice = null_choices(seed, min(_NULL_BLOCK, Rn - r0), present, D, r0)
@@ -145,7 +146,7 @@ def significance(tally, stats: ImageStats, dataset, statistics: dict,
         "unit": unit, "rank": rank, "concept": concept, "iou": obs_iou,
         "iou_low": np.asarray(low, np.float64), "iou_high": np.asarray(high, np.float64),
         "p_value": p, "q_value": q, "detector": detector,
-        "detector_fdr": detector & (q < float(statistics["fdr"])),
+        "detector_fdr": detector & (q < statistics.fdr),
     }
 
 

@@ -3,16 +3,14 @@
 
 from __future__ import annotations
 
-import json
-
 
 def _visualize(args) -> int:
+    from cnnvis_pipeline.settings import Job
     from cnnvis_pipeline.viz.visualize import run_visualize
 
-    spec = json.loads(args.spec)
-    reports = json.loads(args.settings) if args.settings else {}
-    threads = args.threads or int(reports.get("threads") or 0) or None
-    m = run_visualize(spec, args.prepared, args.layer, args.layer_dir, reports, threads=threads)
+    job = Job.from_json(args.spec)
+    m = run_visualize(job, args.prepared, args.layer, args.layer_dir,
+                      threads=args.threads or job.resources.threads)
     per = m["per_unit_s"]
     print(f"{m['model']} {m['layer']}: {len(m['units'])} units on {m['device']}; per unit: "
           f"activation maximisation {per['activation_max']:.2f}s, DeconvNet "
@@ -27,12 +25,12 @@ def register(sub) -> None:
     p = sub.add_parser("visualize", help="top images with masks, activation maximisation, "
                        "DeconvNet and inversion for the selected units of one layer")
     p.add_argument("--prepared", required=True, help="prepared dataset directory")
-    p.add_argument("--spec", required=True, help="resolved model spec as JSON")
+    p.add_argument("--spec", required=True,
+                   help="the job as JSON: the model entry, seed, views, report, resources")
     p.add_argument("--layer", required=True)
     p.add_argument("--layer-dir", required=True,
                    help="results/<model>/<layer>: reads the dissection tables, writes viz/ and "
                         "activation_max/inversion.parquet")
-    p.add_argument("--settings", default=None, help="the config's `reports:` section as JSON")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="(no progress bars are drawn)")
     p.set_defaults(func=_visualize)

@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from cnnvis_pipeline.config import spec_digest, with_defaults
+from cnnvis_pipeline.config import spec_digest
 from cnnvis_pipeline.data.prepared import PreparedDataset
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.fileio import atomic_dir
@@ -67,13 +67,14 @@ from cnnvis_pipeline.models.input import (
     to_unit_float,
 )
 from cnnvis_pipeline.models.registry import build_model
+from cnnvis_pipeline.settings import Job
 from cnnvis_pipeline.tables import provenance, write_table
 from cnnvis_pipeline.viz import images as im
 from cnnvis_pipeline.viz import inversion
 from cnnvis_pipeline.viz.activation_max import activation_maximization
 from cnnvis_pipeline.viz.deconvnet import deconvnet, receptive_field, strongest_locations
 from cnnvis_pipeline.viz.selection import requested_units, select_units
-from cnnvis_pipeline.viz.settings import inversion_weights, report_settings
+from cnnvis_pipeline.viz.settings import inversion_weights, legacy_settings
 
 log = logging.getLogger(__name__)
 
@@ -407,11 +408,11 @@ def _manifest(L: _Layer, rs: dict, cards: list[dict], deconv_error, inversions: 
     }
 
 
-def _provenance(L: _Layer, rs: dict, ds_settings: dict, info: dict) -> dict:
+def _provenance(L: _Layer, rs: dict, job: Job, info: dict) -> dict:
     return provenance(
         config_digest=spec_digest({
-            "spec": {k: v for k, v in L.spec.items() if k not in ("dissection", "checkpoint")},
-            "quantile": ds_settings["quantile"], "top_k": ds_settings["top_k"],
+            "spec": {k: v for k, v in L.spec.items() if k != "checkpoint"},
+            "quantile": job.dissection.quantile, "top_k": job.dissection.top_k,
             "reports": {k: v for k, v in rs.items() if k != "threads"},
         }),
         dataset_digest=L.ds.digest, checkpoint_sha256=info.get("checkpoint_sha256"),
@@ -419,15 +420,15 @@ def _provenance(L: _Layer, rs: dict, ds_settings: dict, info: dict) -> dict:
     )
 
 
-def run_visualize(spec: dict, prepared: str | Path, layer: str, layer_dir: str | Path,
-                  reports: dict | None = None, *, model=None, threads: int | None = None) -> dict:
+def run_visualize(job: Job, prepared: str | Path, layer: str, layer_dir: str | Path, *,
+                  model=None, threads: int | None = None) -> dict:
     """Write viz/, activation_max.parquet and inversion.parquet for one layer; returns the
     manifest (also written as viz/manifest.json)."""
-    rs = report_settings(reports)
+    rs = legacy_settings(job)
     if threads:
         torch.set_num_threads(int(threads))
-    ds_settings = with_defaults("dissection", spec.get("dissection"))
-    name = spec["name"]
+    spec = job.model
+    name = job.name
     if layer not in spec["layers"]:
         raise CnnvisError(f"{name}: layer {layer!r} is not among {spec['layers']}")
     layer_dir = Path(layer_dir)
@@ -441,7 +442,7 @@ def run_visualize(spec: dict, prepared: str | Path, layer: str, layer_dir: str |
     info = {"checkpoint_sha256": None}
     if model is None:
         model, info = build_model(name, spec)
-    device = pick_device(ds_settings["device"])
+    device = pick_device(job.resources.device)
     model = model.eval().to(device)
     clock = _Clock(device)
     log.info("%s %s: visualising %d units on %s", name, layer, len(selected), device)
@@ -450,7 +451,7 @@ def run_visualize(spec: dict, prepared: str | Path, layer: str, layer_dir: str |
         with clock.time("top_images_s"):
             cards, max_check = top_images_view(L, selected, units_df, top_df, thr,
                                                set(requested), int(rs["top_images"]),
-                                               int(ds_settings["batch_size"]))
+                                               job.resources.batch_size)
         am_rows = activation_max_view(L, selected, cards, rs["activation_max"], clock)
         with clock.time("deconvnet_s"):
             deconv_error = deconvnet_view(L, selected, cards, bool(rs["deconvnet"]))
@@ -459,7 +460,7 @@ def run_visualize(spec: dict, prepared: str | Path, layer: str, layer_dir: str |
         manifest = _manifest(L, rs, [cards[u] for u in selected], deconv_error, inversions,
                              inversion_error, inversion_info, max_check, clock)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-        prov = _provenance(L, rs, ds_settings, info)
+        prov = _provenance(L, rs, job, info)
         write_table("activation_max", am_rows, layer_dir / "activation_max.parquet", prov)
         write_table("inversion", inv_rows, layer_dir / "inversion.parquet", prov)
     t = clock.timings

@@ -8,6 +8,7 @@ import yaml
 from snakemake.utils import validate
 
 from cnnvis_pipeline import config as cc
+from cnnvis_pipeline import settings as cs
 from cnnvis_pipeline.data import digests
 from cnnvis_pipeline.errors import CnnvisError
 
@@ -41,7 +42,7 @@ DATASET_DIGEST = f"{DIGESTS}/dataset.json"
 VALIDATED = f"{DIGESTS}/validated.txt"
 PREPARED = f"{DIGESTS}/prepared.json"
 MANIFEST = f"{DATA_ROOT}/manifests/{DATASET}.json"
-SHARDS = list(range(int(config["dissection"]["shards"])))
+SHARDS = list(range(int(config["resources"]["shards"])))
 LAYERS = sorted({layer for spec in MODELS.values() for layer in spec["layers"]})
 
 
@@ -107,15 +108,24 @@ def trained_checkpoint(model):
 
 
 def model_spec(model):
-    """The resolved spec of one model, as the `cnnvis` commands take it (--spec JSON)."""
-    spec = dict(MODELS[model], name=model, dissection=config["dissection"])
+    """The resolved model entry of one model, with its name (and its trained checkpoint)."""
+    spec = dict(MODELS[model], name=model)
     if spec.get("train"):
         spec["checkpoint"] = trained_checkpoint(model)
     return spec
 
 
-def spec_json(wildcards):
-    return json.dumps(model_spec(wildcards.model), sort_keys=True)
+def job_json(*sections):
+    """A rule's `--spec` (cnnvis_pipeline.settings.Job): the model entry, the run's seed and
+    only the config sections its stage reads, so that a job's command line (and so its rerun
+    trigger) changes only with what it reads."""
+
+    def spec(wildcards):
+        return json.dumps(
+            cs.job_spec(model_spec(wildcards.model), config, sections), sort_keys=True
+        )
+
+    return spec
 
 
 def checkpoint_input(wildcards):

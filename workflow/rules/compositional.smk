@@ -1,5 +1,5 @@
 # Compositional explanations (on when the config has a `compositional:` section): after a layer's
-# tables, its units are split into `dissection.shards` parts, one job each (formulas of concept
+# tables, its units are split into `resources.shards` parts, one job each (formulas of concept
 # masks by beam search), merged in unit order into results/{model}/{layer}/formulas.parquet.
 
 
@@ -16,14 +16,13 @@ rule compositional_shard:
     threads: lambda wc: shard_threads()
     params:
         cnnvis=CNNVIS,
-        spec=spec_json,
-        settings=json.dumps(config.get("compositional") or {}, sort_keys=True),
+        spec=job_json("dissection", "resources", "compositional"),
         parts=len(SHARDS),
     shell:
         "{params.cnnvis} compositional --prepared {input.prepared:q} --spec {params.spec:q}"
         " --layer {wildcards.layer:q} --extracts {input.extracts:q}"
         " --thresholds {input.thresholds:q} --shard {wildcards.part:q} --shards {params.parts:q}"
-        " --settings {params.settings:q} --out {output:q} > {log:q} 2>&1"
+        " --out {output:q} > {log:q} 2>&1"
 
 
 rule layer_formulas:

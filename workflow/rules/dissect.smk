@@ -16,7 +16,7 @@ rule check_model:
         "results/logs/{model}/check.log",
     params:
         cnnvis=CNNVIS,
-        spec=spec_json,
+        spec=job_json("resources"),
     shell:
         "{params.cnnvis} check-model --prepared {input.prepared:q} --spec {params.spec:q}"
         " --out {output:q} > {log:q} 2>&1"
@@ -32,7 +32,7 @@ rule train_synthnet:
         "results/logs/{model}/train.log",
     params:
         cnnvis=CNNVIS,
-        spec=spec_json,
+        spec=job_json("resources"),
     shell:
         "{params.cnnvis} train --prepared {input.prepared:q} --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
 
@@ -44,7 +44,7 @@ rule extract_shard:
     output:
         (
             directory("results/{model}/extract/{shard}")
-            if config["dissection"]["keep_activations"]
+            if config["resources"]["keep_activations"]
             else temp(directory("results/{model}/extract/{shard}"))
         ),
     log:
@@ -52,7 +52,7 @@ rule extract_shard:
     threads: shard_threads()
     params:
         cnnvis=CNNVIS,
-        spec=spec_json,
+        spec=job_json("dissection", "resources"),
         shards=len(SHARDS),
     shell:
         "{params.cnnvis} extract --prepared {input.prepared:q} --spec {params.spec:q}"
@@ -101,7 +101,7 @@ rule layer_tables:
     threads: lambda wc: layer_threads(wc.model)
     params:
         cnnvis=CNNVIS,
-        spec=spec_json,
+        spec=job_json("dissection", "resources"),
     shell:
         "{params.cnnvis} tables --prepared {input.prepared:q} --spec {params.spec:q}"
         " --layers {wildcards.layer:q} --extracts {input.extracts:q}"

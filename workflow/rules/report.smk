@@ -49,7 +49,7 @@ rule model_report:
         cnnvis=CNNVIS,
         layers=lambda wc: MODELS[wc.model]["layers"],
         iou_threshold=config["dissection"]["iou_threshold"],
-        spec=spec_json,
+        spec=job_json("report"),
         dataset=DATASET,
         dissection=json.dumps(config["dissection"], sort_keys=True),
     shell:

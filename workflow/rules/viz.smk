@@ -15,12 +15,11 @@ rule visualize_layer:
         inversion="results/{model}/{layer}/inversion.parquet",
     log:
         "results/logs/{model}/visualize_{layer}.log",
-    threads: int(config["reports"]["threads"])
+    threads: int(config["resources"]["threads"])
     params:
         cnnvis=CNNVIS,
-        spec=spec_json,
-        settings=json.dumps(config["reports"], sort_keys=True),
+        spec=job_json("views", "report", "resources", "dissection"),
     shell:
         "{params.cnnvis} visualize --prepared {input.prepared:q} --spec {params.spec:q}"
         " --layer {wildcards.layer:q} --layer-dir results/{wildcards.model:q}/{wildcards.layer:q}"
-        " --settings {params.settings:q} --threads {threads:q} > {log:q} 2>&1"
+        " --threads {threads:q} > {log:q} 2>&1"
