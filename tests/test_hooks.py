@@ -252,6 +252,7 @@ def test_a_specs_layouts_reach_every_caller(prepared_dir, tmp_path):
     the model check, the `layers` listing, the extraction and the visualisations' forward. An
     nhwc layout on an nchw layer reads its [N, C, H, W] output as [N, W, C, H]."""
     from cnnvis_pipeline.dissection.pipeline import run_extract
+    from cnnvis_pipeline.settings import Job
     from cnnvis_pipeline.models.check import describe_layers
     from cnnvis_pipeline.models.registry import build_model
     from cnnvis_pipeline.viz._common import layer_forward
@@ -269,8 +270,9 @@ def test_a_specs_layouts_reach_every_caller(prepared_dir, tmp_path):
     assert plain.shape == (2, 8, 16, 16)
     assert torch.equal(layer_forward(model, layer, x, layouts=spec["layouts"]),
                        plain.permute(0, 3, 1, 2))
-    spec = dict(spec, dissection={"batch_size": 16, "device": "cpu"})
-    out = run_extract(spec, prepared_dir, 0, 1, tmp_path / "extract", progress=False)
+    spec = dict(spec, resources={"batch_size": 16, "device": "cpu"})
+    out = run_extract(Job.from_spec(spec), prepared_dir, 0, 1, tmp_path / "extract",
+                      progress=False)
     shapes = json.loads((out / "info.json").read_text())["shapes"]
     assert shapes[layer] == [len(ds), 16, 8, 16]
     with pytest.raises(CnnvisError, match=r"tiny: layouts.features.relu2: 'chw' is not one of"):
