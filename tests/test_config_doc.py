@@ -84,3 +84,22 @@ def test_job_refuses_a_bad_section_naming_the_key():
 def test_a_spec_that_is_not_json_is_a_clear_error():
     with pytest.raises(CnnvisError, match=r"--spec: expected a JSON object .*resnet18"):
         Job.from_json("resnet18")
+
+
+def test_a_user_config_gets_the_library_view_settings_not_the_demos():
+    """Only `make demo` adds config/demo.yaml; a --configfile with dataset and models gets the
+    schema's view defaults (the Methods section reports what the views used)."""
+    import yaml
+
+    root = configdoc.README.parents[1]
+    default = yaml.safe_load((root / "config" / "config.yaml").read_text())
+    demo = yaml.safe_load((root / "config" / "demo.yaml").read_text())
+    user = {"dataset": {"path": "d"}, "models": {"r": {"torchvision": "resnet18",
+                                                        "layers": ["layer4"]}}}
+    job = Job.from_spec(dict(user["models"]["r"], name="r",
+                             views=cc.merge_with_default(user, default).get("views")))
+    assert job.views.activation_max.steps == 512 and job.views.activation_max.size == 128
+    assert job.views.inversion.steps == 300
+    demo_job = Job.from_spec(dict(user["models"]["r"], name="r",
+                                  views=cc.merge_with_default(demo, default)["views"]))
+    assert demo_job.views.activation_max.steps == demo["views"]["activation_max"]["steps"] < 512
