@@ -1,7 +1,7 @@
 """Names that vulture (make lint) reports as unused but that are used where it cannot look: by
-the workflow's rule files, by a library calling them back (http.server, html.parser, torch's
-__torch_function__ protocol), by pytest (fixtures, pytestmark), through getattr, or as
-attributes another library reads. Each entry says who uses it."""
+the workflow's rule files, by a library calling them back (http.server, html.parser), by pytest
+(fixtures, pytestmark), through getattr, or as attributes another library reads. Each entry
+says who uses it."""
 
 from vulture.whitelist_utils import Whitelist
 
@@ -15,8 +15,6 @@ _.model_digest_file
 _.benchmark
 # a ConceptTally field, read through getattr over ConceptTally.FIELDS (dissection/tally.py)
 _.category_images
-# the __torch_function__(func, types, args, kwargs) signature (viz/deconvnet.py, viz/relu.py)
-_.types
 
 # pytest: module marks and fixtures requested by parameter name or autouse
 _.pytestmark
