@@ -8,8 +8,11 @@ data root may change.
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
+from urllib.parse import unquote
 
 import pandas as pd
 import pytest
@@ -67,6 +70,13 @@ def test_hostile_paths_are_never_run(tmp_path, synth_dir, workflow):
 
     units = pd.read_parquet(work / "results/tiny/features.relu4/units.parquet")
     assert list(units["unit"]) == list(range(8))  # relu4 of width 4: 8 units
-    assert (work / "results/tiny/report/index.html").stat().st_size > 1000
-    assert (work / "results/summary/index.html").is_file()
-    assert (data_root / "prepared").is_dir()
+    # the summary page links the model's report, and its layer anchors are in that report
+    summary = (work / "results/summary/index.html").read_text()
+    links = re.findall(r'<a class="model-report" href="([^"]+)">tiny</a>', summary)
+    assert len(links) == 1, links
+    report = (work / "results/summary" / unquote(links[0])).resolve()
+    assert report == (work / "results/tiny/report/index.html").resolve()
+    anchors = set(re.findall(r'href="[^"#]*#(layer-[^"]+)">tiny</a>', summary))
+    assert anchors and all(f'id="{a}"' in report.read_text() for a in anchors), anchors
+    # the dataset under the hostile data root is the hostile-named copy, all of it
+    assert json.loads((data_root / "prepared" / "meta.json").read_text())["n_images"] == 48

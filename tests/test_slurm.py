@@ -122,6 +122,9 @@ SLURM_JOBS = {
 
 def _real_outputs_check(workdir: Path):
     def check(jobs: dict[int, dict]):
+        import pandas as pd
+
+        from cnnvis_pipeline.dissection.figures import plot_summary
         from cnnvis_pipeline.models.registry import file_sha256
         from cnnvis_pipeline.tables import read_provenance
 
@@ -131,12 +134,21 @@ def _real_outputs_check(workdir: Path):
         assert counts == SLURM_JOBS, counts
         res = workdir / "results"
         for model in SLURM_CONFIG["models"]:
-            for table in ("iou", "units", "top_images", "thresholds"):
-                assert (res / model / "features.relu4" / f"{table}.parquet").is_file(), (model, table)
+            tables = {t: pd.read_parquet(res / model / "features.relu4" / f"{t}.parquet")
+                      for t in ("iou", "units", "top_images", "thresholds")}
+            for table, df in tables.items():  # relu4 of width 4: units 0..7 of this model
+                assert set(df["model"]) == {model} and set(df["unit"]) == set(range(8)), table
+            assert len(tables["top_images"]) == 8 * SLURM_CONFIG["dissection"]["top_k"]
+            assert tables["thresholds"]["threshold"].tolist() == tables["units"]["threshold"].tolist()
         prov = read_provenance(res / "synthnet" / "features.relu4" / "units.parquet")
         assert prov["checkpoint_sha256"] == file_sha256(res / "synthnet" / "checkpoint.pt")
-        assert (res / "summary" / "detectors.parquet").is_file()
-        assert (res / "summary" / "unique_detectors.png").is_file()
+        summary = pd.read_parquet(res / "summary" / "detectors.parquet")
+        assert set(zip(summary["model"], summary["layer"], strict=True)) == {
+            (m, "features.relu4") for m in SLURM_CONFIG["models"]}
+        # the figure draws the summary table: drawn again from it, the same bytes
+        plot_summary(summary, workdir / "unique_detectors.png")
+        assert ((res / "summary" / "unique_detectors.png").read_bytes()
+                == (workdir / "unique_detectors.png").read_bytes())
 
     return check
 
