@@ -130,12 +130,16 @@ def test_tables_carry_provenance_and_no_timestamps(clean_runs):
     import torchvision
 
     from cnnvis_pipeline import __version__
+    from cnnvis_pipeline.data.prepared import PreparedDataset
     from cnnvis_pipeline.models.registry import file_sha256
     from cnnvis_pipeline.tables import read_provenance
 
     one, _ = clean_runs
     sha = {"synthnet": file_sha256(one / "results/synthnet/checkpoint.pt"), "slow": None}
+    # the dataset every table names is the prepared one the run used (its receipt)
+    prepared = PreparedDataset(one / "results/digests/prepared.json").digest
     digests = set()
+    unit_configs = {}
     for rel in sorted(tables(one)):
         path = one / rel
         prov = read_provenance(path)
@@ -156,9 +160,12 @@ def test_tables_carry_provenance_and_no_timestamps(clean_runs):
         model = rel.split("/")[1]
         assert prov["model"] == model
         assert prov["checkpoint_sha256"] == sha[model], rel
-        assert re.fullmatch(r"[0-9a-f]{64}", prov["dataset_digest"]), rel
         digests.add(prov["dataset_digest"])
-    assert len(digests) == 1, "all tables of a run come from one dataset"
+        if path.name == "units.parquet":
+            unit_configs[model] = prov["config_digest"]
+    assert digests == {prepared}, "all tables of a run come from the prepared dataset"
+    # the config digest follows the model's settings: the two models' tables differ
+    assert len(unit_configs) == 2 and unit_configs["synthnet"] != unit_configs["slow"]
 
 
 def _extract_in_progress(workdir: Path, model: str) -> Path | None:

@@ -8,7 +8,6 @@ data root may change.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -16,6 +15,8 @@ from urllib.parse import unquote
 
 import pandas as pd
 import pytest
+
+from cnnvis_pipeline.data.prepared import PreparedDataset
 
 pytestmark = pytest.mark.slow
 
@@ -78,5 +79,6 @@ def test_hostile_paths_are_never_run(tmp_path, synth_dir, workflow):
     assert report == (work / "results/tiny/report/index.html").resolve()
     anchors = set(re.findall(r'href="[^"#]*#(layer-[^"]+)">tiny</a>', summary))
     assert anchors and all(f'id="{a}"' in report.read_text() for a in anchors), anchors
-    # the dataset under the hostile data root is the hostile-named copy, all of it
-    assert json.loads((data_root / "prepared" / "meta.json").read_text())["n_images"] == 48
+    # the prepared dataset the run used lies under the hostile data root, all 48 images of it
+    ds = PreparedDataset(work / "results/digests/prepared.json")
+    assert len(ds) == 48 and (data_root / "prepared").resolve() in ds.path.resolve().parents
