@@ -136,8 +136,10 @@ def test_tables_carry_provenance_and_no_timestamps(clean_runs):
 
     one, _ = clean_runs
     sha = {"synthnet": file_sha256(one / "results/synthnet/checkpoint.pt"), "slow": None}
-    # the dataset every table names is the prepared one the run used (its receipt)
-    prepared = PreparedDataset(one / "results/digests/prepared.json").digest
+    # the dataset every table names is the prepared one the run used (its receipt names it,
+    # relative to the run's directory)
+    receipt = json.loads((one / "results/digests/prepared.json").read_text())
+    prepared = PreparedDataset(one / receipt["prepared"]).digest
     digests = set()
     unit_configs = {}
     for rel in sorted(tables(one)):
