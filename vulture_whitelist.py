@@ -11,6 +11,10 @@ _ = Whitelist()
 _.refresh_digests
 _.model_digest_file
 
+# a Resources field, filled from the config's resources section by settings._build (the
+# workflow reads the config key: workflow/rules/dissect.smk)
+_.keep_activations
+
 # read by torch: torch.backends.cudnn.benchmark (bench/bench.py)
 _.benchmark
 # a ConceptTally field, read through getattr over ConceptTally.FIELDS (dissection/tally.py)
