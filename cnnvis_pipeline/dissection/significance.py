@@ -68,46 +68,25 @@ def top_pairs(iou: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.nda
 def significance(tally, stats: ImageStats, dataset, statistics: Statistics,
                  iou_threshold: float) -> dict[str, np.ndarray]:
     """Per tested (unit, concept) pair: unit, rank, concept (index), iou, iou_low, iou_high,
-    p_value, q_value, detector, detector_fdr (numpy arrays, in unit then rank order)."""
+    p_value, q_value, detector, detector_fdr (numpy arrays, in unit then rank order); and per
+    unit (arrays of length U, keys `label_*`): the selection-adjusted p-value of its label
+    (label_p_value, the max statistic over all its concepts), its BH q-value over the layer's
+    units (label_q_value) and label_detector_fdr."""
     R = statistics.replicates
-    D = statistics.partners
-    seed = statistics.seed
-    level = statistics.level
     n = len(dataset)
-    C = len(dataset.concepts)
-    present = np.asarray(dataset.present, bool)
-    G = present.shape[1]
     cat = np.asarray(dataset.concept_category, np.int64)
     iou, inter_t, _ = tally.iou(cat)
-    U = iou.shape[0]
+    U, C = iou.shape
     unit, rank, concept = top_pairs(iou, statistics.top)
+    sums = _Sums(stats.arrays, U, C, np.asarray(dataset.present, bool), cat)
     T = len(unit)
-    pair_of = np.full((U, C), -1, np.int64)
-    pair_of[unit, concept] = np.arange(T)
-    a = stats.arrays
-
-    images = np.arange(n)
-    w = torch.from_numpy(poisson_weights(seed, R, images).T.astype(np.float64).copy())
+    sums.pairs(unit, concept)
+    w = torch.from_numpy(poisson_weights(statistics.seed, R, np.arange(n)).T
+                         .astype(np.float64).copy())
     ones = torch.ones(n, 1, dtype=torch.float64)
 
-    def pair_sums(img, u_, c_, cnt, weights):
-        t = pair_of[u_, c_]
-        keep = t >= 0
-        return _sums(t[keep], img[keep], cnt[keep], T, weights)
-
-    def mask_sums(weights):  # [U * G, R]: Σ |M_k(x)| over images annotated for category g
-        img, u_, cnt = a["mask_image"], a["mask_unit"], a["mask_count"]
-        x, g = np.nonzero(present[img])
-        return _sums(u_[x] * G + g, img[x], cnt[x], U * G, weights)
-
-    def area_sums(img, c_, cnt, weights):  # [C, R]
-        return _sums(c_, img, cnt, C, weights)
-
-    obs = ("inter_image", "inter_unit", "inter_concept", "inter_count")
     # Observed sums (weights 1): must be the tally's integers.
-    I0 = pair_sums(*(a[k] for k in obs), ones)[:, 0]
-    A0 = mask_sums(ones)[unit * G + cat[concept], 0]
-    L0 = area_sums(a["area_image"], a["area_concept"], a["area_count"], ones)[concept, 0]
+    I0, A0, L0 = (x[:, 0] for x in sums.all(ones, unit, concept))
     mask_t = tally.mask_area.cpu().numpy()[unit, cat[concept]]
     label_t = tally.concept_area.cpu().numpy()[concept]
     if not (np.array_equal(I0, inter_t[unit, concept]) and np.array_equal(A0, mask_t)
@@ -117,40 +96,136 @@ def significance(tally, stats: ImageStats, dataset, statistics: Statistics,
     obs_iou = _iou(I0, A0, L0)
 
     # Bootstrap: the same sums with Poisson(1) weights per image.
-    Ib = pair_sums(*(a[k] for k in obs), w)
-    Ab = mask_sums(w)[unit * G + cat[concept]]
-    Lb = area_sums(a["area_image"], a["area_concept"], a["area_count"], w)[concept]
-    boot = _iou(Ib, Ab, Lb)
-    alpha = 1.0 - level
+    boot = _iou(*sums.all(w, unit, concept))
+    alpha = 1.0 - statistics.level
     low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2], axis=1) if T else (iou[:0, 0],) * 2
 
-    # Null: the labels of each block of images permuted at random (a permutation: the label
-    # areas do not change, and partners are annotated for the same categories, so neither do
-    # the mask areas); only the intersections move.
+    exceed, label_exceed = _null_counts(tally, sums, statistics, iou, unit, concept, obs_iou)
     Rn = statistics.null_replicates
-    exceed = np.zeros(T, np.int64)
-    for r0 in range(0, Rn, _NULL_BLOCK):  # blocks of replicates bound the memory
-        choice = null_choices(seed, min(_NULL_BLOCK, Rn - r0), present, D, r0)
-        In = np.repeat(I0[:, None], len(choice), 1)
-        for d in range(1, D + 1):
-            e = torch.from_numpy((choice == d).T.astype(np.float64).copy())
-            sel = a["null_partner"] == d
-            In += pair_sums(*(a[f"null_{k}"][sel] for k in ("image", "unit", "concept", "count")),
-                            e)
-            In -= pair_sums(*(a[k] for k in obs), e)
-        exceed += (_iou(In, A0[:, None], L0[:, None]) >= obs_iou[:, None]).sum(1)
     p = (1.0 + exceed) / (Rn + 1.0)
     q = bh_qvalues(p)
     detector = obs_iou > iou_threshold
+    label_p = (1.0 + label_exceed) / (Rn + 1.0)
+    label_q = bh_qvalues(label_p)
+    label_det = iou.max(1, initial=0.0) > iou_threshold
     return {
         "unit": unit, "rank": rank, "concept": concept, "iou": obs_iou,
         "iou_low": np.asarray(low, np.float64), "iou_high": np.asarray(high, np.float64),
         "p_value": p, "q_value": q, "detector": detector,
         "detector_fdr": detector & (q < statistics.fdr),
+        "label_p_value": label_p, "label_q_value": label_q,
+        "label_detector_fdr": label_det & (label_q < statistics.fdr),
     }
 
 
+class _Sums:
+    """Weighted sums of the per-image records over the images (see _sums) for a set of
+    (unit, concept) pairs: intersections with the own labels or a partner's, mask areas per
+    (unit, category), label areas per concept."""
+
+    def __init__(self, arrays, U, C, present, cat):
+        self.a, self.U, self.C, self.present, self.cat = arrays, U, C, present, cat
+        self.G = present.shape[1]
+
+    def pairs(self, unit, concept) -> None:
+        self.pair_of = np.full((self.U, self.C), -1, np.int64)
+        self.pair_of[unit, concept] = np.arange(len(unit))
+        self.n_pairs = len(unit)
+
+    def inter(self, weights, group="inter", partner=None):
+        a = self.a
+        names = [f"{group}_{k}" for k in ("image", "unit", "concept", "count")]
+        img, u_, c_, cnt = (a[k] for k in names)
+        if partner is not None:
+            sel = a["null_partner"] == partner
+            img, u_, c_, cnt = img[sel], u_[sel], c_[sel], cnt[sel]
+        t = self.pair_of[u_, c_]
+        keep = t >= 0
+        return _sums(t[keep], img[keep], cnt[keep], self.n_pairs, weights)
+
+    def all(self, weights, unit, concept):
+        """(intersection, mask area, label area) [pairs, R] of the current pairs."""
+        a, G = self.a, self.G
+        img, u_, cnt = a["mask_image"], a["mask_unit"], a["mask_count"]
+        x, g = np.nonzero(self.present[img])
+        masks = _sums(u_[x] * G + g, img[x], cnt[x], self.U * G, weights)
+        areas = _sums(a["area_concept"], a["area_image"], a["area_count"], self.C, weights)
+        return (self.inter(weights), masks[unit * G + self.cat[concept]], areas[concept])
+
+    def upper(self) -> np.ndarray:
+        """[U, C]: Σ over images of the largest intersection of the unit's mask with the image's
+        own or any partner's labels: no permutation of the blocks' labels gives more."""
+        a = self.a
+        N = 1 + int(max(a["inter_image"].max(initial=0), a["null_image"].max(initial=0)))
+        key = np.concatenate([(a["inter_unit"] * self.C + a["inter_concept"]) * N
+                              + a["inter_image"],
+                              (a["null_unit"] * self.C + a["null_concept"]) * N + a["null_image"]])
+        cnt = np.concatenate([a["inter_count"], a["null_count"]])
+        out = np.zeros(self.U * self.C)
+        if len(key):
+            order = np.argsort(key, kind="stable")
+            key, cnt = key[order], cnt[order]
+            first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+            np.add.at(out, key[first] // N, np.maximum.reduceat(cnt, first))
+        return out.reshape(self.U, self.C)
+
+
+def _null_counts(tally, sums: _Sums, statistics: Statistics, iou, unit, concept, obs_iou):
+    """Null exceedances: per tested pair, of its own IoU; per unit, of its label's IoU by the
+    largest IoU of any of its concepts in the same replicate (the selection of the label made
+    again in every replicate). Concepts whose IoU cannot reach the label's in any permutation
+    (upper bound: Sums.upper) cannot change the maximum and are left out.
+
+    The null: the labels of each block of images permuted at random (a permutation: the label
+    areas do not change, and partners are annotated for the same categories, so neither do the
+    mask areas); only the intersections move."""
+    U, C = iou.shape
+    cat = sums.cat
+    _, inter_t, _ = tally.iou(cat)
+    A_all = tally.mask_area.cpu().numpy().astype(np.float64)[:, cat]  # [U, C]
+    L_all = tally.concept_area.cpu().numpy().astype(np.float64)[None, :C]
+    label = iou.argmax(1)  # the units table's label (first maximum)
+    rows = np.arange(U)
+    label_iou = _iou(inter_t[rows, label].astype(np.float64), A_all[rows, label],
+                     L_all[0, label])
+    up = sums.upper()
+    reach = _iou(up, A_all, L_all) >= label_iou[:, None]
+    reach &= (label_iou > 0)[:, None]
+    cu, cc = np.nonzero(reach)  # candidate pairs, in unit order
+    # one set of pairs: the tested ones, then the candidates that are not tested
+    tested = np.zeros((U, C), bool)
+    tested[unit, concept] = True
+    extra = ~tested[cu, cc]
+    pu = np.concatenate([unit, cu[extra]])
+    pc = np.concatenate([concept, cc[extra]])
+    sums.pairs(pu, pc)
+    T = len(unit)
+    I0 = inter_t[pu, pc].astype(np.float64)
+    A0, L0 = A_all[pu, pc], L_all[0, pc]
+    cand = sums.pair_of[cu, cc]  # candidates' positions among the pairs (unit order)
+    starts = np.flatnonzero(np.r_[True, cu[1:] != cu[:-1]]) if len(cu) else np.zeros(0, int)
+    cand_units = cu[starts]
+    exceed = np.zeros(T, np.int64)
+    label_exceed = np.where(label_iou > 0, 0, statistics.null_replicates).astype(np.int64)
+    Rn, D, seed = statistics.null_replicates, statistics.partners, statistics.seed
+    block = int(np.clip(_NULL_CELLS // max(len(pu), 1), 1, _NULL_BLOCK))
+    for r0 in range(0, Rn, block):  # blocks of replicates bound the memory
+        choice = null_choices(seed, min(block, Rn - r0), sums.present, D, r0)
+        In = np.repeat(I0[:, None], len(choice), 1)
+        for d in range(1, D + 1):
+            e = torch.from_numpy((choice == d).T.astype(np.float64).copy())
+            In += sums.inter(e, "null", d)
+            In -= sums.inter(e)
+        null = _iou(In, A0[:, None], L0[:, None])
+        exceed += (null[:T] >= obs_iou[:T, None]).sum(1)
+        if len(cand):
+            best = np.maximum.reduceat(null[cand], starts, axis=0)  # [units, replicates]
+            label_exceed[cand_units] += (best >= label_iou[cand_units, None]).sum(1)
+    return exceed, label_exceed
+
+
 _NULL_BLOCK = 250
+_NULL_CELLS = 1 << 23  # pairs x replicates of one block of null replicates
 
 
 def significance_columns(model: str, layer: str, sig: dict | None, dataset) -> dict:
@@ -170,8 +245,9 @@ def significance_columns(model: str, layer: str, sig: dict | None, dataset) -> d
 
 
 def unit_significance_columns(sig: dict | None, units: int) -> dict:
-    """iou_low, iou_high, p_value, q_value, detector_fdr of each unit's label (rank 0); NaN and
-    null when statistics are disabled."""
+    """iou_low, iou_high (the label's row, rank 0), and the label's selection-adjusted p_value,
+    its q_value over the layer's units and detector_fdr; NaN and null when statistics are
+    disabled."""
     if sig is None:
         nan = np.full(units, np.nan)
         return {"iou_low": nan, "iou_high": nan, "p_value": nan, "q_value": nan,
@@ -179,8 +255,11 @@ def unit_significance_columns(sig: dict | None, units: int) -> dict:
     top = np.asarray(sig["rank"]) == 0
     if not np.array_equal(np.asarray(sig["unit"])[top], np.arange(units)):
         raise CnnvisError("significance rows do not cover every unit once at rank 0")
-    return {k: np.asarray(sig[k])[top] for k in ("iou_low", "iou_high", "p_value", "q_value",
-                                                 "detector_fdr")}
+    cols = {k: np.asarray(sig[k])[top] for k in ("iou_low", "iou_high")}
+    # the label's p-value allows for its selection (the best of the unit's concepts)
+    cols.update({k: np.asarray(sig[f"label_{k}"]) for k in ("p_value", "q_value",
+                                                            "detector_fdr")})
+    return cols
 
 
 def sweep_columns(model: str, layer: str, units, categories: list[str], fdr: float) -> dict:
