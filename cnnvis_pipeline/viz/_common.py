@@ -4,8 +4,8 @@
 - model_device(model, device): the device to work on.
 - preprocess(x, mean, std, input_size): resize and normalise a [0, 1] batch before the model
   (models.input.resize and normalize: the one input normalisation).
-- layer_forward(model, layer, x, model_name): the layer's output (with its graph), stopping the
-  forward pass right after the layer.
+- layer_forward(model, layer, x, model_name, layouts): the layer's output (with its graph),
+  stopping the forward pass right after the layer.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def preprocess(x: torch.Tensor, mean=None, std=None, input_size=None) -> torch.T
 def layer_forward(model: nn.Module, layer: str, x: torch.Tensor, *,
                   model_name: str = "model", layouts: dict | None = None) -> torch.Tensor:
     """Run `model` on `x` up to `layer` and return the layer's [N, C, H, W] output, graph kept
-    (`layouts`: the model spec's {layer: layout})."""
+    (`layouts`: the model's {layer: layout}, models.hooks)."""
     with LayerRecorder(model, [layer], detach=False, model_name=model_name,
                        stop_after_last=True, layouts=layouts) as rec:
         outputs = rec.run(x)

@@ -3,6 +3,10 @@
 activation_maximization(model, layer, units, ...) -> (images [N, 3, size, size] in [0, 1],
 activations [N]). One batch element per unit; all units are optimised together.
 
+A recipe is built from composable parts: an objective (viz.objectives: `channel`, `channel_max`,
+... combined with + - * /), a list of transforms (viz.transform: pad, jitter, random_scale,
+random_rotate) and a parameterisation (viz.param: fourier, pixel). The presets are such recipes.
+
 Two presets (PRESETS), so that a benchmark can show both side by side:
 
 - "lucid": Lucid/Lucent's channel objective, faithfully. Per step: Fourier-parameterised,
@@ -32,7 +36,8 @@ Two presets (PRESETS), so that a benchmark can show both side by side:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,23 +53,24 @@ from cnnvis_pipeline.viz._common import (
     preprocess,
     size_pair,
 )
-from cnnvis_pipeline.viz.param import FourierImage
+from cnnvis_pipeline.viz.objectives import Objective, channel, channel_max, per_image
+from cnnvis_pipeline.viz.param import fourier, pixel
 from cnnvis_pipeline.viz.relu import relu_backward_override
-from cnnvis_pipeline.viz.transform import random_affine
+from cnnvis_pipeline.viz.transform import STANDARD, Transform, apply
 
-PAD = 12
-JITTER = 12  # Lucid's jitter(8) followed by jitter(4)
 
-PRESETS: dict[str, dict] = {
-    # Lucid/Lucent: channel objective (mean over the map), redirect for max(16, 10%) steps.
-    "lucid": {"objective": "mean", "redirect": "lucid", "polish_steps": 0, "polish_lr": 0.2,
-              "per_position": False},
-    # Mean + max objective, redirect throughout (per position at the layer's own ReLU), pixel
-    # polish for the last third (at most 64).
-    "default": {"objective": "mean+max", "redirect": "always", "polish_steps": "auto",
-                "polish_lr": 0.2, "per_position": True},
-}
-OBJECTIVES = ("mean", "mean+max")
+def mean_objective(units: Sequence[int]) -> Objective:
+    """Lucid's channel objective, image i for unit i: sum_i mean of A[i, unit_i]."""
+    return per_image(channel, units)
+
+
+def mean_max_objective(units: Sequence[int]) -> Objective:
+    """The mean and the maximum of each image's unit map (the maximum is the dataset's statistic)."""
+    return per_image(channel, units) + per_image(channel_max, units)
+
+
+OBJECTIVES: dict[str, Callable[[Sequence[int]], Objective]] = {
+    "mean": mean_objective, "mean+max": mean_max_objective}
 
 
 def default_redirect_steps(steps: int) -> int:
@@ -77,10 +83,123 @@ def default_polish_steps(steps: int) -> int:
     return min(steps // 3, 64)
 
 
-def _objective(act: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "mean":
-        return act.mean(dim=(1, 2))
-    return act.mean(dim=(1, 2)) + act.amax(dim=(1, 2))
+def _all_steps(steps: int) -> int:
+    return steps
+
+
+def _no_steps(_steps: int) -> int:
+    return 0
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How activation maximisation runs: objective(units) -> Objective, the transforms of each
+    step, the parameterisation (fourier-like: (n, size, generator=, device=) -> (params,
+    image_f)), how many first steps use the redirected ReLU gradient and how many last steps
+    polish the pixels (functions of `steps`), and the polish's learning rate."""
+
+    objective: Callable[[Sequence[int]], Objective]
+    transforms: tuple[Transform, ...]
+    parameterization: Callable
+    redirect_steps: Callable[[int], int]
+    polish_steps: Callable[[int], int]
+    polish_lr: float
+    per_position: bool  # the layer's own nn.ReLU redirects per position
+
+
+PRESETS: dict[str, Recipe] = {
+    # Lucid/Lucent: channel objective (mean over the map), redirect for max(16, 10%) steps.
+    "lucid": Recipe(mean_objective, STANDARD, fourier, default_redirect_steps, _no_steps, 0.2,
+                    per_position=False),
+    # Mean + max objective, redirect throughout (per position at the layer's own ReLU), pixel
+    # polish for the last third (at most 64).
+    "default": Recipe(mean_max_objective, STANDARD, fourier, _all_steps, default_polish_steps,
+                      0.2, per_position=True),
+}
+
+
+def _recipe(preset: str, objective, polish_steps, polish_lr, redirect_steps) -> Recipe:
+    """The preset with the caller's overrides."""
+    if preset not in PRESETS:
+        raise CnnvisError(f"activation maximisation: unknown preset {preset!r} "
+                          f"(one of {', '.join(PRESETS)})")
+    r = PRESETS[preset]
+    if isinstance(objective, str):
+        if objective not in OBJECTIVES:
+            raise CnnvisError(f"activation maximisation: unknown objective {objective!r} "
+                              f"(one of {', '.join(OBJECTIVES)})")
+        objective = OBJECTIVES[objective]
+    return Recipe(objective or r.objective, r.transforms, r.parameterization,
+                  r.redirect_steps if redirect_steps is None else (lambda _s: int(redirect_steps)),
+                  r.polish_steps if polish_steps is None else (lambda _s: int(polish_steps)),
+                  r.polish_lr if polish_lr is None else float(polish_lr), r.per_position)
+
+
+class _Layer:
+    """The model up to `layer`, fed [0, 1] images resized to a size and normalised."""
+
+    def __init__(self, model, layer, model_name, layouts, mean, std, input_hw):
+        self.model, self.layer, self.model_name, self.layouts = model, layer, model_name, layouts
+        self.mean, self.std, self.input_hw = mean, std, input_hw
+
+    def __call__(self, x: torch.Tensor, hw: tuple[int, int] | None) -> torch.Tensor:
+        if hw is not None and tuple(x.shape[-2:]) != hw:
+            x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
+        return layer_forward(self.model, self.layer, preprocess(x, self.mean, self.std),
+                             model_name=self.model_name, layouts=self.layouts)
+
+    def canvas(self, x: torch.Tensor, h: int, w: int) -> tuple[int, int] | None:
+        """A transformed canvas at the scale of the input size (None: fed as it is)."""
+        if self.input_hw is None:
+            return None
+        ch, cw = x.shape[-2:]
+        return (max(1, round(ch * self.input_hw[0] / h)), max(1, round(cw * self.input_hw[1] / w)))
+
+    @torch.no_grad()
+    def measured(self, img: torch.Tensor, units: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(max, mean) of each unit's map on its untransformed image at input_size."""
+        rows = torch.arange(len(units), device=img.device)
+        a = self(img, self.input_hw)[rows, torch.tensor(units, device=img.device)]
+        return a.amax(dim=(1, 2)), a.mean(dim=(1, 2))
+
+    @torch.no_grad()
+    def check_units(self, units, h: int, w: int, dev) -> list[int]:
+        channels = self(torch.full((1, 3, h, w), 0.5, device=dev), self.input_hw).shape[1]
+        unit_list = list(range(channels)) if units is None else [int(u) for u in units]
+        bad = [u for u in unit_list if not 0 <= u < channels]
+        if not unit_list or bad:
+            raise CnnvisError(
+                f"{self.model_name}: layer {self.layer!r} has units 0..{channels - 1}; "
+                f"cannot visualise {bad if bad else 'an empty list of units'}"
+            )
+        return unit_list
+
+
+def _redirect(model: nn.Module, layer_fn: _Layer, recipe: Recipe, redirect: int):
+    """step -> the ReLU backward override of that step."""
+    # The layer's own ReLU (when the layer is one) redirects per position in the default
+    # preset: the silent parts of the unit's map are pulled up too, so the image fills with
+    # the stimulus instead of showing it in a few patches.
+    target = find_module(model, layer_fn.layer, model_name=layer_fn.model_name)
+    own = ({target: "redirected_per_position"}
+           if recipe.per_position and isinstance(target, nn.ReLU) else None)
+
+    def override(step: int):
+        return (relu_backward_override(model, "redirected", overrides=own) if step < redirect
+                else contextlib.nullcontext())
+    return override
+
+
+def _ascend(params, image_f, objective: Objective, lr: float, steps: range, override,
+            forward) -> None:
+    """Adam on `params` for `steps`, maximising objective(forward(image_f()))."""
+    opt = torch.optim.Adam(params, lr=lr)
+    for step in steps:
+        with override(step):
+            loss = -objective(forward(image_f()))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        opt.step()
 
 
 def activation_maximization(
@@ -98,7 +217,7 @@ def activation_maximization(
     std: Sequence[float] | None = None,
     redirect_steps: int | None = None,
     preset: str = "default",
-    objective: str | None = None,
+    objective: str | Callable[[Sequence[int]], Objective] | None = None,
     polish_steps: int | None = None,
     polish_lr: float | None = None,
     model_name: str = "model",
@@ -106,10 +225,10 @@ def activation_maximization(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images that maximise the activation of each unit (channel) of `layer`.
 
-    preset: "default" or "lucid" (see the module docstring); `objective` ("mean" or
-    "mean+max" over the map), `redirect_steps` (how many of the first steps use the redirected
+    preset: "default" or "lucid" (see the module docstring); `objective` (a name of OBJECTIVES,
+    or units -> Objective), `redirect_steps` (how many of the first steps use the redirected
     ReLU gradient), `polish_steps` (how many of the `steps` are pixel polish) and `polish_lr`
-    override the preset's values.
+    override the preset's values. `layouts`: the model's {layer: layout} (models.hooks).
 
     units: channel indices (repeats allowed); None means every channel of the layer.
     Returns (images, activations) on the CPU: images [N, 3, size, size] in [0, 1], meant to be fed
@@ -122,106 +241,46 @@ def activation_maximization(
     check_mean_std(mean, std)
     if steps < 0:
         raise CnnvisError(f"steps must be >= 0, not {steps}")
-    if preset not in PRESETS:
-        raise CnnvisError(f"activation maximisation: unknown preset {preset!r} "
-                          f"(one of {', '.join(PRESETS)})")
-    cfg = PRESETS[preset]
-    objective = cfg["objective"] if objective is None else objective
-    if objective not in OBJECTIVES:
-        raise CnnvisError(f"activation maximisation: unknown objective {objective!r} "
-                          f"(one of {', '.join(OBJECTIVES)})")
-    if polish_steps is None:
-        polish_steps = (default_polish_steps(steps) if cfg["polish_steps"] == "auto"
-                        else cfg["polish_steps"])
-    polish_steps = int(polish_steps)
-    if not 0 <= polish_steps <= steps:
-        raise CnnvisError(f"polish_steps must be in 0..steps ({steps}), not {polish_steps}")
-    polish_lr = float(cfg["polish_lr"] if polish_lr is None else polish_lr)
-    fourier_steps = steps - polish_steps
-    if redirect_steps is None:
-        redirect = (default_redirect_steps(steps) if cfg["redirect"] == "lucid" else steps)
-    else:
-        redirect = int(redirect_steps)
+    recipe = _recipe(preset, objective, polish_steps, polish_lr, redirect_steps)
+    n_polish = recipe.polish_steps(steps)
+    if not 0 <= n_polish <= steps:
+        raise CnnvisError(f"polish_steps must be in 0..steps ({steps}), not {n_polish}")
     h, w = size_pair(size, "size")
     in_hw = size_pair(input_size, "input_size") if input_size is not None else None
     dev = model_device(model, device)
     gen = torch.Generator().manual_seed(int(seed))
-
-    def to_model(x: torch.Tensor, hw: tuple[int, int] | None) -> torch.Tensor:
-        if hw is not None and tuple(x.shape[-2:]) != hw:
-            x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False)
-        return preprocess(x, mean, std)
+    fwd = _Layer(model, layer, model_name, layouts, mean, std, in_hw)
 
     with frozen_eval(model):
+        unit_list = fwd.check_units(units, h, w, dev)
+        obj = recipe.objective(unit_list)
+        override = _redirect(model, fwd, recipe, recipe.redirect_steps(steps))
+        params, image_f = recipe.parameterization(len(unit_list), (h, w), generator=gen,
+                                                  device=dev)
+
+        def transformed(img: torch.Tensor) -> torch.Tensor:
+            x = apply(recipe.transforms, img, gen)
+            return fwd(x, fwd.canvas(x, h, w))
+
+        _ascend(params, image_f, obj, lr, range(steps - n_polish), override, transformed)
         with torch.no_grad():
-            grey = torch.full((1, 3, h, w), 0.5, device=dev)
-            channels = layer_forward(model, layer, to_model(grey, in_hw),
-                                     model_name=model_name, layouts=layouts).shape[1]
-        unit_list = list(range(channels)) if units is None else [int(u) for u in units]
-        bad = [u for u in unit_list if not 0 <= u < channels]
-        if not unit_list or bad:
-            raise CnnvisError(
-                f"{model_name}: layer {layer!r} has units 0..{channels - 1}; "
-                f"cannot visualise {bad if bad else 'an empty list of units'}"
-            )
-        n = len(unit_list)
-        unit_idx = torch.tensor(unit_list, device=dev)
-        rows = torch.arange(n, device=dev)
-
-        image = FourierImage(n, (h, w), generator=gen, device=dev)
-        opt = torch.optim.Adam(image.parameters(), lr=lr)
-        canvas_hw = None
-        if in_hw is not None:
-            ch, cw = h + 2 * PAD - JITTER, w + 2 * PAD - JITTER
-            canvas_hw = (max(1, round(ch * in_hw[0] / h)), max(1, round(cw * in_hw[1] / w)))
-
-        # The layer's own ReLU (when the layer is one) redirects per position in the default
-        # preset: the silent parts of the unit's map are pulled up too, so the image fills with
-        # the stimulus instead of showing it in a few patches.
-        target = find_module(model, layer, model_name=model_name)
-        own = ({target: "redirected_per_position"}
-               if cfg["per_position"] and isinstance(target, nn.ReLU) else None)
-
-        def override(step: int):
-            return (relu_backward_override(model, "redirected", overrides=own) if step < redirect
-                    else contextlib.nullcontext())
-
-        def measured(img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """(max, mean) of each unit's map on its untransformed image at input_size."""
-            with torch.no_grad():
-                a = layer_forward(model, layer, to_model(img, in_hw),
-                                  model_name=model_name, layouts=layouts)[rows, unit_idx]
-            return a.amax(dim=(1, 2)), a.mean(dim=(1, 2))
-
-        for step in range(fourier_steps):
-            with override(step):
-                x = random_affine(image(), gen, pad=PAD, jitter=JITTER)
-                act = layer_forward(model, layer, to_model(x, canvas_hw), model_name=model_name,
-                                    layouts=layouts)
-                loss = -_objective(act[rows, unit_idx], objective).sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            opt.step()
-
-        with torch.no_grad():
-            final = image().detach()
-        if polish_steps:
-            before_max, _ = measured(final)
-            # Pixel polish: sigmoid logits of the image, fed as it is measured.
-            logits = torch.logit(final.clamp(1e-4, 1 - 1e-4)).requires_grad_(True)
-            popt = torch.optim.Adam([logits], lr=polish_lr)
-            for k in range(polish_steps):
-                with override(fourier_steps + k):
-                    act = layer_forward(model, layer, to_model(torch.sigmoid(logits), in_hw),
-                                        model_name=model_name, layouts=layouts)
-                    loss = -_objective(act[rows, unit_idx], objective).sum()
-                    popt.zero_grad(set_to_none=True)
-                    loss.backward()
-                popt.step()
-            with torch.no_grad():
-                polished = torch.sigmoid(logits).detach()
-            after_max, _ = measured(polished)
-            keep = (after_max >= before_max).view(n, 1, 1, 1)
-            final = torch.where(keep, polished, final)
-        _, activations = measured(final)
+            final = image_f().detach()
+        if n_polish:
+            final = _polish(fwd, final, unit_list, obj, recipe.polish_lr,
+                            range(steps - n_polish, steps), override)
+        _, activations = fwd.measured(final, unit_list)
     return final.cpu(), activations.cpu()
+
+
+def _polish(fwd: _Layer, start: torch.Tensor, units: list[int], objective: Objective,
+            lr: float, steps: range, override) -> torch.Tensor:
+    """Pixel polish (sigmoid logits, fed untransformed as measured); per unit the better image
+    of before and after by that measurement."""
+    before_max, _ = fwd.measured(start, units)
+    params, image_f = pixel(start)
+    _ascend(params, image_f, objective, lr, steps, override, lambda x: fwd(x, fwd.input_hw))
+    with torch.no_grad():
+        polished = image_f().detach()
+    after_max, _ = fwd.measured(polished, units)
+    keep = (after_max >= before_max).view(len(units), 1, 1, 1)
+    return torch.where(keep, polished, start)

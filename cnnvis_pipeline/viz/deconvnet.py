@@ -123,7 +123,7 @@ class _SupportMode(TorchFunctionMode):
     """Make every pixel that can influence an output get a non-zero gradient: ReLUs pass the
     gradient everywhere (straight-through), max pooling spreads it over its whole window."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, _types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _RELU_FUNCS or func in _OTHER_RECTIFIERS or func in _CLAMP_FUNCS:
             x = args[0] if args else kwargs.pop("input")
@@ -150,8 +150,8 @@ class _SupportMode(TorchFunctionMode):
 
 
 def receptive_field(model: nn.Module, layer: str, input_size: int | tuple[int, int], y: int,
-                    x: int, *, model_name: str = "model", layouts: dict | None = None,
-                    device=None) -> tuple[int, int, int, int]:
+                    x: int, *, model_name: str = "model", device=None,
+                    layouts: dict | None = None) -> tuple[int, int, int, int]:
     """The box (top, left, bottom, right) of input pixels that influence `layer` at (y, x).
 
     bottom and right are exclusive, so `image[:, top:bottom, left:right]` is the patch; the box is

@@ -7,6 +7,8 @@ Lucid) maps it to RGB, and a sigmoid maps it into [0, 1].
 
 - FourierImage(n, size, generator=..., device=...): module; calling it returns [n, 3, size, size].
 - COLOR_CORRELATION_SQRT: the 3x3 colour matrix (rows: R, G, B).
+- fourier(n, size, ...) and pixel(start): parameterisations as functions, each returning
+  (the parameters to optimise, a function that returns the images [n, 3, h, w] in [0, 1]).
 """
 
 from __future__ import annotations
@@ -67,3 +69,19 @@ class FourierImage(nn.Module):
         x = self.decorrelated()
         rgb = torch.einsum("ij,njhw->nihw", self.color, x)
         return torch.sigmoid(rgb)
+
+
+# -- parameterisations as functions: (parameters to optimise, a function returning the images) --
+
+def fourier(n: int, size: int | tuple[int, int], *, generator: torch.Generator | None = None,
+            device=None):
+    """Fourier, colour-decorrelated, sigmoid images (FourierImage): (parameters, image_f)."""
+    image = FourierImage(n, size, generator=generator, device=device)
+    return list(image.parameters()), image
+
+
+def pixel(start: torch.Tensor, eps: float = 1e-4):
+    """Images as sigmoid logits of their pixels, starting at `start` (in [0, 1], clamped to
+    [eps, 1 - eps]): (parameters, image_f)."""
+    logits = torch.logit(start.detach().clamp(eps, 1 - eps)).requires_grad_(True)
+    return [logits], lambda: torch.sigmoid(logits)
