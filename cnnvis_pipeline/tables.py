@@ -11,6 +11,9 @@
 - provenance(...): the provenance every table carries (package, torch and torchvision
   versions, config digest, dataset digest, checkpoint sha256); no wall-clock time, so the same
   inputs give byte-identical files.
+- VIEW_ENTRIES, MANIFEST_SCHEMA: the declared schema (JSON Schema) of viz/manifest.json, what
+  the visualise stage hands the report: per unit its card entry of every view, per view its
+  layer entry; write_manifest(path, manifest) and read_manifest(path) check it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cnnvis_pipeline import __version__
-from cnnvis_pipeline.fileio import atomic_file
+from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.fileio import atomic_file, write_text
 
 S, I64, I32, F64, B = pa.string(), pa.int64(), pa.int32(), pa.float64(), pa.bool_()
 
@@ -152,3 +156,98 @@ def unique_detectors(units) -> int:
     `detector` is true: the unique detectors of those units."""
     det = units[units["detector"].astype(bool)]
     return int(det[["category", "label"]].drop_duplicates().shape[0])
+
+
+# -- the views' manifest (viz/manifest.json) --------------------------------------------------
+
+MANIFEST_VERSION = 2
+_NUM = {"type": ["number", "null"]}
+_INT = {"type": "integer"}
+_PNG = {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+\.png$"}  # a file in viz/
+
+
+def _obj(required: dict, optional: dict | None = None) -> dict:
+    return {"type": "object", "required": sorted(required), "additionalProperties": False,
+            "properties": {**required, **(optional or {})}}
+
+
+def _list(item: dict) -> dict:
+    return {"type": "array", "items": item}
+
+
+_EMPTY = _obj({})
+# Per view: "card", the entry of one unit's card (absent: the view has none), and "layer", the
+# entry of the layer. Keys ending in `file` / `files` name PNGs in viz/ (the report embeds them).
+VIEW_ENTRIES: dict[str, dict] = {
+    "top_images": {
+        "card": _obj({"files": _list(_PNG), "images": _list({"type": "string"}),
+                      "image_index": _list(_INT), "max_activation": _list(_NUM),
+                      "mask_fraction": _list({"type": "number"})}),
+        "layer": _obj({"max_abs_diff": _NUM}),
+    },
+    "activation_max": {
+        "card": _obj({"file": _PNG, "objective": _NUM, "achieved": _NUM, "dataset_top": _NUM,
+                      "ratio": _NUM}),
+        "layer": _EMPTY,
+    },
+    "deconvnet": {
+        "card": _obj({"file": _PNG, "receptive_fields": _list(_list(_INT))}),
+        "layer": _EMPTY,
+    },
+    "inversion": {
+        "layer": _obj({"images": _list(_obj({
+            "image_index": _INT, "image": {"type": "string"}, "error": _NUM,
+            "normalized_error": _NUM, "original_file": _PNG, "reconstruction_file": _PNG})),
+            "normalized_error_formula": {"type": "string"}},
+            {"weights": _obj({"relative_depth": _NUM, "lambda_tv": _NUM,
+                              "lambda_alpha": _NUM})}),  # the weights used (none inverted: absent)
+    },
+}
+
+MANIFEST_SCHEMA: dict = _obj({
+    "version": {"const": MANIFEST_VERSION},
+    "model": {"type": "string"}, "layer": {"type": "string"}, "device": {"type": "string"},
+    "threads": _INT,
+    "order": _list({"enum": sorted(VIEW_ENTRIES)}),
+    "units": _list(_obj({
+        "unit": _INT, "requested": {"type": "boolean"}, "dataset_top_activation": _NUM,
+        "views": {"type": "object", "additionalProperties": False,
+                  "properties": {k: v["card"] for k, v in VIEW_ENTRIES.items() if "card" in v}},
+    })),
+    "views": {"type": "object", "additionalProperties": False, "properties": {
+        k: _obj({"title": {"type": "string"}, "settings": {"type": "object"},
+                 "note": {"type": ["string", "null"]}, "layer": v["layer"],
+                 "seconds": {"type": "number"}, "cpu_seconds": {"type": "number"}})
+        for k, v in VIEW_ENTRIES.items()}},
+})
+
+
+def check_manifest(manifest: dict, where: str | Path) -> dict:
+    """`manifest` when it follows MANIFEST_SCHEMA, else CnnvisError naming `where` and every
+    problem (its key path and what is wrong)."""
+    import jsonschema
+
+    errors = sorted(jsonschema.Draft202012Validator(MANIFEST_SCHEMA).iter_errors(manifest),
+                    key=lambda e: list(map(str, e.absolute_path)))
+    if errors:
+        lines = [f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+                 for e in errors[:10]]
+        raise CnnvisError(f"{where}: not a views manifest of version {MANIFEST_VERSION} "
+                          f"(rerun the visualize step): " + "; ".join(lines))
+    return manifest
+
+
+def write_manifest(path: str | Path, manifest: dict) -> Path:
+    check_manifest(manifest, path)
+    return write_text(path, json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False))
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CnnvisError(f"{path}: missing; run the visualize step of this layer")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CnnvisError(f"{path}: not JSON ({e})") from None
+    return check_manifest(manifest, path)

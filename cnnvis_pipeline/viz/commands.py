@@ -3,21 +3,26 @@
 
 from __future__ import annotations
 
+import json
+
+from cnnvis_pipeline.errors import CnnvisError
+
 
 def _visualize(args) -> int:
     from cnnvis_pipeline.settings import Job
     from cnnvis_pipeline.viz.visualize import run_visualize
 
-    job = Job.from_json(args.spec)
-    m = run_visualize(job, args.prepared, args.layer, args.layer_dir,
-                      threads=args.threads or job.resources.threads)
-    per = m["per_unit_s"]
-    print(f"{m['model']} {m['layer']}: {len(m['units'])} units on {m['device']}; per unit: "
-          f"activation maximisation {per['activation_max']:.2f}s, DeconvNet "
-          + (f"{per['deconvnet']:.2f}s" if per["deconvnet"] is not None else "refused")
-          + f"; inversion {per['inversion_per_image']:.2f}s per image")
-    if m["deconv_error"]:
-        print(f"DeconvNet: {m['deconv_error']}")
+    try:
+        spec = json.loads(args.spec)
+    except ValueError as e:
+        raise CnnvisError(f"--spec: not valid JSON ({e})") from None
+    m = run_visualize(Job.from_spec(spec), args.prepared, args.layer, args.layer_dir)
+    n = max(1, len(m["units"]))
+    parts = []
+    for name in m["order"]:
+        v = m["views"][name]
+        parts.append(f"{v['title']} " + (v["note"] if v["note"] else f"{v['seconds']:.2f}s"))
+    print(f"{m['model']} {m['layer']}: {n} units on {m['device']}; " + "; ".join(parts))
     return 0
 
 
@@ -26,11 +31,11 @@ def register(sub) -> None:
                        "DeconvNet and inversion for the selected units of one layer")
     p.add_argument("--prepared", required=True, help="prepared dataset directory")
     p.add_argument("--spec", required=True,
-                   help="the job as JSON: the model entry, seed, views, report, resources")
+                   help="the job's JSON: the resolved model entry, `seed`, and the config's "
+                        "`views` and `resources` sections (settings.Job.from_spec)")
     p.add_argument("--layer", required=True)
     p.add_argument("--layer-dir", required=True,
                    help="results/<model>/<layer>: reads the dissection tables, writes viz/ and "
-                        "activation_max/inversion.parquet")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+                        "the views' tables")
     p.add_argument("--quiet", action="store_true", help="(no progress bars are drawn)")
     p.set_defaults(func=_visualize)
