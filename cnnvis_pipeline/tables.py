@@ -208,6 +208,7 @@ MANIFEST_SCHEMA: dict = _obj({
     "version": {"const": MANIFEST_VERSION},
     "model": {"type": "string"}, "layer": {"type": "string"}, "device": {"type": "string"},
     "threads": _INT,
+    "top_units": _INT,  # views.units: the highest-IoU units selected (then the requested ones)
     "order": _list({"enum": sorted(VIEW_ENTRIES)}),
     "units": _list(_obj({
         "unit": _INT, "requested": {"type": "boolean"}, "dataset_top_activation": _NUM,

@@ -16,9 +16,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.reports.format import fmt, fmt_t, pct
 from cnnvis_pipeline.reports.html import build_model_report, build_summary_page
-from cnnvis_pipeline.tables import CATEGORY_COLORS, category_colors
+from cnnvis_pipeline.tables import (
+    CATEGORY_COLORS,
+    MANIFEST_VERSION,
+    category_colors,
+    write_manifest,
+)
 
 CATEGORIES = [("object", "pixel"), ("part", "pixel"), ("scene", "image"), ("material", "pixel"),
               ("texture", "image"), ("color", "pixel")]
@@ -28,11 +34,12 @@ CONCEPTS = [("disc", "object", 1), ("box", "object", 2), ("wheel", "part", 3),
 LAYER = "features.relu4"
 PROV = {"cnnvis_pipeline_version": "0.1.0", "torch_version": "9.9.9", "torchvision_version":
         "8.8.8", "config_digest": "c0ffee" * 10, "dataset_digest": "da7a" * 16,
-        "checkpoint_sha256": None, "precision": "bf16", "device": "cuda:0"}
-SETTINGS = {"top_units": 3, "top_images": 3, "deconvnet": True, "threads": 1,
-            "activation_max": {"steps": 17, "size": 32, "lr": 0.05, "seed": 0},
-            "inversion": {"images": 1, "steps": 5, "lr": 0.01, "lambda_tv": None, "seed": 0,
-                          "spread_images": 4}}
+        "checkpoint_sha256": None, "precision": "bf16", "device": "cuda:0",
+        "dissection": {"quantile": 0.005, "iou_threshold": 0.04, "precision": "fp32",
+                       "top_k": 3, "statistics": {"enabled": True}}}
+AM = {"steps": 17, "size": 32, "lr": 0.05, "seed": 0, "preset": "default"}
+INVERSION = {"images": 1, "steps": 5, "lr": 0.01, "lambda_tv": None, "lambda_alpha": 1e-4,
+             "layers": {}, "seed": 0}
 
 
 def write(path: Path, columns: dict, prov: dict | None = None) -> None:
@@ -91,38 +98,12 @@ def make_layer(root: Path, *, extras: bool, deconv_error: str | None = None) -> 
                                      "threshold": units["threshold"]}, PROV)
     am = {"model": ["tiny"] * 3, "layer": [LAYER] * 3, "unit": np.arange(3, dtype=np.int32),
           "achieved_activation": [3.0, 0.1, 0.0], "dataset_top_activation": [2.0, 0.4, 0.0],
-          "ratio": [1.5, 0.25, float("nan")]}
-    if extras:
-        am["activation_ratio"] = [1.5, 0.25, float("nan")]
+          "activation_ratio": [1.5, 0.25, float("nan")]}
     write(d / "activation_max.parquet", am, PROV)
     write(d / "inversion.parquet", {"image": ["synth/000009.jpg"], "error": [0.5]}, PROV)
     write(d / "top_images.parquet", {"unit": np.zeros(3, np.int32), "rank": np.arange(3),
                                      "max_activation": [2.0, 1.5, 1.0]}, PROV)
-    viz = d / "viz"
-    cards = []
-    for u, top in ((0, [2.0, 1.5, 1.0]), (1, [0.4, 0.2, 0.1]), (2, [0.0, 0.0, 0.0])):
-        card = {"unit": u, "requested": u == 2, "concept": units["concept"][u],
-                "category": units["category"][u], "iou": units["iou"][u],
-                "detector": units["detector"][u], "threshold": units["threshold"][u],
-                "top_images": [f"synth/{i:06d}.jpg" for i in range(3)],
-                "top_max_activation": top, "dataset_top_activation": top[0],
-                "top_file": png(viz / f"unit{u:04d}_top.png", 3 * 16 + 2 * 2, 16),
-                "am_file": png(viz / f"unit{u:04d}_am.png", 32, 32),
-                "am_activation": 0.5, "am_max_activation": am["achieved_activation"][u],
-                "am_ratio": am["ratio"][u]}
-        if deconv_error is None:
-            card["deconv_file"] = png(viz / f"unit{u:04d}_deconv.png", 3 * 7 + 4, 2 * 7 + 2)
-        cards.append(card)
-    inversion = [{"image_index": 9, "image": "synth/000009.jpg", "error": 0.5,
-                  "normalized_error": 0.25,
-                  "original_file": png(viz / "inversion_0_original.png", 16, 16),
-                  "reconstruction_file": png(viz / "inversion_0_reconstruction.png", 16, 16)}]
-    manifest = {"units": cards, "deconv_error": deconv_error, "inversion": inversion,
-                "inversion_error": None, "settings": SETTINGS, "device": "cpu", "threads": 1,
-                "inversion_settings": {"relative_depth": 0.5, "lambda_tv": 0.12,
-                                       "lambda_alpha": 1e-4},
-                "timings": {"top_images_s": 0.1}}
-    (viz / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(d / "viz" / "manifest.json", manifest(d / "viz", units, am, deconv_error))
     png(d / "detectors.png", 40, 20)
     if extras:
         png(d / "sweep.png", 40, 20)
@@ -177,14 +158,53 @@ class Page(HTMLParser):
         return " ".join("".join(self.text).split())
 
 
-def report(tmp_path, prepared, **kw) -> tuple[str, Page, Path]:
+def view(title: str, settings: dict, layer: dict | None = None, note: str | None = None,
+         seconds: float = 0.1) -> dict:
+    return {"title": title, "settings": settings, "note": note, "layer": layer or {},
+            "seconds": seconds, "cpu_seconds": seconds}
+
+
+def manifest(viz: Path, units: dict, am: dict, deconv_error: str | None) -> dict:
+    """A views manifest (tables.MANIFEST_SCHEMA) of units 0-2, 3 top images of 16 px each."""
+    cards = []
+    for u, top in ((0, [2.0, 1.5, 1.0]), (1, [0.4, 0.2, 0.1]), (2, [0.0, 0.0, 0.0])):
+        ratio = am["activation_ratio"][u]
+        views = {
+            "top_images": {"files": [png(viz / f"unit{u:04d}_top{r}.png", 16, 16)
+                                     for r in range(3)],
+                           "images": [f"synth/{i:06d}.jpg" for i in range(3)],
+                           "image_index": [0, 1, 2], "max_activation": top,
+                           "mask_fraction": [0.5, 0.25, 0.0]},
+            "activation_max": {"file": png(viz / f"unit{u:04d}_am.png", 32, 32),
+                               "objective": 0.5, "achieved": am["achieved_activation"][u],
+                               "dataset_top": top[0], "ratio": None if ratio != ratio else ratio}}
+        if deconv_error is None:
+            views["deconvnet"] = {"file": png(viz / f"unit{u:04d}_deconv.png", 3 * 7 + 4, 16),
+                                  "receptive_fields": [[0, 0, 7, 7]] * 3}
+        cards.append({"unit": u, "requested": u == 2, "dataset_top_activation": top[0],
+                      "views": views})
+    inversion = {"images": [{
+        "image_index": 9, "image": "synth/000009.jpg", "error": 0.5, "normalized_error": 0.25,
+        "original_file": png(viz / "inversion_0_original.png", 16, 16),
+        "reconstruction_file": png(viz / "inversion_0_reconstruction.png", 16, 16)}],
+        "weights": {"relative_depth": 0.5, "lambda_tv": 0.12, "lambda_alpha": 1e-4},
+        "normalized_error_formula": "||Phi(x*) - Phi(x0)||^2 / spread"}
+    return {"version": MANIFEST_VERSION, "model": "tiny", "layer": LAYER, "device": "cpu",
+            "threads": 1, "top_units": 3,
+            "order": ["top_images", "activation_max", "deconvnet", "inversion"],
+            "units": cards,
+            "views": {"top_images": view("top images", {}, {"max_abs_diff": 0.0}),
+                      "activation_max": view("activation maximisation", AM, seconds=1.25),
+                      "deconvnet": view("DeconvNet", {"enabled": True}, note=deconv_error),
+                      "inversion": view("network inversion", INVERSION, inversion)}}
+
+
+def report(tmp_path, prepared, top_images: int = 3, **kw) -> tuple[str, Page, Path]:
     d = make_layer(tmp_path / "results", **kw)
     out = tmp_path / "results" / "tiny" / "report" / "index.html"
-    build_model_report("tiny", {LAYER: d}, out, iou_threshold=0.04, prepared=prepared,
+    build_model_report("tiny", {LAYER: d}, out, top_images=top_images, prepared=prepared,
                        dataset_name="mini-broden",
-                       spec={"arch": "synthnet", "seed": 3, "layers": [LAYER]},
-                       dissection={"quantile": 0.005, "iou_threshold": 0.04, "top_k": 3,
-                                   "device": "auto", "precision": "fp32"})
+                       spec={"arch": "synthnet", "seed": 3, "layers": [LAYER]})
     text = out.read_text()
     return text, Page(text), out
 
@@ -251,7 +271,7 @@ def test_absent_columns_are_tolerated_and_tk_zero_still_flagged(tmp_path, prepar
     assert "active (above" not in c0
     assert "sparse: Tk = 0" in c1  # T_k = 0 and a positive top activation
     assert "dead: Tk = 0" in c2  # T_k = 0 and nothing above 0
-    assert "AM below the dataset's top (ratio 0.25)" in c1  # from `ratio`
+    assert "AM below the dataset's top (ratio 0.25)" in c1
     assert "not significant" not in text and "sweep" not in text
     assert "2 units with Tk = 0 (1 of them detectors)" in page.all_text()
 
@@ -260,23 +280,55 @@ def test_a_refused_view_is_noted_once_per_layer(tmp_path, prepared):
     msg = "tiny: DeconvNet needs nn.ReLU modules; this model calls a functional ReLU"
     text, page, _ = report(tmp_path, prepared, extras=False, deconv_error=msg)
     assert text.count(msg) == 1
-    assert re.search(r'<p class="note layer-note">DeconvNet: ' + re.escape(msg), text)
+    assert re.search(r'<p class="note layer-note view-deconvnet">DeconvNet: ' + re.escape(msg),
+                     text)
     assert "DeconvNet" not in " ".join(page.card(u) for u in page.cards)
 
 
 def test_top_images_at_native_size_or_larger_with_activation_and_name(tmp_path, prepared):
     text, page, _ = report(tmp_path, prepared, extras=False)
-    strip = re.search(r'<img class="px strip" src="data:image/png;base64,[^"]+" width="(\d+)" '
-                      r'height="(\d+)" alt="unit 0: top images', text)
-    # 3 tiles of 16 px with 2 px gaps, scaled by 6 (the smallest integer giving >= 96 px)
-    assert strip and (int(strip[1]), int(strip[2])) == (52 * 6, 16 * 6)
-    assert "grid-template-columns: repeat(3, 96px); column-gap: 12px" in text
     card = text[text.index('id="features-relu4-unit-0"'):text.index('id="features-relu4-unit-1"')]
-    captions = re.findall(r'<span class="top-image" title="([^"]+)"><b>([^<]+)</b><br>([^<]+)'
-                          r"</span>", card)
+    # 16-px tiles scaled by 6 (the smallest integer giving >= 96 px)
+    sizes = re.findall(r'<img class="px top" src="data:image/png;base64,[^"]+" width="(\d+)" '
+                       r'height="(\d+)" alt="unit 0: top image (\d)', card)
+    assert sizes == [("96", "96", "1"), ("96", "96", "2"), ("96", "96", "3")]
+    captions = re.findall(r'<figure class="top-image" title="([^"]+)">.*?<figcaption[^>]*>'
+                          r"<b>([^<]+)</b><br>([^<]+)</figcaption>", card, re.S)
     assert captions == [("synth/000000.jpg", "2", "000000.jpg"),
                         ("synth/000001.jpg", "1.5", "000001.jpg"),
                         ("synth/000002.jpg", "1", "000002.jpg")]
+
+
+def test_report_top_images_only_changes_how_many_are_shown(tmp_path, prepared):
+    text, page, _ = report(tmp_path, prepared, extras=False, top_images=2)
+    for u in (0, 1, 2):
+        assert len(re.findall(rf'alt="unit {u}: top image \d', text)) == 2
+    assert "top 2 images (by the maximum of the unit's map)" in page.all_text()
+    assert "000002.jpg" not in text
+
+
+def test_a_manifest_off_its_schema_or_tables_without_settings_are_refused(tmp_path, prepared):
+    d = make_layer(tmp_path / "results", extras=False)
+    path = d / "viz" / "manifest.json"
+    m = json.loads(path.read_text())
+    del m["units"][1]["views"]["activation_max"]["ratio"]
+    m["views"]["deconvnet"]["seconds"] = "fast"
+    path.write_text(json.dumps(m))
+    out = tmp_path / "r" / "index.html"
+    with pytest.raises(CnnvisError) as e:
+        build_model_report("tiny", {LAYER: d}, out, top_images=3)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: not a views manifest of version {MANIFEST_VERSION}")
+    assert "units.1.views.activation_max: 'ratio' is a required property" in msg
+    assert "views.deconvnet.seconds: 'fast' is not of type 'number'" in msg
+    with pytest.raises(CnnvisError, match="deconvnet.seconds"):
+        write_manifest(tmp_path / "m.json", m)
+    assert not (tmp_path / "m.json").exists()  # checked before it is written
+    units = pq.read_table(d / "units.parquet")
+    write(d / "units.parquet", units.to_pydict(), {k: v for k, v in PROV.items()
+                                                   if k != "dissection"})
+    with pytest.raises(CnnvisError, match=r"units.parquet: its provenance has no dissection"):
+        build_model_report("tiny", {LAYER: d}, out, top_images=3)
 
 
 def test_summary_lists_every_model_layer_and_category(tmp_path, prepared):
@@ -299,7 +351,6 @@ def test_summary_lists_every_model_layer_and_category(tmp_path, prepared):
                              summary / "unique_detectors.png", summary / "index.html",
                              series={"run": summary / series}, prepared=prepared,
                              dataset_name="mini-broden",
-                             dissection={"quantile": 0.005, "iou_threshold": 0.04},
                              units=[tmp_path / "results" / "tiny" / LAYER / "units.parquet"])
     text = out.read_text()
     head = text[text.index('<table class="sortable models-categories"'):]
@@ -317,7 +368,8 @@ def test_summary_lists_every_model_layer_and_category(tmp_path, prepared):
     assert 'alt="unique detectors over training: run"' in text
     page = Page(text)
     assert "the 0.995 quantile (q = 0.005)" in page.all_text()
-    assert "device cuda:0, precision bf16; config digests: tiny c0ffeec0ffeec0ff" in page.all_text()
+    assert ("device cuda:0, precision bf16, 3 top images kept per unit; config digests: tiny "
+            "c0ffeec0ffeec0ff") in page.all_text()
     assert "model" not in re.findall(r"<dt>([^<]+)</dt>", text)  # several models: no one source
 
 
@@ -336,8 +388,8 @@ def test_templates_and_static_files_are_package_data():
     patterns = data["tool"]["setuptools"]["package-data"]["cnnvis_pipeline.reports"]
     pkg = root / "cnnvis_pipeline" / "reports"
     files = {p.relative_to(pkg).as_posix() for d in ("templates", "static")
-             for p in (pkg / d).iterdir() if p.is_file()}
+             for p in (pkg / d).rglob("*") if p.is_file() and "__pycache__" not in p.parts}
     covered = {f.relative_to(pkg).as_posix() for pat in patterns for f in pkg.glob(pat)}
     assert files and files <= covered, files - covered
     assert {"templates/model_report.html", "templates/summary.html", "static/report.css",
-            "static/report.js"} <= files
+            "static/report.js", "templates/views/top_images.html"} <= files

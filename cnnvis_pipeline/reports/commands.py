@@ -8,9 +8,7 @@ from pathlib import Path
 from cnnvis_pipeline.errors import CnnvisError
 
 
-def _json(value: str | None, flag: str) -> dict | None:
-    if not value:
-        return None
+def _json(value: str, flag: str) -> dict:
     try:
         out = json.loads(value)
     except ValueError as e:
@@ -32,13 +30,14 @@ def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
 
 def _report(args) -> int:
     from cnnvis_pipeline.reports.html import build_model_report
+    from cnnvis_pipeline.settings import Job
 
+    job = Job.from_spec(_json(args.spec, "--spec"))
     root = Path(args.results)
     out = build_model_report(
         args.model, {layer: root / layer for layer in args.layers}, args.out,
-        iou_figure=args.iou_figure, iou_threshold=args.iou_threshold, prepared=args.prepared,
-        dataset_name=args.dataset_name, spec=_json(args.spec, "--spec"),
-        dissection=_json(args.dissection, "--dissection"))
+        top_images=job.report.top_images, iou_figure=args.iou_figure, prepared=args.prepared,
+        dataset_name=args.dataset_name, spec=job.model)
     print(out)
     return 0
 
@@ -49,8 +48,7 @@ def _summary_page(args) -> int:
     print(build_summary_page(
         _pairs(args.reports, "--reports"), args.detectors, args.figure, args.out,
         series=_pairs(args.series, "--series"), prepared=args.prepared,
-        dataset_name=args.dataset_name, dissection=_json(args.dissection, "--dissection"),
-        units=args.units))
+        dataset_name=args.dataset_name, units=args.units))
     return 0
 
 
@@ -58,7 +56,6 @@ def _method_args(p) -> None:
     p.add_argument("--prepared", default=None,
                    help="the prepared dataset (its meta.json: the Methods' dataset facts)")
     p.add_argument("--dataset-name", default=None)
-    p.add_argument("--dissection", default=None, help="the config's dissection section as JSON")
 
 
 def register(sub) -> None:
@@ -68,8 +65,10 @@ def register(sub) -> None:
     p.add_argument("--layers", nargs="+", required=True)
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--iou-figure", default=None, help="where to write the IoU distribution PNG")
-    p.add_argument("--iou-threshold", type=float, default=None)
-    p.add_argument("--spec", default=None, help="the model's resolved spec as JSON")
+    p.add_argument("--spec", required=True,
+                   help="the job's JSON: the resolved model entry, `seed` and the config's "
+                        "`report` section (settings.Job.from_spec); the dissection's settings "
+                        "come from the units tables' provenance")
     _method_args(p)
     p.set_defaults(func=_report)
 

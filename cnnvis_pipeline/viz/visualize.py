@@ -94,7 +94,7 @@ def _run_views(ctx: LayerContext, selected: list[int], requested: set[int]) -> t
         log.info("%s %s: %s %.1fs", ctx.name, ctx.layer, view.title, clock.seconds[view.name])
     manifest = {"version": MANIFEST_VERSION, "model": ctx.name, "layer": ctx.layer,
                 "device": str(ctx.device), "threads": torch.get_num_threads(),
-                "order": [v.name for v in VIEWS], "units": [cards[u] for u in selected],
+                "top_units": ctx.job.views.units, "order": [v.name for v in VIEWS], "units": [cards[u] for u in selected],
                 "views": views}
     return manifest, tables
 
