@@ -3,6 +3,7 @@ the DeconvNet refusal path and the self-contained HTML (no browser needed)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -13,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from cnnvis_pipeline.data.prepared import PreparedDataset
@@ -22,10 +24,12 @@ from cnnvis_pipeline.models.hooks import find_module
 from cnnvis_pipeline.models.registry import build_model
 from cnnvis_pipeline.reports.html import build_model_report, build_summary_page
 from cnnvis_pipeline.settings import ActivationMax, Job, Views
-from cnnvis_pipeline.tables import SCHEMAS, read_provenance
+from cnnvis_pipeline.tables import SCHEMAS, check_manifest, read_provenance
 from cnnvis_pipeline.viz import representation_spread
+from cnnvis_pipeline.viz.images import GAP, mask_overlay
 from cnnvis_pipeline.viz.selection import requested_units, select_units
-from cnnvis_pipeline.viz.visualize import inversion_candidates, run_visualize
+from cnnvis_pipeline.viz.views.inversion import candidates as inversion_candidates
+from cnnvis_pipeline.viz.visualize import run_visualize
 
 LAYER = "features.relu4"
 TINY_VIEWS = {"views": {"units": 3, "activation_max": {"steps": 24, "size": 32},
@@ -163,9 +167,18 @@ def test_selected_units_and_activation_max_table(visualized):
             assert r.activation_ratio >= 1.0, r
         else:
             assert np.isnan(r.activation_ratio)
-    for card in manifest["units"]:  # achieved = max of the map >= the AM objective (its mean)
-        assert card["am_max_activation"] >= card["am_activation"] - 1e-6
-        assert am.set_index("unit").loc[card["unit"], "achieved_activation"] == card["am_max_activation"]
+    model, _ = build_model("tiny", spec)
+    for card in manifest["units"]:
+        e = card["views"]["activation_max"]
+        assert am.set_index("unit").loc[card["unit"], "achieved_activation"] == e["achieved"]
+        # the PNG is the optimised image: fed back (as the dataset is), its map's maximum is the
+        # table's up to the 8-bit quantisation, and its mean the objective's final value
+        img = np.asarray(Image.open(out / LAYER / "viz" / e["file"]))
+        assert img.shape == (32, 32, 3)  # views.activation_max.size
+        x = torch.from_numpy(img.copy()).permute(2, 0, 1)[None].float() / 255
+        a = layer_output(model, x)[0, card["unit"]]
+        assert float(a.amax()) == pytest.approx(e["achieved"], rel=0.05, abs=1e-3)
+        assert float(a.mean()) == pytest.approx(e["objective"], rel=0.05, abs=1e-3)
     prov = read_provenance(out / LAYER / "activation_max.parquet")
     assert prov["model"] == "tiny" and prov["dataset_digest"] and prov["layer"] == LAYER
 
@@ -180,7 +193,6 @@ def test_inversion_table_and_normalisation(visualized, prepared_dir):
     assert ds.meta["splits"][cand[0]] == "val"
     assert inv["image_index"].tolist() == [int(i) for i in cand[:2]]  # no all-zero images here
     assert inv["image"].tolist() == [ds.meta["images"][i] for i in inv["image_index"]]
-    assert np.isfinite(inv["error"]).all() and (inv["error"] >= 0).all()
     # normalized_error = ||Phi(x*) - Phi0||^2 / spread, from the relative error and ||Phi0||^2
     model, _ = build_model("tiny", spec)
     x = torch.from_numpy(np.asarray(ds.images[inv["image_index"].to_numpy()])).permute(0, 3, 1, 2)
@@ -190,14 +202,20 @@ def test_inversion_table_and_normalisation(visualized, prepared_dir):
     norm2 = layer_output(model, x).flatten(1).double().pow(2).sum(1).numpy()
     np.testing.assert_allclose(inv["normalized_error"], inv["error"] * norm2 / spread, rtol=1e-5)
     # The paper's TV weight for the layer's depth (features.relu4: 14 of 16 leaf calls -> 1.2).
-    assert manifest["inversion_settings"] == {"relative_depth": 14 / 16, "lambda_tv": 1.2,
-                                              "lambda_alpha": 1e-4}
-    assert manifest["inversion_labels"] == {"original": "original",
-                                            "reconstruction": "reconstruction"}
-    assert "1/n^2" in manifest["normalized_error_formula"]
-    for r in manifest["inversion"]:
-        assert (out / LAYER / "viz" / r["original_file"]).is_file()
-        assert (out / LAYER / "viz" / r["reconstruction_file"]).is_file()
+    entry = manifest["views"]["inversion"]["layer"]
+    assert entry["weights"] == {"relative_depth": 14 / 16, "lambda_tv": 1.2,
+                                "lambda_alpha": 1e-4}
+    assert "1/n^2" in entry["normalized_error_formula"]
+    assert [r["image_index"] for r in entry["images"]] == inv["image_index"].tolist()
+    for r, err in zip(entry["images"], inv["error"], strict=True):
+        orig = np.asarray(Image.open(out / LAYER / "viz" / r["original_file"]))
+        np.testing.assert_array_equal(orig, ds.images[r["image_index"]])  # the image itself
+        rec = np.asarray(Image.open(out / LAYER / "viz" / r["reconstruction_file"]))
+        # the reconstruction's relative feature error is the table's (up to 8-bit rounding)
+        xs = torch.from_numpy(np.stack([orig, rec])).permute(0, 3, 1, 2).float() / 255
+        phi = layer_output(model, xs).flatten(1).double()
+        got = float((phi[1] - phi[0]).pow(2).sum() / phi[0].pow(2).sum())
+        assert got == pytest.approx(err, rel=0.1, abs=1e-3) and r["error"] == err
 
 
 def test_masks_are_the_thresholded_upsampled_maps(visualized, prepared_dir):
@@ -205,21 +223,30 @@ def test_masks_are_the_thresholded_upsampled_maps(visualized, prepared_dir):
     ds = PreparedDataset(prepared_dir)
     model, _ = build_model("tiny", spec)
     thr = pq.read_table(out / LAYER / "thresholds.parquet").to_pandas().set_index("unit")
-    assert manifest["top_images_max_abs_diff"] == 0.0  # same maxima as the dissection's pass
+    top = pq.read_table(out / LAYER / "top_images.parquet").to_pandas()
+    # same maxima as the dissection's pass
+    assert manifest["views"]["top_images"]["layer"] == {"max_abs_diff": 0.0}
     for card in manifest["units"]:
-        u = card["unit"]
-        idx = np.asarray(card["top_image_index"])
-        assert len(idx) == 4  # reports.top_images
+        u, e = card["unit"], card["views"]["top_images"]
+        rows = top[top["unit"] == u].sort_values("rank")
+        assert e["image_index"] == rows["image_index"].tolist()  # all top_k = 5, best first
+        idx = np.asarray(e["image_index"])
         x = torch.from_numpy(np.asarray(ds.images[idx])).permute(0, 3, 1, 2).float() / 255
         a = layer_output(model, x)[:, u : u + 1].float()  # the layer's own float32 values
         up = F.interpolate(a, size=ds.images.shape[1:3], mode="bilinear", align_corners=False)
-        want = (up[:, 0] > thr.loc[u, "threshold"]).float().mean(dim=(1, 2)).numpy()
-        np.testing.assert_allclose(card["mask_fraction"], want, atol=1e-9)
-        for key in ("top_file", "am_file", "deconv_file"):
-            assert (out / LAYER / "viz" / card[key]).is_file()
-        assert len(card["receptive_fields"]) == 4
-    assert manifest["deconv_error"] is None
-    assert set(manifest["per_unit_s"]) == {"activation_max", "deconvnet", "inversion_per_image"}
+        masks = (up[:, 0] > thr.loc[u, "threshold"]).numpy()
+        np.testing.assert_allclose(e["mask_fraction"], masks.mean(axis=(1, 2)), atol=1e-9)
+        for i, f, m in zip(idx, e["files"], masks, strict=True):  # the image, mask drawn on it
+            tile = np.asarray(Image.open(out / LAYER / "viz" / f))
+            np.testing.assert_array_equal(tile, mask_overlay(np.asarray(ds.images[i]), m))
+        d = card["views"]["deconvnet"]
+        assert len(d["receptive_fields"]) == 5
+        strip = np.asarray(Image.open(out / LAYER / "viz" / d["file"]))
+        boxes = np.asarray(d["receptive_fields"])
+        th, tw = (boxes[:, 2] - boxes[:, 0]).max(), (boxes[:, 3] - boxes[:, 1]).max()
+        assert strip.shape == (2 * th + GAP, 5 * tw + 4 * GAP, 3)  # patches over projections
+    assert manifest["views"]["deconvnet"]["note"] is None
+    assert manifest["order"] == ["top_images", "activation_max", "deconvnet", "inversion"]
 
 
 class FunctionalReLUNet(nn.Module):
@@ -241,20 +268,22 @@ def test_deconv_refusal_is_recorded_and_reported(prepared_dir, tmp_path):
     net = FunctionalReLUNet().eval()
     dissect(Job.from_spec(spec), prepared_dir, tmp_path, progress=False, model=net)
     m = run_visualize(Job.from_spec(spec), prepared_dir, LAYER, tmp_path / LAYER, model=net)
-    assert "functional ReLU" in m["deconv_error"]
-    assert all("deconv_file" not in c for c in m["units"])
-    assert all("am_file" in c for c in m["units"]) and len(m["inversion"]) == 2
-    html = build_model_report("tiny", {LAYER: tmp_path / LAYER}, tmp_path / "r" / "index.html")
+    assert "functional ReLU" in m["views"]["deconvnet"]["note"]
+    assert [sorted(c["views"]) for c in m["units"]] == [["activation_max", "top_images"]] * 3
+    assert len(m["views"]["inversion"]["layer"]["images"]) == 2
+    html = build_model_report("tiny", {LAYER: tmp_path / LAYER}, tmp_path / "r" / "index.html",
+                              top_images=3)
     text = html.read_text()
-    assert "functional ReLU" in text
-    assert (tmp_path / "r" / "iou_distribution.png").is_file()
+    assert text.count("functional ReLU") == 1  # one note for the layer, in no card
+    assert re.search(r'<p class="note layer-note view-deconvnet">DeconvNet: [^<]*functional ReLU',
+                     text)
 
 
 def test_report_html_is_self_contained(visualized, tmp_path):
     spec, out, manifest = visualized
     units = pq.read_table(out / LAYER / "units.parquet").to_pandas()
     page = build_model_report("tiny", {LAYER: out / LAYER}, tmp_path / "tiny" / "report" /
-                              "index.html", iou_threshold=0.04)
+                              "index.html", top_images=4)
     text = page.read_text()
     n_det = int(units["detector"].sum())
     uniq = units[units["detector"]][["category", "label"]].drop_duplicates().shape[0]
@@ -263,7 +292,11 @@ def test_report_html_is_self_contained(visualized, tmp_path):
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
     assert not re.search(r'(src|href)="(https?:)?//', text)
     assert "<link" not in text and '<script src' not in text
-    assert len(re.findall(r'<article class="card"', text)) == len(manifest["units"])
+    cards = re.findall(r'<article class="card" id="[^"]+" data-unit="(\d+)"', text)
+    assert sorted(map(int, cards)) == sorted(c["unit"] for c in manifest["units"])
+    # the IoU figure written beside the page is the one the page embeds
+    figure = base64.b64encode((page.parent / "iou_distribution.png").read_bytes()).decode()
+    assert f'src="data:image/png;base64,{figure}" alt="tiny: IoU distribution' in text
     # the summary page links the report relatively and embeds the figure
     from cnnvis_pipeline.dissection.pipeline import run_summary
 
@@ -271,7 +304,8 @@ def test_report_html_is_self_contained(visualized, tmp_path):
     run_summary([out / LAYER / "units.parquet"], summary / "detectors.parquet",
                 summary / "unique_detectors.png")
     idx = build_summary_page({"tiny": page}, summary / "detectors.parquet",
-                             summary / "unique_detectors.png", summary / "index.html")
+                             summary / "unique_detectors.png", summary / "index.html",
+                             units=[out / LAYER / "units.parquet"])
     s = idx.read_text()
     assert 'href="../tiny/report/index.html"' in s
     assert re.search(r'<img[^>]* src="data:image/png;base64,', s)
@@ -280,7 +314,8 @@ def test_report_html_is_self_contained(visualized, tmp_path):
 def test_manifest_is_json_and_tables_are_deterministic(visualized, prepared_dir, tmp_path):
     spec, out, manifest = visualized
     on_disk = json.loads((out / LAYER / "viz" / "manifest.json").read_text())
-    assert on_disk["units"] == manifest["units"]
+    assert on_disk == manifest
+    assert check_manifest(on_disk, "manifest.json") is on_disk
     # a second run on a copy gives byte-identical tables (no time in the provenance)
     import shutil
 
@@ -312,4 +347,4 @@ def test_am_benchmark_shows_both_presets(visualized, prepared_dir):
     assert s.loc["default", "fraction_ge_1"] == 1.0
     assert s.loc["default", "ratio_min"] == pytest.approx(
         active[active["preset"] == "default"]["activation_ratio"].min())
-    assert (s["cpu_s_per_unit"] > 0).all()
+

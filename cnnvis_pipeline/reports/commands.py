@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cnnvis_pipeline.errors import CnnvisError
-
-
-def _json(value: str, flag: str) -> dict:
-    try:
-        out = json.loads(value)
-    except ValueError as e:
-        raise CnnvisError(f"{flag}: not valid JSON ({e})") from None
-    if not isinstance(out, dict):
-        raise CnnvisError(f"{flag}: expected a JSON object")
-    return out
 
 
 def _pairs(items: list[str] | None, flag: str) -> dict[str, str]:
@@ -32,7 +21,7 @@ def _report(args) -> int:
     from cnnvis_pipeline.reports.html import build_model_report
     from cnnvis_pipeline.settings import Job
 
-    job = Job.from_spec(_json(args.spec, "--spec"))
+    job = Job.from_json(args.spec)
     root = Path(args.results)
     out = build_model_report(
         args.model, {layer: root / layer for layer in args.layers}, args.out,

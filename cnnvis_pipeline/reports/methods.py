@@ -20,7 +20,8 @@ def dissection_settings(prov: dict, path: str | Path) -> dict:
     s = prov.get("dissection")
     if not isinstance(s, dict) or "iou_threshold" not in s or "quantile" not in s:
         raise CnnvisError(f"{path}: its provenance has no dissection settings (written by an "
-                          "older version); rerun the dissection of this layer")
+                          "older version, or a summary given no units tables); rerun the "
+                          "dissection")
     return s
 
 

@@ -3,20 +3,13 @@
 
 from __future__ import annotations
 
-import json
-
-from cnnvis_pipeline.errors import CnnvisError
-
 
 def _visualize(args) -> int:
     from cnnvis_pipeline.settings import Job
     from cnnvis_pipeline.viz.visualize import run_visualize
 
-    try:
-        spec = json.loads(args.spec)
-    except ValueError as e:
-        raise CnnvisError(f"--spec: not valid JSON ({e})") from None
-    m = run_visualize(Job.from_spec(spec), args.prepared, args.layer, args.layer_dir)
+    m = run_visualize(Job.from_json(args.spec), args.prepared, args.layer, args.layer_dir,
+                      threads=args.threads)
     n = max(1, len(m["units"]))
     parts = []
     for name in m["order"]:
@@ -32,10 +25,13 @@ def register(sub) -> None:
     p.add_argument("--prepared", required=True, help="prepared dataset directory")
     p.add_argument("--spec", required=True,
                    help="the job's JSON: the resolved model entry, `seed`, and the config's "
-                        "`views` and `resources` sections (settings.Job.from_spec)")
+                        "`views` and `resources` sections (settings.Job.from_spec); the "
+                        "dissection's settings come from the tables' provenance")
     p.add_argument("--layer", required=True)
     p.add_argument("--layer-dir", required=True,
                    help="results/<model>/<layer>: reads the dissection tables, writes viz/ and "
                         "the views' tables")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default resources.threads; the rule passes its own)")
     p.add_argument("--quiet", action="store_true", help="(no progress bars are drawn)")
     p.set_defaults(func=_visualize)

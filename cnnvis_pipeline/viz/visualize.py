@@ -30,7 +30,13 @@ from cnnvis_pipeline.fileio import atomic_dir
 from cnnvis_pipeline.models.input import pick_device
 from cnnvis_pipeline.models.registry import build_model
 from cnnvis_pipeline.settings import Job
-from cnnvis_pipeline.tables import MANIFEST_VERSION, provenance, write_manifest, write_table
+from cnnvis_pipeline.tables import (
+    MANIFEST_VERSION,
+    provenance,
+    read_provenance,
+    write_manifest,
+    write_table,
+)
 from cnnvis_pipeline.viz.context import Clock, LayerContext
 from cnnvis_pipeline.viz.selection import requested_units, select_units
 from cnnvis_pipeline.viz.views import VIEWS
@@ -49,15 +55,14 @@ def _card(ctx: LayerContext, u: int, requested: set[int]) -> dict:
             "dataset_top_activation": ctx.dataset_top(u), "views": {}}
 
 
-def _provenance(ctx: LayerContext, info: dict) -> dict:
-    """What determines the views' tables: the model, the layer's dissection and `views:`."""
-    dissection = ctx.job.dissection
+def _provenance(ctx: LayerContext, layer_dir: Path, info: dict) -> dict:
+    """What determines the views' tables: the dissection tables' config digest (the model and
+    the dissection's settings) and the views' settings."""
+    tables = read_provenance(layer_dir / "units.parquet").get("config_digest")
     return provenance(
         config_digest=spec_digest({
-            "spec": {k: v for k, v in ctx.spec.items() if k != "checkpoint"},
-            "quantile": dissection.quantile, "top_k": dissection.top_k,
+            "tables": tables, "units": ctx.job.views.units,
             "views": {v.name: v.settings(ctx.job.views) for v in VIEWS},
-            "units": ctx.job.views.units,
         }),
         dataset_digest=ctx.ds.digest, checkpoint_sha256=info.get("checkpoint_sha256"),
         extra={"model": ctx.name, "layer": ctx.layer},
@@ -100,13 +105,13 @@ def _run_views(ctx: LayerContext, selected: list[int], requested: set[int]) -> t
 
 
 def run_visualize(job: Job, prepared: str | Path, layer: str, layer_dir: str | Path, *,
-                  model=None) -> dict:
+                  model=None, threads: int | None = None) -> dict:
     """Write viz/ and the views' tables for one layer; returns the manifest (also written as
-    viz/manifest.json)."""
+    viz/manifest.json). `threads`: torch's CPU threads (default resources.threads)."""
     spec, name = job.model, job.name
     if layer not in spec["layers"]:
         raise CnnvisError(f"{name}: layer {layer!r} is not among {spec['layers']}")
-    torch.set_num_threads(job.resources.threads)
+    torch.set_num_threads(int(threads or job.resources.threads))
     layer_dir = Path(layer_dir)
     info = {"checkpoint_sha256": None}
     if model is None:
@@ -120,7 +125,7 @@ def run_visualize(job: Job, prepared: str | Path, layer: str, layer_dir: str | P
         log.info("%s %s: visualising %d units on %s", name, layer, len(selected), ctx.device)
         manifest, tables = _run_views(ctx, selected, set(requested))
         write_manifest(tmp / "manifest.json", manifest)
-        prov = _provenance(ctx, info)
+        prov = _provenance(ctx, layer_dir, info)
         for table, rows in tables.items():
             write_table(table, rows, layer_dir / f"{table}.parquet", prov)
     return manifest
