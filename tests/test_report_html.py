@@ -124,7 +124,6 @@ class Page(HTMLParser):
         self.cards: dict[int, list[str]] = {}
         self.card_classes: dict[int, list[str]] = {}
         self._card: int | None = None
-        self._depth = 0
         self.text: list[str] = []
         self.hrefs: list[str] = []
         self.feed(text)
@@ -134,17 +133,14 @@ class Page(HTMLParser):
         if tag == "a" and "href" in a:
             self.hrefs.append(a["href"])
         if tag == "article" and "card" in (a.get("class") or ""):
-            self._card, self._depth = int(a["data-unit"]), 0
+            self._card = int(a["data-unit"])
             self.cards[self._card], self.card_classes[self._card] = [], []
         if self._card is not None:
-            self._depth += tag not in ("img", "br", "meta")
             self.card_classes[self._card] += (a.get("class") or "").split()
 
     def handle_endtag(self, tag):
-        if self._card is not None:
-            self._depth -= 1
-            if tag == "article":
-                self._card = None
+        if self._card is not None and tag == "article":
+            self._card = None
 
     def handle_data(self, data):
         self.text.append(data)

@@ -12,9 +12,24 @@ from torch import nn
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.viz import activation_maximization
 from cnnvis_pipeline.viz._common import layer_forward
-from cnnvis_pipeline.viz.param import FourierImage
+from cnnvis_pipeline.viz.objectives import (
+    channel,
+    channel_max,
+    diversity,
+    neuron,
+    per_image,
+)
+from cnnvis_pipeline.viz.param import FourierImage, fourier, pixel
 from cnnvis_pipeline.viz.relu import relu_backward_override
-from cnnvis_pipeline.viz.transform import random_affine
+from cnnvis_pipeline.viz.transform import (
+    apply,
+    jitter,
+    lucid_set,
+    pad,
+    random_affine,
+    random_rotate,
+    random_scale,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +82,6 @@ def test_activation_far_above_grey_and_noise():
     grey = unit_means(net, 3, torch.full((1, 3, 32, 32), 0.5))[0]
     noise = unit_means(net, 3, torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
     assert images.shape == (4, 3, 32, 32)
-    assert images.min() >= 0 and images.max() <= 1
     for i in range(4):
         assert acts[i] > 5 * grey[i]
         assert acts[i] > 2.5 * noise[:, i].max()
@@ -133,9 +147,11 @@ def test_batch_of_units_all_channels_and_repeats():
     net = random_net()
     images, acts = activation_maximization(net, "6", None, steps=48, size=24)
     assert images.shape == (8, 3, 24, 24) and acts.shape == (8,)
-    assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
+    assert images.dtype == torch.float32
     images2, acts2 = activation_maximization(net, "6", [5, 5, 0], steps=24, size=24)
     assert images2.shape == (3, 3, 24, 24)
+    # A repeated unit is one image per request, each measured for the unit it was asked for.
+    torch.testing.assert_close(unit_means(net, 6, images2)[[0, 1, 2], [5, 5, 0]], acts2)
     # Each unit's image drives that unit harder than the other units' images do (on average).
     means = unit_means(net, 6, images)
     active = [u for u in range(8) if acts[u] > 0]
@@ -171,7 +187,7 @@ def test_input_size_and_normalisation():
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     images, acts = activation_maximization(net, "3", [0, 3], steps=8, size=20, input_size=32,
                                            mean=mean, std=std)
-    assert images.shape == (2, 3, 20, 20) and 0 <= images.min() and images.max() <= 1
+    assert images.shape == (2, 3, 20, 20)
     x = F.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
     x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     got = unit_means(net, 3, x)
@@ -314,3 +330,84 @@ def test_presets_and_overrides():
     b, _ = activation_maximization(net, "1", [0, 3], objective="mean", polish_steps=0,
                                    redirect_steps=16, **kw)
     assert not torch.equal(a, b)
+
+
+# --- objectives, transforms and parameterisations compose (Lucent's manner) ------------------
+
+def test_objectives_compose_like_numbers():
+    acts = torch.randn(3, 5, 4, 6, generator=torch.Generator().manual_seed(0))
+    a = acts.double()
+
+    def close(obj, want):
+        torch.testing.assert_close(obj(acts).double(), want, rtol=1e-6, atol=1e-6)
+
+    close(channel(0) + 2 * channel(1), a[:, 0].mean() + 2 * a[:, 1].mean())
+    close(channel(2) - channel_max(3) / 4, a[:, 2].mean() - a[:, 3].amax(dim=(1, 2)).mean() / 4)
+    close(-channel(4) * 0.5 + 1.5, -0.5 * a[:, 4].mean() + 1.5)
+    close(3 - channel(1), 3 - a[:, 1].mean())
+    close(sum([channel(0), channel(1), channel(2)]), a[:, :3].mean(dim=(0, 2, 3)).sum())
+    close(channel(1, batch=2), a[2, 1].mean())
+    close(neuron(3, 1, 5), a[:, 3, 1, 5].mean())
+    close(neuron(3), a[:, 3, 2, 3].mean())  # the centre
+    # image i for unit u_i: the sum of the one-image objectives, in one gather
+    close(per_image(channel, [4, 0, 4]), a[0, 4].mean() + a[1, 0].mean() + a[2, 4].mean())
+    close(per_image(channel_max, [1, 2, 3]), a[0, 1].max() + a[1, 2].max() + a[2, 3].max())
+    # diversity: minus the summed cosine similarity of the images' Gram matrices (pairs i != j)
+    g = torch.stack([(m := a[i].reshape(5, -1)) @ m.T for i in range(3)]).reshape(3, -1)
+    g = g / g.norm(dim=1, keepdim=True)
+    sims = sum(float(g[i] @ g[j]) for i in range(3) for j in range(3) if i != j)
+    close(diversity(), torch.tensor(-sims / 3, dtype=torch.float64))
+    assert repr(channel(0) + 2 * channel(1)) == "Objective(channel(0) + 2 * (channel(1)))"
+    with pytest.raises(TypeError):
+        channel(0) * channel(1)
+    with pytest.raises(TypeError, match="not an objective of one unit's map"):
+        per_image(lambda u, batch=None: diversity(), [0])
+
+
+def test_a_custom_objective_is_what_is_maximised():
+    net = colour_net()
+    kw = dict(steps=24, size=24, seed=2, preset="lucid")
+    a, acts_a = activation_maximization(net, "3", [0, 2], objective="mean", **kw)
+    b, acts_b = activation_maximization(net, "3", [0, 2],
+                                        objective=lambda units: per_image(channel, units), **kw)
+    assert torch.equal(a, b) and torch.equal(acts_a, acts_b)  # the preset's own objective
+    # minimising (maximising minus) the mean drives it below the maximising run's
+    _, low = activation_maximization(net, "3", [0, 2],
+                                     objective=lambda units: -per_image(channel, units), **kw)
+    assert (low < acts_a).all()
+
+
+def test_transforms_compose_into_one_sampling():
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 3, 10, 12, generator=g)
+    # pad alone: the image framed by grey
+    framed = apply([pad(3)], img, torch.Generator())
+    assert framed.shape == (2, 3, 16, 18)
+    torch.testing.assert_close(framed[:, :, 3:-3, 3:-3], img, atol=1e-5, rtol=0)
+    torch.testing.assert_close(framed[:, :, :3], torch.full_like(framed[:, :, :3], 0.5))
+    # the list order is the order of the random draws: Lucid's set = random_affine
+    ref = random_affine(img, torch.Generator().manual_seed(5))
+    got = apply([pad(12), random_scale(), random_rotate(), jitter(12)], img,
+                torch.Generator().manual_seed(5))
+    assert torch.equal(ref, got) and torch.equal(got, apply(lucid_set(), img,
+                                                            torch.Generator().manual_seed(5)))
+    # a jitter of 2 crops 2 pixels and shifts by whole pixels within [-1, 1]
+    shifted = apply([jitter(2)], img, torch.Generator().manual_seed(1))
+    assert shifted.shape == (2, 3, 8, 10)
+    for k in range(2):
+        assert any(torch.allclose(shifted[k], img[k, :, 1 + dy:9 + dy, 1 + dx:11 + dx],
+                                  atol=1e-5) for dy in (-1, 0, 1) for dx in (-1, 0, 1))
+
+
+def test_parameterisations_are_functions():
+    g = torch.Generator().manual_seed(0)
+    params, image_f = fourier(2, (8, 6), generator=g)
+    assert [p.shape for p in params] == [(2, 3, 8, 4, 2)]
+    ref = FourierImage(2, (8, 6), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(image_f(), ref())  # the same image for the same draw
+    start = torch.rand(1, 3, 4, 4, generator=g) * 0.98 + 0.01
+    params, image_f = pixel(start)
+    torch.testing.assert_close(image_f(), start, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        params[0].add_(100.0)
+    assert torch.allclose(image_f(), torch.ones_like(start))  # the pixels are the parameters

@@ -123,7 +123,7 @@ class _SupportMode(TorchFunctionMode):
     """Make every pixel that can influence an output get a non-zero gradient: ReLUs pass the
     gradient everywhere (straight-through), max pooling spreads it over its whole window."""
 
-    def __torch_function__(self, func, _types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _RELU_FUNCS or func in _OTHER_RECTIFIERS or func in _CLAMP_FUNCS:
             x = args[0] if args else kwargs.pop("input")

@@ -177,7 +177,7 @@ class ActivationCallGuard(TorchFunctionMode):
                 h.remove()
             self.depth = 0
 
-    def __torch_function__(self, func, _types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _RELU_FUNCS and self.depth == 0:
             raise CnnvisError(
