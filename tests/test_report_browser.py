@@ -63,16 +63,45 @@ def expected_orders(wd: Path, layer: str) -> dict[str, list[int]]:
     }
 
 
+def manifest_files(entry) -> set[str]:
+    """The viz/ files a manifest entry names (keys ending in `file` / `files`)."""
+    if isinstance(entry, dict):
+        out = set()
+        for k, v in entry.items():
+            if k.endswith("file") and isinstance(v, str):
+                out.add(v)
+            elif k.endswith("files") and isinstance(v, list):
+                out |= set(v)
+            else:
+                out |= manifest_files(v)
+        return out
+    if isinstance(entry, list):
+        return set().union(*map(manifest_files, entry)) if entry else set()
+    return set()
+
+
 def test_workflow_outputs_and_snakemake_report(run, snakemake):
+    import base64
+    import re
+
     wd = run
+    page = (wd / "results/tiny/report/index.html").read_text()
     for layer in LAYERS:
+        viz = wd / f"results/tiny/{layer}/viz"
+        manifest = json.loads((viz / "manifest.json").read_text())
+        units = [c["unit"] for c in manifest["units"]]
         am = pd.read_parquet(wd / f"results/tiny/{layer}/activation_max.parquet")
         inv = pd.read_parquet(wd / f"results/tiny/{layer}/inversion.parquet")
-        assert len(am) >= 4 and len(inv) == 2
-        assert sorted(p.name for p in (wd / f"results/tiny/{layer}/viz").glob("*.png"))
+        assert am["unit"].tolist() == units and len(inv) == 2
+        # views.units = 4 highest IoUs, then the requested unit 7 of relu4
+        assert len(units) == 4 + (layer == "features.relu4" and 7 not in units[:4])
+        assert {p.name for p in viz.glob("*.png")} == manifest_files(manifest)
+        section = page[page.index(f'id="layer-{layer.replace(".", "-")}"'):]
+        cards = re.findall(r'<article class="card" id="[^"]+" data-unit="(\d+)"', section)
+        assert sorted(map(int, cards[:len(units)])) == sorted(units)
     assert 7 in pd.read_parquet(wd / "results/tiny/features.relu4/activation_max.parquet")["unit"].tolist()
-    assert (wd / "results/tiny/report/index.html").stat().st_size > 10_000
-    assert (wd / "results/tiny/report/iou_distribution.png").is_file()
+    figure = (wd / "results/tiny/report/iou_distribution.png").read_bytes()
+    assert f'src="data:image/png;base64,{base64.b64encode(figure).decode()}"' in page
     summary = (wd / "results/summary/index.html").read_text()
     assert 'href="../tiny/report/index.html"' in summary
     sizes = {p: (wd / p).stat().st_size for p in ("results/tiny/report/index.html",
@@ -128,7 +157,10 @@ def screenshot(driver, path: Path) -> Path:
         "format": "png", "captureBeyondViewport": True, "clip": clip})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(base64.b64decode(shot["data"]))
-    assert path.stat().st_size > 10_000
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width == int(clip["width"])
     return path
 
 
@@ -233,8 +265,7 @@ def check_methods_categories_and_flags(driver, wd: Path) -> None:
             colors.setdefault(h.text, set()).add(chip.value_of_css_property("background-color"))
         units = pq.read_table(wd / f"results/tiny/{layer}/units.parquet").to_pandas()
         am = pq.read_table(wd / f"results/tiny/{layer}/activation_max.parquet").to_pandas()
-        ratio = am["activation_ratio" if "activation_ratio" in am.columns else "ratio"]
-        low_am = set(am.loc[ratio < 1, "unit"].astype(int))
+        low_am = set(am.loc[am["activation_ratio"] < 1, "unit"].astype(int))
         shown = [int(c.get_attribute("data-unit")) for c in visible(driver, f"{section} .card")]
         zero_t = set(units.loc[units["threshold"] <= 0, "unit"].astype(int))
         for u in shown:
@@ -247,10 +278,10 @@ def check_methods_categories_and_flags(driver, wd: Path) -> None:
             assert (flags != []) == (u in zero_t), (layer, u, flags)
             am_flags = visible(driver, f"{card} .flag.am-low")
             assert (am_flags != []) == (u in low_am), (layer, u)
-            tiles = visible(driver, f"{card} .top-image")
+            tiles = visible(driver, f"{card} .top-image")  # report.top_images
             assert len(tiles) == 5 and all(t.text.strip() for t in tiles)
-            strip = visible(driver, f"{card} img.strip")[0]
-            assert strip.size["height"] >= 96  # 32-px images shown 3x
+            tops = visible(driver, f"{card} img.top")
+            assert [t.size["height"] for t in tops] == [96] * 5  # 32-px images shown 3x
         flagged = [u for u in shown if u in zero_t or u in low_am]
         assert flagged, f"{layer}: the tiny run has no flagged unit to check"
     assert all(len(v) == 1 for v in colors.values()), colors  # one colour per category

@@ -11,7 +11,7 @@ Two presets (PRESETS), so that a benchmark can show both side by side:
 
 - "lucid": Lucid/Lucent's channel objective, faithfully. Per step: Fourier-parameterised,
   colour-decorrelated, sigmoid image (param.FourierImage) -> random pad/jitter/scale/rotate
-  (transform.random_affine) -> optional bilinear resize to `input_size` -> optional
+  (transform.STANDARD) -> optional bilinear resize to `input_size` -> optional
   (x - mean) / std -> model up to `layer` -> loss = -sum_i mean_hw A[i, unit_i] -> Adam. During
   the first max(16, 10%) steps the nn.ReLU modules use Lucid's redirected gradient
   (relu.relu_backward_override), so units that are silent on a grey image still get a gradient.

@@ -11,8 +11,8 @@ are one random integer translation with the same total range. Every image gets i
 
 - STANDARD: pad(12), random_scale(SCALES), random_rotate(ANGLES), jitter(12) (Lucid's set with
   its two jitters merged).
-- lucid_set(pad_px, jitter_px, scales, angles): that set with other sizes;
-  random_affine(images, generator, ...) applies it.
+- lucid_set(pad_px, jitter_px, scales, angles): that set with other sizes (the canvas is
+  `size + 2 * pad_px - jitter_px` pixels wide; Lucid: 128 -> 152 -> 144 -> 140).
 """
 
 from __future__ import annotations
@@ -120,12 +120,3 @@ def lucid_set(pad_px: int = 12, jitter_px: int = 12, scales=SCALES,
 
 
 STANDARD: tuple[Transform, ...] = lucid_set()
-
-
-def random_affine(images: torch.Tensor, generator: torch.Generator, *, pad: int = 12,
-                  jitter: int = 12, scales=SCALES, angles=ANGLES,
-                  fill: float = 0.5) -> torch.Tensor:
-    """Lucid's set: pad by `pad` pixels of `fill`, then randomly scale, rotate and translate
-    each image; the canvas is `size + 2 * pad - jitter` pixels wide (Lucid: 128 -> 152 -> 144
-    -> 140 for pad 12, jitters 8 and 4)."""
-    return apply(lucid_set(pad, jitter, scales, angles), images, generator, fill=fill)
