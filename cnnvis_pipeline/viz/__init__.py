@@ -8,14 +8,16 @@
 
 The visualise stage (the `visualize_layer` rule, workflow/rules/viz.smk) is built on them:
 
-- visualize.py: run_visualize(...), one small function per view (top images with masks,
-  activation maximisation, DeconvNet, inversion), the manifest and the two tables.
+- visualize.py: run_visualize(job, ...), a driver over the views of views/ (top images with
+  masks, activation maximisation, DeconvNet, inversion; one module each, behind the View
+  interface of context.py), the manifest (tables.MANIFEST_SCHEMA) and the views' tables.
+- objectives.py, transform.py, param.py: activation maximisation's composable parts.
 - selection.py: which units of a layer are visualised.
-- settings.py: the `reports:` config section (defaults from the schema).
 - images.py: image tiles (PNG writing, mask overlays, strips, crops).
 
-Layers are dotted module names (see cnnvis_pipeline.models.hooks); images are float [N, 3, H, W]
-in [0, 1]; `mean`/`std`, when given, normalise images before the model.
+Layers are dotted module names (see cnnvis_pipeline.models.hooks), their layouts the model's
+(`layouts=`); images are float [N, 3, H, W] in [0, 1]; `mean`/`std`, when given, normalise
+images before the model. Settings come typed from cnnvis_pipeline.settings (Job, Views).
 """
 
 from cnnvis_pipeline.viz.activation_max import activation_maximization
