@@ -48,16 +48,13 @@ rule model_report:
     params:
         cnnvis=CNNVIS,
         layers=lambda wc: MODELS[wc.model]["layers"],
-        iou_threshold=config["dissection"]["iou_threshold"],
         spec=job_json("report"),
         dataset=DATASET,
-        dissection=json.dumps(config["dissection"], sort_keys=True),
     shell:
         "{params.cnnvis} report --model {wildcards.model:q} --results results/{wildcards.model:q}"
         " --layers {params.layers:q} --out {output.html:q} --iou-figure {output.iou:q}"
-        " --iou-threshold {params.iou_threshold:q} --spec {params.spec:q}"
-        " --prepared {input.prepared:q} --dataset-name {params.dataset:q}"
-        " --dissection {params.dissection:q} > {log:q} 2>&1"
+        " --spec {params.spec:q}"
+        " --prepared {input.prepared:q} --dataset-name {params.dataset:q} > {log:q} 2>&1"
 
 
 rule summary_page:
@@ -82,9 +79,8 @@ rule summary_page:
         reports=[f"{m}=results/{m}/report/index.html" for m in MODELS],
         series=[f"{name}={series_figure(name)}" for name in SERIES],
         dataset=DATASET,
-        dissection=json.dumps(config["dissection"], sort_keys=True),
     shell:
         "{params.cnnvis} summary-page --reports {params.reports:q} --detectors {input.table:q}"
         " --figure {input.figure:q} --series {params.series:q} --prepared {input.prepared:q}"
-        " --dataset-name {params.dataset:q} --dissection {params.dissection:q}"
+        " --dataset-name {params.dataset:q}"
         " --units {input.units:q} --out {output:q} > {log:q} 2>&1"

@@ -18,7 +18,7 @@ rule visualize_layer:
     threads: int(config["resources"]["threads"])
     params:
         cnnvis=CNNVIS,
-        spec=job_json("views", "report", "resources", "dissection"),
+        spec=job_json("views", "resources"),
     shell:
         "{params.cnnvis} visualize --prepared {input.prepared:q} --spec {params.spec:q}"
         " --layer {wildcards.layer:q} --layer-dir results/{wildcards.model:q}/{wildcards.layer:q}"
