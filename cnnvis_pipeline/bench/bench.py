@@ -233,11 +233,11 @@ def _workflow_settings(b: _Bench) -> dict:
 
 
 def _first_run_figures(b: _Bench, forward_s: float, cores: int) -> dict:
-    """Validation and preparation through the workflow's rules, against the forward pass."""
-    from cnnvis_pipeline.bench import workflow as bench_workflow
+    """Validation and preparation as the workflow's rules run them, against the forward pass."""
+    from cnnvis_pipeline.bench.prepare import first_run
 
-    first = bench_workflow.first_run(b.data["broden"], Path(b.args.scratch or b.cache)
-                                     / f"first-run-{os.getpid()}", log=_log, workers=cores)
+    first = first_run(b.data["broden"], Path(b.args.scratch or b.cache)
+                      / f"first-run-{os.getpid()}", log=_log, workers=cores)
     first["prepare_ips"] = round(b.n / first["prepare_s"], 1)
     first["prepare_serial_ips"] = round(b.n / first["prepare_serial_s"], 1)
     first["validate_ips"] = round(b.n / first["validate_s"], 1)

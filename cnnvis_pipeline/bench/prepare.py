@@ -10,6 +10,9 @@ and with 1, checking that both give the same bytes. The forward pass of ResNet-1
 weights, up to layer4, the benchmark's input pipeline) is timed on the first `--forward-images`
 prepared images (default: all) and its rate applied to the whole dataset when fewer are run; the
 JSON of the last line says which. Prints figures; asserts nothing.
+
+first_run(...) times validation and both preparations of a Broden directory (also for the main
+benchmark's --first-run).
 """
 
 from __future__ import annotations
@@ -24,6 +27,62 @@ from pathlib import Path
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _tree_digest(directory: Path) -> str:
+    """sha256 over the files of a directory (names and bytes, in name order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(directory).iterdir()):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while block := fh.read(16 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+def first_run(broden: str | Path, scratch: Path, log=print, *, workers: int | None = None,
+              keep: Path | None = None) -> dict:
+    """What a first run pays before any model (the download aside), timed on the benchmark's
+    Broden directory (into a scratch directory, removed afterwards): the validate_dataset rule's
+    validate_broden and the prepare_dataset rule's prepare_dataset with `workers` processes (the
+    rule's threads: the cores of a local run), and prepare_dataset with 1 process; the two
+    prepared directories must be the same bytes (`prepare_identical`). `keep`: where the
+    `workers` preparation stays (replaced if there), instead of being removed."""
+    import shutil
+
+    from cnnvis_pipeline.data.prepared import prepare_dataset
+    from cnnvis_pipeline.data.validate import validate_broden
+
+    workers = workers or os.cpu_count() or 1
+    scratch = Path(scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    times, digests = {}, {}
+    try:
+        t = time.perf_counter()
+        problems = validate_broden(broden, progress=False, workers=workers)
+        validate = time.perf_counter() - t
+        if problems:
+            raise RuntimeError(f"{broden}: {len(problems)} problems, first: {problems[0]}")
+        for w in dict.fromkeys((workers, 1)):
+            out = Path(keep) if keep is not None and w == workers else scratch / f"prepared-{w}"
+            shutil.rmtree(out, ignore_errors=True)
+            t = time.perf_counter()
+            prepare_dataset(broden, out, progress=False, workers=w)
+            times[w] = time.perf_counter() - t
+            digests[w] = _tree_digest(out)
+            if out.parent == scratch:
+                shutil.rmtree(out)  # one at a time on the disk
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log(f"first run: validate {validate:.2f} s ({workers} threads), prepare {times[workers]:.2f} s "
+        f"({workers} processes, as the workflow's rule), {times[1]:.2f} s (1 process); "
+        f"same bytes: {digests[workers] == digests[1]}")
+    return {"validate_s": round(validate, 3), "prepare_s": round(times[workers], 3),
+            "prepare_workers": workers, "prepare_serial_s": round(times[1], 3),
+            "prepare_identical": digests[workers] == digests[1]}
 
 
 def main(argv=None) -> int:
@@ -45,7 +104,6 @@ def main(argv=None) -> int:
     import numpy as np
 
     from cnnvis_pipeline.bench.bigsynth import generate_broden_big
-    from cnnvis_pipeline.bench.workflow import first_run
 
     workers = args.workers or os.cpu_count() or 1
     cache = Path(args.cache or DEFAULT_CACHE)
