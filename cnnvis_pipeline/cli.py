@@ -14,6 +14,7 @@ import sys
 
 from cnnvis_pipeline import __version__
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.fileio import error_line
 
 COMMAND_MODULES = [
     "cnnvis_pipeline.data.commands",
@@ -64,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CnnvisError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk, a quota, a read-only or forbidden directory
+        line = error_line(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -23,6 +23,7 @@ def plot_layer_detectors(units: pd.DataFrame, path: str | Path, title: str,
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False  # labels are data, never math
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -56,6 +57,7 @@ def plot_summary(counts: pd.DataFrame, path: str | Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False  # labels are data, never math
     import matplotlib.pyplot as plt
 
     data = counts.assign(where=counts["model"] + "\n" + counts["layer"])
@@ -87,6 +89,7 @@ def plot_series(counts: pd.DataFrame, name: str, models: list[str], path: str | 
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False  # labels are data, never math
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -124,6 +127,7 @@ def plot_sweep(sweep: pd.DataFrame, path: str | Path, title: str, iou_threshold:
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False  # labels are data, never math
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 

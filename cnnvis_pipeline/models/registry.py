@@ -35,6 +35,20 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _pickled_message(path: Path, e: Exception) -> str:
+    """What was refused and why, and how to make a loadable file. Of torch's message only the
+    name of the refused global is kept (its advice is to load the file unsafely)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text) or re.search(
+        r"Unsupported (?:operand|class|global)[: ]+([^\s.,;]+)", text)
+    what = f" ({m.group(1)})" if m else ""
+    return (
+        f"{path}: refused: the checkpoint holds pickled objects or code{what} that a plain state "
+        "dict never contains, and loading them could run code. Save the weights alone, "
+        "torch.save(model.state_dict(), path), and give that file as checkpoint"
+    )
+
+
 def load_state_dict_file(path: str | Path, *, where: str = "checkpoint") -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
@@ -42,14 +56,7 @@ def load_state_dict_file(path: str | Path, *, where: str = "checkpoint") -> dict
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message is long; keep its "WeightsUnpickler error: Unsupported global: ..."
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        first = next((ln for ln in lines if "Unsupported" in ln), lines[0] if lines else "")
-        first = re.sub(r"\x1b\[[0-9;]*m", "", first).split(". Please use")[0]
-        raise CnnvisError(
-            f"{path}: refused: the checkpoint holds pickled objects or code that a plain state "
-            f"dict never contains (torch.load weights_only=True: {first[:200]})"
-        ) from None
+        raise CnnvisError(_pickled_message(path, e)) from None
     except Exception as e:  # arbitrary bytes fail in many ways (KeyError, struct.error, ...)
         raise CnnvisError(
             f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})"

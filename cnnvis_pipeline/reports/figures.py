@@ -24,6 +24,7 @@ def plot_iou_distribution(iou: pd.DataFrame, path: str | Path, title: str,
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False  # labels are data, never math
     import matplotlib.pyplot as plt
     import seaborn as sns
 
