@@ -152,3 +152,36 @@ def test_tf32_is_off_unless_asked():
     assert extract.set_precision("bf16", cpu) == "fp32"  # autocast is CUDA-only here
     with pytest.raises(Exception, match="precision"):
         extract.set_precision("fp16", cpu)
+
+
+def _shifted_reference(model, ds, synth_dir, scale, offset):
+    """Float64 brute force on the layer's float32 output shifted as the hook shifts it (what
+    the extraction receives: only the storage may lose anything beyond this)."""
+    outs = []
+    h = find_module(model, LAYER).register_forward_hook(lambda m, i, out: out * scale + offset)
+    try:
+        with LayerRecorder(model, [LAYER]) as rec, torch.no_grad():
+            for s in range(0, len(ds), 16):
+                idx = np.arange(s, min(len(ds), s + 16))
+                x = images_to_input(np.array(ds.images[idx]), None, KW["mean"], KW["std"],
+                                    KW["device"])
+                outs.append(rec.run(x)[LAYER].numpy().astype(np.float64))
+    finally:
+        h.remove()
+    acts = np.concatenate(outs)
+    spread = np.percentile(acts, 99.9, axis=(0, 2, 3)) - np.percentile(acts, 0.1, axis=(0, 2, 3))
+    return brute_force(acts, synth_dir, Q), spread
+
+
+@pytest.mark.parametrize("scale, offset", [(1.0, -1e5), (1.0, 4e5), (1e-3, -50.0), (30.0, 1e6)])
+def test_large_offsets_keep_full_resolution(model, prepared_dir, synth_dir, scale, offset):
+    """An offset of 1e4 to 1e5 times the units' spread: the stored coordinates keep float16's
+    resolution near T_k (the offset is float32, not a float16 number of scales)."""
+    ds = PreparedDataset(prepared_dir)
+    (ref_t, ref_iou, _, _), spread = _shifted_reference(model, ds, synth_dir, scale, offset)
+    live = spread > 0
+    assert (np.abs(offset) > 1e3 * spread[live]).all()
+    t, iou, _, _ = dissect(model, ds, scale, offset)
+    assert np.array_equal(iou.argmax(1), ref_iou.argmax(1))
+    assert np.abs(iou - ref_iou).max() <= 2e-3
+    assert np.abs(t - ref_t)[live].max() <= 1e-3 * spread[live].min()

@@ -1,10 +1,11 @@
 """Per-unit storage coordinates of the float16 activation stores (issue 10).
 
-- Affine: stored = float16((a - offset) / scale) per unit, `scale` a power of two and `offset` a
-  float16 number times the scale, chosen on a calibration sample (Affine.calibrate): the offset
-  near the unit's (1 - q) quantile, where masks are decided, the scale bringing the sample into
-  [-1, 1]. IoU is then invariant to a positive scale of the layer and robust to an offset; the
-  one inexact step is the float16 rounding, relative 2^-11 of |a - offset|.
+- Affine: stored = float16((a - offset) / scale) per unit, `scale` a power of two and `offset`
+  at the unit's (1 - q) quantile (where masks are decided: a float16 number of scales near
+  zero, float32 exactly far from it), chosen on a calibration sample (Affine.calibrate), the
+  scale bringing the sample into [-1, 1]. IoU is then invariant to a positive scale of the layer
+  and to an offset of any size; the one inexact step is the float16 rounding, relative 2^-11 of
+  |a - offset|.
 - calibration_indices(n): the calibration sample (spread over the dataset, the same for every
   shard, so all shards store in the same coordinates).
 - StoredHistogram: a Float16Histogram of stored values and their Affine; quantiles in the
@@ -31,9 +32,11 @@ def calibration_indices(n_images: int) -> np.ndarray:
 class Affine:
     """Per-unit storage coordinates: stored = float16((a - offset) / scale).
 
-    `scale` is a power of two and `offset` = scale * (a float16 number), so dividing by the
-    scale is exact, a = 0 is stored exactly (as -offset / scale), and offset + scale * q is exact
-    in float64 for every float16 q. identity(U): offset 0, scale 1 (plain float16).
+    `scale` is a power of two and `offset` a float32 number, at most 2^20 scales from zero, so
+    dividing by the scale is exact and offset + scale * q is exact in float64 for every float16
+    q (thresholds survive the round trip to stored coordinates). Where the offset is within ~32
+    scales of zero it is scale * (a float16 number), so a = 0 is stored exactly (as
+    -offset / scale). identity(U): offset 0, scale 1 (plain float16).
     """
 
     def __init__(self, offset, scale):
@@ -67,12 +70,13 @@ class Affine:
             raise CnnvisError("the calibration sample has NaN or infinite activations")
         fallback = spread[ok].max() if ok.any() else max(float(np.abs(top).max()), 1.0)
         spread = np.where(ok, spread, fallback)
-        # q = (a - offset) / scale within float16 range for the offset itself (|top| / 2^15).
-        spread = np.maximum(spread, np.abs(top) / 2.0**15)
+        # |offset| / scale <= 2^20 keeps offset + scale * q exact in float64 for every float16 q
+        # (bits from 2^20 to 2^-24 scales); a spread below that is below float32's own
+        # resolution of the activations.
+        spread = np.maximum(spread, np.abs(top) / 2.0**20)
         spread = np.maximum(spread, np.finfo(np.float32).tiny * 2**24)
         scale = np.exp2(np.ceil(np.log2(spread)))
-        offset = scale * (top / scale).astype(np.float16).astype(np.float64)
-        return cls(offset, scale)
+        return cls(_offsets(top, scale), scale)
 
     def _tensors(self, device):
         key = str(device)
@@ -108,6 +112,21 @@ class Affine:
         if "affine_offset" not in state:
             return cls.identity(units)
         return cls(np.asarray(state["affine_offset"]), np.asarray(state["affine_scale"]))
+
+
+# The offset is a float16 number of scales while that is within 2^-6 scales of the quantile.
+_NEAR = 2.0**-6
+
+
+def _offsets(top: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Each unit's offset: scale * float16(top / scale) where that is within _NEAR scales of
+    `top` (|top| below ~32 scales: a = 0 is then stored exactly, as a float16 number of
+    scales); elsewhere float32(top) itself, so the stored values near T_k keep float16's full
+    resolution whatever the offset (zero, 32 or more scales away, cannot be near T_k)."""
+    with np.errstate(over="ignore"):  # beyond float16's range: inf, never chosen
+        coarse = scale * (top / scale).astype(np.float16).astype(np.float64)
+    fine = top.astype(np.float32).astype(np.float64)
+    return np.where(np.abs(coarse - top) <= _NEAR * scale, coarse, fine)
 
 
 class StoredHistogram(Float16Histogram):
