@@ -323,76 +323,90 @@ def _case_collisions(models: dict) -> list[str]:
     return out
 
 
-def _model_spec(name, m, models: dict, out: dict, problems: list[str],
-                seed: int = 0) -> dict | None:
-    """The spec of model `name` (its series members added to `out`), or None when a problem
-    (appended to `problems`) leaves nothing to build it from."""
-    where = f"config: models.{name}"
+def _name_ok(kind: str, value, at: str, problems: list[str]) -> bool:
+    try:
+        check_name(kind, value, where=at)
+        return True
+    except CnnvisError as e:
+        problems.append(str(e))
+        return False
 
-    def checked(kind, value, at) -> bool:
-        try:
-            check_name(kind, value, where=at)
-            return True
-        except CnnvisError as e:
-            problems.append(str(e))
-            return False
 
-    if not checked("model", name, "config: models"):
-        return None
-    if not isinstance(m, dict):
-        problems.append(f"{where}: must be a mapping")
-        return None
+def _checked_layers(m: dict, where: str, problems: list[str]) -> list:
     layers = m.get("layers")
     if not isinstance(layers, list) or not layers:
         problems.append(f"{where}.layers: list at least one layer (dotted module names)")
         layers = []
     for layer in layers:
-        checked("layer", layer, f"{where}.layers")
+        _name_ok("layer", layer, f"{where}.layers", problems)
     if len(set(map(str, layers))) != len(layers):
         problems.append(f"{where}.layers: a layer is listed twice")
-    layouts = m.get("layouts") or {}
-    stray = [k for k in layouts if k not in layers]
+    stray = [k for k in (m.get("layouts") or {}) if k not in layers]
     if stray:
         problems.append(f"{where}.layouts: {', '.join(map(repr, stray))} not among the "
                         f"model's layers")
-    spec = {
-        "arch": m.get("arch"),
-        "torchvision": m.get("torchvision"),
-        "factory": m.get("factory"),
-        "weights": m.get("weights"),
-        "kwargs": m.get("kwargs") or {},
-        "checkpoint": m.get("checkpoint"),
-        "layers": list(layers),
-        "layouts": dict(layouts),
-        "mean": list(m.get("mean") or IMAGENET_MEAN),
-        "std": list(m.get("std") or IMAGENET_STD),
-        "input_size": m.get("input_size"),
-        "seed": int(m.get("seed", seed)),
-        "train": m.get("train"),
-        "units": m.get("units") or [],
+    return list(layers)
+
+
+def _resolved(m: dict, layers: list, seed: int) -> dict:
+    """A model entry with every optional key resolved (defaults: ImageNet's mean and std, the
+    run's seed)."""
+    return {
+        "arch": m.get("arch"), "torchvision": m.get("torchvision"), "factory": m.get("factory"),
+        "weights": m.get("weights"), "kwargs": m.get("kwargs") or {},
+        "checkpoint": m.get("checkpoint"), "layers": layers,
+        "layouts": dict(m.get("layouts") or {}),
+        "mean": list(m.get("mean") or IMAGENET_MEAN), "std": list(m.get("std") or IMAGENET_STD),
+        "input_size": m.get("input_size"), "seed": int(m.get("seed", seed)),
+        "train": m.get("train"), "units": m.get("units") or [],
     }
+
+
+def _spec_problems(spec: dict, m: dict, where: str) -> list[str]:
+    problems = []
     if len(spec["mean"]) != 3 or len(spec["std"]) != 3 or min(spec["std"]) <= 0:
         problems.append(f"{where}: mean and std must be 3 numbers each, std > 0")
     if spec["train"] and spec["arch"] != "synthnet":
         problems.append(f"{where}.train: only the built-in arch synthnet can be trained")
     if spec["train"] and (spec["checkpoint"] or m.get("checkpoints")):
         problems.append(f"{where}: give either train or checkpoint(s), not both")
-    series = m.get("checkpoints")
-    if series:
-        if spec["checkpoint"]:
-            problems.append(f"{where}: give either checkpoint or checkpoints, not both")
-        for k, ckpt in enumerate(series):
-            try:
-                sub = f"{name}-{_checkpoint_stem(str(ckpt), where)}"
-            except CnnvisError as e:
-                problems.append(str(e))
-                continue
-            if not checked("model", sub, f"{where}.checkpoints[{k}]"):
-                continue
-            if sub in out or sub in models:
-                problems.append(f"{where}.checkpoints[{k}]: model name {sub!r} is taken twice")
-                continue
-            out[sub] = dict(spec, checkpoint=str(ckpt), series=name, series_index=k)
+    if m.get("checkpoints") and spec["checkpoint"]:
+        problems.append(f"{where}: give either checkpoint or checkpoints, not both")
+    return problems
+
+
+def _add_series(name: str, spec: dict, series: list, models: dict, out: dict,
+                problems: list[str]) -> None:
+    """One model per checkpoint of a series, `<name>-<checkpoint stem>`, added to `out`."""
+    where = f"config: models.{name}"
+    for k, ckpt in enumerate(series):
+        try:
+            sub = f"{name}-{_checkpoint_stem(str(ckpt), where)}"
+        except CnnvisError as e:
+            problems.append(str(e))
+            continue
+        if not _name_ok("model", sub, f"{where}.checkpoints[{k}]", problems):
+            continue
+        if sub in out or sub in models:
+            problems.append(f"{where}.checkpoints[{k}]: model name {sub!r} is taken twice")
+            continue
+        out[sub] = dict(spec, checkpoint=str(ckpt), series=name, series_index=k)
+
+
+def _model_spec(name, m, models: dict, out: dict, problems: list[str],
+                seed: int = 0) -> dict | None:
+    """The spec of model `name` (its series members added to `out`), or None when a problem
+    (appended to `problems`) leaves nothing to build it from."""
+    where = f"config: models.{name}"
+    if not _name_ok("model", name, "config: models", problems):
+        return None
+    if not isinstance(m, dict):
+        problems.append(f"{where}: must be a mapping")
+        return None
+    spec = _resolved(m, _checked_layers(m, where, problems), seed)
+    problems += _spec_problems(spec, m, where)
+    if m.get("checkpoints"):
+        _add_series(name, spec, m["checkpoints"], models, out, problems)
     elif name in out:
         problems.append(f"{where}: model name {name!r} is taken twice")
         return None

@@ -61,10 +61,6 @@ class Dissection:
         s = with_defaults("dissection", section)
         return _build(cls, s, statistics=_build(Statistics, s["statistics"], seed=int(seed)))
 
-    def digest_fields(self) -> dict:
-        """What determines the tables (the config digest of their provenance)."""
-        return dataclasses.asdict(self)
-
 
 @dataclass(frozen=True)
 class Resources:

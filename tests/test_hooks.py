@@ -252,9 +252,9 @@ def test_a_specs_layouts_reach_every_caller(prepared_dir, tmp_path):
     the model check, the `layers` listing, the extraction and the visualisations' forward. An
     nhwc layout on an nchw layer reads its [N, C, H, W] output as [N, W, C, H]."""
     from cnnvis_pipeline.dissection.pipeline import run_extract
-    from cnnvis_pipeline.settings import Job
     from cnnvis_pipeline.models.check import describe_layers
     from cnnvis_pipeline.models.registry import build_model
+    from cnnvis_pipeline.settings import Job
     from cnnvis_pipeline.viz._common import layer_forward
 
     ds = PreparedDataset(prepared_dir)
