@@ -3,6 +3,8 @@ redirected ReLU gradient, batches units, is deterministic, and leaves the model 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnvis_pipeline.errors import CnnvisError
-from cnnvis_pipeline.viz import activation_maximization
+from cnnvis_pipeline.settings import Views
+from cnnvis_pipeline.viz import activation_maximization as _activation_maximization
 from cnnvis_pipeline.viz._common import layer_forward
 from cnnvis_pipeline.viz.objectives import (
     channel,
@@ -29,6 +32,13 @@ from cnnvis_pipeline.viz.transform import (
     random_rotate,
     random_scale,
 )
+
+# the schema's views.activation_max settings (what a test does not set)
+AM = {k: v for k, v in dataclasses.asdict(Views.parse(None).activation_max).items()}
+
+
+def activation_maximization(*args, **kw):
+    return _activation_maximization(*args, **{**AM, **kw})
 
 
 @pytest.fixture(autouse=True)

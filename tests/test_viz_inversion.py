@@ -4,20 +4,31 @@ definition."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.settings import Views
 from cnnvis_pipeline.viz import (
     NORMALIZED_ERROR_FORMULA,
-    invert,
     layer_representation,
     paper_lambda_tv,
     relative_depth,
     representation_spread,
 )
+from cnnvis_pipeline.viz import invert as _invert
+
+# the schema's views.inversion settings (what a test does not set)
+INVERSION = {k: v for k, v in dataclasses.asdict(Views.parse(None).inversion).items()
+             if k not in ("images", "layers")}
+
+
+def invert(*args, **kw):
+    return _invert(*args, **{**INVERSION, **kw})
 
 
 @pytest.fixture(autouse=True)

@@ -207,16 +207,16 @@ def activation_maximization(
     layer: str,
     units: Sequence[int] | None = None,
     *,
-    steps: int = 512,
-    size: int = 128,
-    seed: int = 0,
+    steps: int,
+    size: int,
+    seed: int,
+    lr: float,
+    preset: str,
     device=None,
-    lr: float = 0.05,
     input_size: int | tuple[int, int] | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     redirect_steps: int | None = None,
-    preset: str = "default",
     objective: str | Callable[[Sequence[int]], Objective] | None = None,
     polish_steps: int | None = None,
     polish_lr: float | None = None,
@@ -225,7 +225,9 @@ def activation_maximization(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images that maximise the activation of each unit (channel) of `layer`.
 
-    preset: "default" or "lucid" (see the module docstring); `objective` (a name of OBJECTIVES,
+    steps, size, seed, lr, preset: the `views.activation_max` settings (settings.ActivationMax;
+    defaults in the config schema). preset: "default" or "lucid" (see the module docstring);
+    `objective` (a name of OBJECTIVES,
     or units -> Objective), `redirect_steps` (how many of the first steps use the redirected
     ReLU gradient), `polish_steps` (how many of the `steps` are pixel polish) and `polish_lr`
     override the preset's values. `layouts`: the model's {layer: layout} (models.hooks).

@@ -20,9 +20,9 @@ Deviation, for a learning rate that works across networks and image sizes: each 
 is divided by its root-mean-square before the momentum update (the paper tunes the rate per
 layer instead). Pixels are kept in [0, 1] (the alpha-norm alone only discourages leaving it).
 
-Default weights: lambda_alpha = 1e-4 at every depth (with the [0, 1] clamp, the alpha-norm only
-has to keep colours from saturating; the paper keeps its alpha weight fixed too) and lambda_tv by
-the layer's relative depth, as the paper does for AlexNet: lambda_TV = 1 / 10 / 100 for its
+The weights (`views.inversion`; the defaults are the config schema's): lambda_alpha = 1e-4 at
+every depth (with the [0, 1] clamp, the alpha-norm only has to keep colours from saturating; the
+paper keeps its alpha weight fixed too) and lambda_tv by the layer's relative depth, as the paper does for AlexNet: lambda_TV = 1 / 10 / 100 for its
 layers 1-6 / 7-12 / 13-20 of 20, i.e. 0.012 / 0.12 / 1.2 in this normalisation
 (paper_lambda_tv), with the relative depth = the position of the layer's last module among the
 modules a forward pass runs, over their number (relative_depth).
@@ -104,15 +104,17 @@ def paper_lambda_tv(depth: float) -> float:
 
 def layer_representation(model: nn.Module, layer: str, images: torch.Tensor, *,
                          mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                         batch_size: int = 64, model_name: str = "model",
+                         batch_size: int | None = None, model_name: str = "model",
                          layouts: dict | None = None) -> torch.Tensor:
-    """The (detached) output of `layer` for `images` [N, 3, H, W], computed in batches."""
+    """The (detached) output of `layer` for `images` [N, 3, H, W], computed in batches of
+    `batch_size` (None: one batch)."""
     images = check_images(images)
     check_mean_std(mean, std)
     outs = []
     with frozen_eval(model), torch.no_grad():
-        for start in range(0, images.shape[0], max(1, batch_size)):
-            x = preprocess(images[start:start + batch_size], mean, std)
+        step = max(1, batch_size or images.shape[0])
+        for start in range(0, images.shape[0], step):
+            x = preprocess(images[start:start + step], mean, std)
             outs.append(layer_forward(model, layer, x, model_name=model_name,
                                       layouts=layouts).detach().clone())
     return torch.cat(outs)
@@ -120,7 +122,7 @@ def layer_representation(model: nn.Module, layer: str, images: torch.Tensor, *,
 
 def representation_spread(model: nn.Module, layer: str, images: torch.Tensor, *,
                           mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                          batch_size: int = 64, model_name: str = "model",
+                          batch_size: int | None = None, model_name: str = "model",
                           layouts: dict | None = None) -> float:
     """(1 / n^2) sum_{i, j} ||Phi(x_i) - Phi(x_j)||^2 over all n^2 ordered pairs of `images`.
 
@@ -178,14 +180,14 @@ def invert(
     layer: str,
     images: torch.Tensor,
     *,
-    steps: int = 300,
-    seed: int = 0,
-    lr: float = 0.01,
+    steps: int,
+    seed: int,
+    lr: float,
+    lambda_alpha: float,
+    lambda_tv: float | None,
     momentum: float = 0.9,
     alpha: float = 6.0,
     beta: float = 2.0,
-    lambda_alpha: float = 1e-4,
-    lambda_tv: float | None = None,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     model_name: str = "model",
@@ -197,7 +199,8 @@ def invert(
     Returns (reconstructions [N, 3, H, W] in [0, 1], errors [N]) on the images' device, with
     errors[i] = ||Phi(x*_i) - Phi0_i||^2 / ||Phi0_i||^2 for the returned reconstruction.
     All images are optimised together as one batch; their objectives are independent.
-    lambda_tv None: the paper's weight for the layer's relative depth
+    steps, seed, lr, lambda_alpha, lambda_tv: the `views.inversion` settings
+    (settings.Inversion). lambda_tv None: the paper's weight for the layer's relative depth
     (paper_lambda_tv(relative_depth(...))).
     """
     images = check_images(images)

@@ -40,7 +40,8 @@ def _nonzero_images(ctx: LayerContext, cand: np.ndarray, n: int) -> list[int]:
     chosen: list[int] = []
     for start in range(0, len(cand), 64):
         part = cand[start : start + 64]
-        phi = inversion.layer_representation(ctx.model, ctx.layer, ctx.images(part), **ctx.norm)
+        phi = inversion.layer_representation(ctx.model, ctx.layer, ctx.images(part),
+                                             batch_size=ctx.job.resources.batch_size, **ctx.norm)
         nonzero = phi.flatten(1).abs().amax(dim=1) > 0
         chosen += [int(i) for i, ok in zip(part, nonzero.tolist(), strict=True) if ok]
         if len(chosen) >= n:
@@ -62,7 +63,8 @@ def _spread(ctx: LayerContext, cand: np.ndarray) -> float:
     idx = cand[:SPREAD_IMAGES]
     if len(idx) < 2:
         return float("nan")
-    return inversion.representation_spread(ctx.model, ctx.layer, ctx.images(idx), **ctx.norm)
+    return inversion.representation_spread(ctx.model, ctx.layer, ctx.images(idx),
+                                           batch_size=ctx.job.resources.batch_size, **ctx.norm)
 
 
 def _compute(ctx: LayerContext, _units: list[int], views: Views) -> ViewResult:
@@ -83,7 +85,9 @@ def _compute(ctx: LayerContext, _units: list[int], views: Views) -> ViewResult:
     recon, errors = inversion.invert(ctx.model, ctx.layer, x0, steps=inv.steps, lr=inv.lr,
                                      lambda_tv=w["lambda_tv"], lambda_alpha=w["lambda_alpha"],
                                      seed=inv.seed, **ctx.norm)
-    phi0 = inversion.layer_representation(ctx.model, ctx.layer, x0, **ctx.norm).flatten(1)
+    phi0 = inversion.layer_representation(ctx.model, ctx.layer, x0,
+                                          batch_size=ctx.job.resources.batch_size,
+                                          **ctx.norm).flatten(1)
     norm2 = phi0.double().pow(2).sum(dim=1).cpu().numpy()
     spread = _spread(ctx, cand)
     names = ctx.ds.meta["images"]
