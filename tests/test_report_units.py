@@ -326,6 +326,22 @@ def test_manifest_is_json_and_tables_are_deterministic(visualized, prepared_dir,
         assert (copy / name).read_bytes() == (out / LAYER / name).read_bytes()
 
 
+def test_no_units_selected_gives_empty_views_and_tables(visualized, prepared_dir, tmp_path):
+    import shutil
+
+    spec, out, _ = visualized
+    copy = tmp_path / LAYER
+    shutil.copytree(out / LAYER, copy)
+    job = Job.from_spec(dict(spec, units={}, views=dict(TINY_VIEWS["views"], units=0)))
+    m = run_visualize(job, prepared_dir, LAYER, copy)
+    assert m["units"] == [] and m["top_units"] == 0
+    assert pq.read_table(copy / "activation_max.parquet").num_rows == 0
+    assert len(m["views"]["inversion"]["layer"]["images"]) == 2  # the layer's views still run
+    assert sorted(p.name for p in (copy / "viz").iterdir()) == [
+        "inversion_0_original.png", "inversion_0_reconstruction.png",
+        "inversion_1_original.png", "inversion_1_reconstruction.png", "manifest.json"]
+
+
 def test_am_benchmark_shows_both_presets(visualized, prepared_dir):
     from cnnvis_pipeline.bench.am import benchmark_presets, summarise
 

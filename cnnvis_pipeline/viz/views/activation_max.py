@@ -38,13 +38,15 @@ def _map_maxima(ctx: LayerContext, images: torch.Tensor, units: list[int]) -> to
 
 def _compute(ctx: LayerContext, units: list[int], views: Views) -> ViewResult:
     am = views.activation_max
+    rows = columns("model", "layer", "unit", "achieved_activation", "dataset_top_activation",
+                   "activation_ratio")
+    out = ViewResult(tables={"activation_max": rows})
+    if not units:
+        return out
     images, objective = activation_maximization(
         ctx.model, ctx.layer, units, steps=am.steps, size=am.size, lr=am.lr, seed=am.seed,
         device=ctx.device, input_size=ctx.input_size, preset=am.preset, **ctx.norm)
     achieved = _map_maxima(ctx, images, units)
-    rows = columns("model", "layer", "unit", "achieved_activation", "dataset_top_activation",
-                   "activation_ratio")
-    out = ViewResult(tables={"activation_max": rows})
     for i, u in enumerate(units):
         im.save_png(images[i], ctx.out / unit_file(u, "am"))
         top = ctx.dataset_top(u)
