@@ -231,3 +231,47 @@ def test_cli(ds, capsys):
     captured = capsys.readouterr()
     assert len(captured.out.strip().splitlines()) == 2
     assert captured.err.strip() == f"{ds}: 2 problems"
+
+
+def test_a_dataset_without_images_stops_early_with_one_summary(tmp_path, capsys):
+    """5,000 rows naming missing files (a Broden copied without images/): the CLI stops after
+    the first chunk of rows, says what seems missing, and lists at most 100 problems per kind."""
+    from cnnvis_pipeline.bench.validation import write_missing_dataset
+
+    ds = write_missing_dataset(tmp_path / "copy", 5000)
+    assert _run_cli(["validate", str(ds), "-q"]) == 1
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert out[-1] == (
+        f"{ds}: images/ seems missing: 1,000 of 1,000 rows checked so far name missing files; "
+        "validation stopped early (index.csv has 5,000 rows): copy the whole dataset, or give "
+        "the directory that holds it")
+    listed = [ln for ln in out if not ln.startswith("... and ")]
+    image = [ln for ln in listed if ln.endswith(": image is missing")]
+    png = [ln for ln in listed if ln.endswith(": segmentation PNG is missing")]
+    assert len(image) == len(png) == 100
+    assert image[0].startswith(f"{ds / 'index.csv'}: line 2: ")
+    more = [ln for ln in out if ln.startswith("... and ")]
+    assert len(more) == 2 and more[0].startswith("... and 900 more problems of the kind of: ")
+    assert more[1].startswith("... and 3,900 more")  # four segmentation PNGs per row
+    assert len(out) == 203
+    assert "Traceback" not in captured.err and captured.err.strip().endswith(" problems")
+
+
+def test_problems_are_listed_up_to_a_limit_per_kind(ds):
+    """300 rows with a bad split (files present, no early stop): 100 listed, the rest counted,
+    and the problems of another kind still listed."""
+    def edit(header, rows):
+        base = rows[0]
+        rows.clear()
+        rows.extend(dict(base, split="test") for _ in range(300))
+    _edit_index(ds, edit)
+    report_problems = _problems(ds)
+    listed = [m for m in report_problems if not m.startswith("... and ")]
+    split = [m for m in listed if "split 'test' is not one of" in m]
+    twice = [m for m in listed if "is listed twice" in m]
+    assert len(split) == 100 and len(twice) == 100
+    assert split[0].startswith(f"{ds / 'index.csv'}: line 2: ")
+    assert any(m.startswith("... and 200 more problems of the kind of: ") and "split" in m
+               for m in report_problems)
+    assert report_problems.total == 300 + 299

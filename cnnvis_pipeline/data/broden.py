@@ -53,30 +53,52 @@ class ImageRecord:
     labels: dict[str, list[int]] = field(default_factory=dict)  # image-level category -> labels
 
 
+class CsvRows:
+    """The rows of a CSV as (line number, dict), read one at a time; each problem (missing file
+    or column, duplicate column when `duplicates`, not UTF-8, malformed) is appended to
+    `problems`, and `failed` says the file could not be read to its end."""
+
+    def __init__(self, path: Path, required: list[str], problems: list[str], *,
+                 duplicates: bool = False):
+        self.path, self.required, self.problems = path, required, problems
+        self.duplicates = duplicates
+        self.failed = False
+        self.header: list[str] = []
+
+    def __iter__(self):
+        path, problems = self.path, self.problems
+        if not path.is_file():
+            problems.append(f"{path}: required file is missing")
+            self.failed = True
+            return
+        try:
+            # utf-8-sig: a spreadsheet's "CSV UTF-8" export starts with a byte-order mark
+            with path.open(newline="", encoding="utf-8-sig") as f:
+                reader = csv.DictReader(f)
+                header = self.header = reader.fieldnames or []
+                missing = [c for c in self.required if c not in header]
+                if missing:
+                    problems.append(f"{path}: line 1: missing column(s) {', '.join(missing)}")
+                dupes = sorted({c for c in header if header.count(c) > 1}) \
+                    if self.duplicates else []
+                if dupes:
+                    problems.append(f"{path}: line 1: duplicate column(s) {', '.join(dupes)}")
+                for row in reader:
+                    yield reader.line_num, row
+        except UnicodeDecodeError as e:
+            problems.append(f"{path}: not UTF-8 text ({e})")
+            self.failed = True
+        except csv.Error as e:
+            problems.append(f"{path}: malformed CSV ({e})")
+            self.failed = True
+
+
 def read_csv_rows(path: Path, required: list[str], problems: list[str], *,
                   duplicates: bool = False) -> list[tuple[int, dict]] | None:
-    """Rows of a CSV as (line number, dict), or None if unreadable; each problem (missing file or
-    column, duplicate column when `duplicates`, not UTF-8, malformed) is appended to `problems`."""
-    if not path.is_file():
-        problems.append(f"{path}: required file is missing")
-        return None
-    try:
-        # utf-8-sig: a spreadsheet's "CSV UTF-8" export starts with a byte-order mark
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = reader.fieldnames or []
-            missing = [c for c in required if c not in header]
-            if missing:
-                problems.append(f"{path}: line 1: missing column(s) {', '.join(missing)}")
-            dupes = sorted({c for c in header if header.count(c) > 1}) if duplicates else []
-            if dupes:
-                problems.append(f"{path}: line 1: duplicate column(s) {', '.join(dupes)}")
-            return [(reader.line_num, row) for row in reader]
-    except UnicodeDecodeError as e:
-        problems.append(f"{path}: not UTF-8 text ({e})")
-    except csv.Error as e:
-        problems.append(f"{path}: malformed CSV ({e})")
-    return None
+    """Rows of a CSV as (line number, dict), or None if unreadable (see CsvRows)."""
+    reader = CsvRows(path, required, problems, duplicates=duplicates)
+    rows = list(reader)
+    return None if reader.failed else rows
 
 
 def _read_csv(path: Path, required: list[str]) -> list[dict[str, str]]:

@@ -140,8 +140,8 @@ def _cmd_validate(args) -> int:
     if problems:
         for message in problems:
             print(message)
-        n = len(problems)
-        print(f"{root}: {n} problem{'s' if n != 1 else ''}", file=sys.stderr)
+        n = getattr(problems, "total", len(problems))  # listed and counted (data/problems.py)
+        print(f"{root}: {n:,} problem{'s' if n != 1 else ''}", file=sys.stderr)
         return 1
     print(line)
     return 0

@@ -12,8 +12,10 @@ exists, has the size index.csv gives (ih x iw, sh x sw; read from the header, be
 and decodes; segmentations are 8-bit RGB or RGBA PNGs; PNG label numbers and image-level labels
 exist in label.csv; a category column holds either PNGs or label numbers; index.csv has no
 column that category.csv does not list; duplicate rows; an empty dataset. CSVs may start with
-a UTF-8 byte-order mark. Files are decoded on a thread pool, with a progress bar for large
-datasets.
+a UTF-8 byte-order mark. index.csv is read a chunk of rows at a time and the chunk's files are
+decoded on a thread pool, with a progress bar for large datasets; problems are listed up to a
+limit per kind, then counted (data/problems.py), and a dataset whose rows mostly name missing
+files stops early, so time and memory stay bounded.
 """
 
 from __future__ import annotations
@@ -31,16 +33,21 @@ from tqdm import tqdm
 from cnnvis_pipeline.data.broden import (
     INDEX_FIXED,
     BrodenDataset,
+    CsvRows,
     parse_label_categories,
     read_csv_rows,
     unknown_columns,
     unknown_columns_message,
 )
 from cnnvis_pipeline.data.decode import decode_label_png, known_label_table, read_rgb
+from cnnvis_pipeline.data.problems import Problems, count_rows, missing_where
 from cnnvis_pipeline.errors import CnnvisError
 
 SPLITS = ("train", "val")
-PROGRESS_MIN_FILES = 2000  # show a progress bar from this many files on
+PROGRESS_MIN_FILES = 2000  # show a progress bar from this many rows on
+CHUNK_ROWS = 1000  # rows whose files are checked together (memory stays flat)
+EARLY_ROWS = 1000  # from this many rows checked on, a mostly missing dataset stops early
+EARLY_MISSING = 0.9  # ... when at least this share of the rows checked name missing files
 _CATEGORY_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _WHAT = {"pixel": "PNG files", "image": "label numbers"}
 
@@ -56,7 +63,7 @@ class _FileCheck:
 
 @dataclass
 class ValidationReport:
-    problems: list[str] = field(default_factory=list)
+    problems: Problems = field(default_factory=Problems)  # bounded per kind; .total: all
     images: int = 0
     splits: dict[str, int] = field(default_factory=dict)
     labels: int = 0
@@ -76,8 +83,9 @@ def _int(value) -> int | None:
         return None
 
 
-def _check_file(job: _FileCheck, known: np.ndarray) -> list[str]:
-    """known: bool [65536], True for 0 and every label number of label.csv."""
+def _check_file(job: _FileCheck, known: np.ndarray) -> tuple[list[str], bool]:
+    """(problems, whether the file is missing); known: bool [65536], True for 0 and every label
+    number of label.csv."""
     # The header's size is checked against index.csv before decoding (a 30000x30000 header or a
     # 9500x9500 all-zero PNG is refused without allocating gigabytes).
     try:
@@ -86,7 +94,7 @@ def _check_file(job: _FileCheck, known: np.ndarray) -> list[str]:
         else:
             arr = decode_label_png(job.path, job.shape)
     except CnnvisError as e:
-        return [f"{job.where}: {e}"]
+        return [f"{job.where}: {e}"], not job.path.exists()
     problems = []
     h, w = arr.shape[:2]
     if job.shape is not None and (h, w) != job.shape:
@@ -104,13 +112,15 @@ def _check_file(job: _FileCheck, known: np.ndarray) -> list[str]:
                 f"{job.where}: {job.path}: label number(s) {unknown[:10]}{more} are not in "
                 "label.csv"
             )
-    return problems
+    return problems, False
 
 
 def validation_report(root: Path, *, progress: bool = True,
                       workers: int | None = None) -> ValidationReport:
-    """Every problem of the dataset at `root` and its counts; CSV problems first, then index.csv's
-    and its files' in line order."""
+    """Every problem of the dataset at `root` (up to problems.LIMIT_PER_KIND of each kind, then
+    their count) and its counts; CSV problems first, then index.csv's and its files' in line
+    order. index.csv is read and its files checked a chunk of rows at a time; a dataset whose
+    rows mostly name missing files stops early with one line saying what seems missing."""
     report = ValidationReport()
     if not root.is_dir():
         report.problems.append(f"{root}: dataset directory does not exist")
@@ -119,12 +129,16 @@ def validation_report(root: Path, *, progress: bool = True,
     label_cats = _check_labels(root, categories, report)
     _check_category_tables(root, categories, set(label_cats), report.problems)
     index = _IndexCheck(root, categories, set(label_cats), report)
-    if not index.check_rows():
+    if not index.check(progress=progress, workers=workers):
+        report.problems.finish()
         return report
-    if label_cats and not index.image_level_seen and not any(label_cats.values()):
+    if label_cats and not index.image_level_seen and not any(label_cats.values()) \
+            and not index.stopped:
         report.problems.append(f"{root / 'label.csv'}: no labels belong to any category")
-    index.check_files(progress=progress, workers=workers)
     report.problems.extend(msg for _, _, msg in sorted(index.problems))
+    report.problems.finish()
+    if index.stopped:
+        report.problems.append(index.stopped)
     return report
 
 
@@ -211,13 +225,18 @@ class _IndexCheck:
         self.index_path = root / "index.csv"
         self.ds = BrodenDataset(root)  # for its path rule (relative, inside images/)
         self.problems: list[tuple[int, int, str]] = []
-        self.jobs: list[_FileCheck] = []
+        self.jobs: list[_FileCheck] = []  # the files of the rows not yet checked
+        self.rows_checked = self.rows_missing = self.total_rows = 0
+        self.first_missing: Path | None = None
+        self.stopped = ""
+        self.known = None
         self.kinds: dict[str, tuple[str, int]] = {}  # category -> (kind, first line)
         self.seen_images: dict[str, int] = {}
         self.image_level_seen = False
 
     def add(self, line: int, message: str) -> None:
-        self.problems.append((line, len(self.problems), message))
+        if self.report.problems.keep(message):
+            self.problems.append((line, len(self.problems), message))
 
     def resolve(self, line: int, rel: str, where: str) -> Path | None:
         try:
@@ -226,22 +245,39 @@ class _IndexCheck:
             self.add(line, str(e))
             return None
 
-    def check_rows(self) -> bool:
-        """Check every row; False when index.csv cannot be read at all."""
+    def check(self, *, progress: bool, workers: int | None) -> bool:
+        """Check every row, and the files of each chunk of rows on a thread pool; False when
+        index.csv cannot be read at all."""
         report = self.report
-        rows = _read_table(self.index_path, INDEX_FIXED + self.categories, report.problems)
-        if rows is None:
+        rows = CsvRows(self.index_path, INDEX_FIXED + self.categories, report.problems,
+                       duplicates=True)
+        self.total_rows = count_rows(self.index_path)
+        self.known = known_label_table(self.label_numbers)
+        bar = tqdm(total=self.total_rows, unit="row", desc=f"validate {self.root.name}",
+                   disable=not progress or self.total_rows < PROGRESS_MIN_FILES,
+                   file=sys.stderr, leave=False)
+        with bar, ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+            chunk = 0
+            for n, row in rows:
+                if not report.images and self.categories:
+                    unknown = unknown_columns(rows.header, self.categories)
+                    if unknown:
+                        report.problems.append(unknown_columns_message(
+                            self.index_path, unknown, self.root / "category.csv"))
+                self._check_row(n, row)
+                report.images += 1
+                chunk += 1
+                if chunk == CHUNK_ROWS:
+                    self._check_files(pool, chunk)
+                    bar.update(chunk)
+                    chunk = 0
+                    if self.stopped:
+                        return True
+            self._check_files(pool, chunk)
+        if rows.failed and not report.images:
             return False
-        if rows and self.categories:
-            unknown = unknown_columns(list(rows[0][1]), self.categories)
-            if unknown:
-                report.problems.append(unknown_columns_message(
-                    self.index_path, unknown, self.root / "category.csv"))
-        if not rows:
+        if not report.images:
             report.problems.append(f"{self.index_path}: the dataset has no images")
-        for n, row in rows:
-            self._check_row(n, row)
-        report.images = len(rows)
         return True
 
     def _check_row(self, n: int, row: dict) -> None:
@@ -312,27 +348,31 @@ class _IndexCheck:
             else:
                 self.image_level_seen = True
 
-    def check_files(self, *, progress: bool, workers: int | None) -> None:
-        """Decode every image and PNG on a thread pool; results follow the jobs' order."""
-        jobs = self.jobs
-        known = known_label_table(self.label_numbers)
-        self.report.files_checked = len(jobs)
-        workers = workers or min(8, os.cpu_count() or 1)
-        bar = tqdm(
-            total=len(jobs),
-            unit="file",
-            desc=f"validate {self.root.name}",
-            disable=not progress or len(jobs) < PROGRESS_MIN_FILES,
-            file=sys.stderr,
-            leave=False,
-        )
-        with bar, ThreadPoolExecutor(max_workers=workers) as pool:
-            for job, found in zip(
-                jobs, pool.map(lambda j: _check_file(j, known), jobs), strict=True
-            ):
-                bar.update(1)
-                for message in found:
-                    self.add(job.line, message)
+    def _check_files(self, pool: ThreadPoolExecutor, rows: int) -> None:
+        """Decode the files of the last `rows` rows; stop early (self.stopped: the line that
+        says so) when most rows checked so far name missing files."""
+        jobs, self.jobs = self.jobs, []
+        missing_lines = set()
+        for job, (found, missing) in zip(
+            jobs, pool.map(lambda j: _check_file(j, self.known), jobs), strict=True
+        ):
+            for message in found:
+                self.add(job.line, message)
+            if missing:
+                missing_lines.add(job.line)
+                self.first_missing = self.first_missing or job.path
+        self.report.files_checked += len(jobs)
+        self.rows_checked += rows
+        self.rows_missing += len(missing_lines)
+        if self.rows_checked >= EARLY_ROWS and \
+                self.rows_missing >= EARLY_MISSING * self.rows_checked:
+            where = missing_where(Path(os.path.realpath(self.root)), self.first_missing)
+            self.stopped = (
+                f"{self.root}: {where} seems missing: {self.rows_missing:,} of "
+                f"{self.rows_checked:,} rows checked so far name missing files; validation "
+                f"stopped early (index.csv has {self.total_rows:,} rows): copy the whole "
+                "dataset, or give the directory that holds it"
+            )
 
 
 def _shape(sizes: dict[str, int], h: str, w: str) -> tuple[int, int] | None:
