@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "cnnvis_pipeline.data.commands",
     "cnnvis_pipeline.models.commands",
     "cnnvis_pipeline.dissection.commands",
+    "cnnvis_pipeline.interventions.commands",
     "cnnvis_pipeline.viz.commands",
     "cnnvis_pipeline.reports.commands",
 ]
@@ -34,6 +35,7 @@ COMMANDS = {
     **{c: "cnnvis_pipeline.dissection.commands"
        for c in ("train", "check-model", "extract", "tables", "summary",
                  "dissect", "compositional", "formulas")},
+    **{c: "cnnvis_pipeline.interventions.commands" for c in ("ablate", "attack")},
     "visualize": "cnnvis_pipeline.viz.commands",
     "report": "cnnvis_pipeline.reports.commands",
     "summary-page": "cnnvis_pipeline.reports.commands",

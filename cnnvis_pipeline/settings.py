@@ -13,6 +13,7 @@ filled with the schema's defaults, never with defaults written here.
 - Compositional: formula search (None when the config has no `compositional:` section).
 - Views (+ ActivationMax, Inversion): what the visualise stage computes.
 - Report: what the HTML pages show (display only; changing it reruns only the report).
+- Ablation, Adversarial: the interventions (None when the config has no such section).
 
 Imports neither torch nor any stage.
 """
@@ -27,7 +28,8 @@ from typing import Any
 from cnnvis_pipeline.config import with_defaults
 from cnnvis_pipeline.errors import CnnvisError
 
-SECTIONS = ("dissection", "resources", "compositional", "views", "report")
+SECTIONS = ("dissection", "resources", "compositional", "views", "report", "ablation",
+            "adversarial")
 
 
 def _build(cls, values: dict, **extra):
@@ -142,6 +144,67 @@ class Report:
 
 
 @dataclass(frozen=True)
+class Ablation:
+    models: dict | None  # name -> {images, classes, size} ({} = own labels); None = train: models
+    limit: int
+    units: bool
+    top_n: int
+    metric: str
+    replicates: int
+    level: float
+    groups_per_pass: int
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, section: dict | None, seed: int = 0) -> Ablation:
+        return _build(cls, with_defaults("ablation", section), seed=int(seed))
+
+    def data_for(self, model: dict) -> dict | None:
+        """The classification data entry of a model entry (with its `name`), or None when the
+        model is not ablated; {} = a `train:` model's own labels."""
+        if self.models is None:
+            return {} if model.get("train") else None
+        entry = self.models.get(model["name"])
+        if entry is not None and not entry.get("images") and not model.get("train"):
+            raise CnnvisError(f"config: ablation.models.{model['name']}: give `images` and "
+                              "`classes` (only a `train:` model has its own labels)")
+        return None if entry is None else dict(entry)
+
+    def digest_fields(self) -> dict:
+        """What determines the ablation tables (not the scheduling's groups_per_pass)."""
+        out = dataclasses.asdict(self)
+        out.pop("groups_per_pass")
+        return out
+
+
+@dataclass(frozen=True)
+class Adversarial:
+    models: tuple | None  # None = every model
+    attacks: tuple
+    eps: float
+    steps: int
+    step_size: float | None
+    random_start: bool
+    target: str
+    images: int | None
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, section: dict | None, seed: int = 0) -> Adversarial:
+        s = with_defaults("adversarial", section)
+        s["attacks"] = tuple(s["attacks"])
+        s["models"] = None if s["models"] is None else tuple(s["models"])
+        return _build(cls, s, seed=int(seed))
+
+    @property
+    def pgd_step(self) -> float:
+        return self.step_size if self.step_size is not None else 2.5 * self.eps / self.steps
+
+    def applies_to(self, model: dict) -> bool:
+        return self.models is None or model["name"] in self.models
+
+
+@dataclass(frozen=True)
 class Job:
     """One job's settings: the model it works on and the parsed sections of its stage."""
 
@@ -152,6 +215,8 @@ class Job:
     views: Views
     report: Report
     compositional: Compositional | None
+    ablation: Ablation | None = None
+    adversarial: Adversarial | None = None
 
     @property
     def name(self) -> str:
@@ -168,12 +233,15 @@ class Job:
         seed = int(spec.get("seed", 0))
         model = {k: v for k, v in spec.items() if k not in SECTIONS and k != "seed"}
         comp = spec.get("compositional")
+        abl, adv = spec.get("ablation"), spec.get("adversarial")
         return cls(model=model, seed=seed,
                    dissection=Dissection.parse(spec.get("dissection"), seed),
                    resources=Resources.parse(spec.get("resources")),
                    views=Views.parse(spec.get("views"), seed),
                    report=Report.parse(spec.get("report")),
-                   compositional=None if comp is None else Compositional.parse(comp))
+                   compositional=None if comp is None else Compositional.parse(comp),
+                   ablation=None if abl is None else Ablation.parse(abl, seed),
+                   adversarial=None if adv is None else Adversarial.parse(adv, seed))
 
 
 def job_spec(model: dict, config: dict, sections: tuple[str, ...]) -> dict:

@@ -1,7 +1,8 @@
 """The one owner of the Parquet schemas; every table the project writes goes through here.
 
 - SCHEMAS: name -> pyarrow schema (iou, units, significance, sweep, thresholds, top_images,
-  detectors, activation_max, inversion, formulas).
+  detectors, activation_max, inversion, formulas, ablation, adversarial,
+  adversarial_concepts).
 - category_colors(categories): the one colour of each category in every figure and page.
 - write_table(name, columns, path, provenance): check columns against the schema, attach the
   provenance as Parquet key-value metadata, write atomically (fileio.atomic_file).
@@ -72,6 +73,23 @@ SCHEMAS: dict[str, pa.Schema] = {
     "inversion": pa.schema([
         ("model", S), ("layer", S), ("image_index", I64), ("image", S), ("error", F64),
         ("normalized_error", F64),
+    ]),
+    "ablation": pa.schema([
+        ("model", S), ("layer", S), ("group", S), ("kind", S), ("unit", I32), ("units", S),
+        ("concept", S), ("category", S), ("detector", B), ("class", S), ("class_index", I32),
+        ("images", I32), ("metric", S), ("before", F64), ("after", F64), ("change", F64),
+        ("change_low", F64), ("change_high", F64), ("rank", I32), ("related", B),
+    ]),
+    "adversarial": pa.schema([
+        ("model", S), ("layer", S), ("attack", S), ("eps", F64), ("steps", I32), ("unit", I32),
+        ("concept", S), ("category", S), ("detector", B), ("activation_clean", F64),
+        ("activation_attacked", F64), ("activation_change", F64), ("iou_clean", F64),
+        ("iou_attacked", F64), ("iou_change", F64), ("detector_attacked", B),
+        ("flip_rate", F64),
+    ]),
+    "adversarial_concepts": pa.schema([
+        ("model", S), ("layer", S), ("attack", S), ("eps", F64), ("steps", I32), ("concept", S),
+        ("category", S), ("detectors", I32), ("detectors_lost", I32),
     ]),
 }
 

@@ -1,7 +1,7 @@
 """The house rules of the package layout (docs/ARCHITECTURE.md), checked on the source.
 
-- imports go one way, data -> models -> dissection -> viz -> reports: no room imports a later
-  one; models/ imports no stage; reports/ imports only the table schemas, the errors, the file
+- imports go one way, data -> models -> dissection -> interventions -> viz -> reports: no room
+  imports a later one; models/ imports no stage; reports/ imports only the table schemas, the errors, the file
   helper and its own modules; config.py imports neither torch nor a stage;
 - no dissection module passes 400 lines;
 - CLI registration (`def register`) lives in commands.py modules only;
@@ -19,7 +19,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "cnnvis_pipeline"
 MODULES = sorted(p for p in PKG.rglob("*.py") if "__pycache__" not in p.parts)
-STAGES = ["data", "models", "dissection", "viz", "reports"]
+STAGES = ["data", "models", "dissection", "interventions", "viz", "reports"]
 SHARED = {"errors", "fileio", "tables", "config", "__init__"}  # top-level modules
 
 

@@ -2,7 +2,7 @@
 
 - PreparedDataset satisfies it: every member exists with the type, dtype and shape its docstring
   gives (`<type> [<shape>]:`), on a small prepared broden-synth dataset;
-- dissection/, viz/, models/synthnet.py, models/check.py and bench/ read nothing else: every
+- dissection/, interventions/, viz/, models/synthnet.py, models/check.py and bench/ read nothing else: every
   attribute they read of a prepared dataset (a name or attribute `ds`/`dataset`, or a name
   annotated or constructed as a PreparedDataset, such as `prepared`) is a member, and every key
   they read of its `meta` is one of META_KEYS.
@@ -22,7 +22,8 @@ from cnnvis_pipeline.data.interface import META_KEYS, Batch, PreparedData
 from cnnvis_pipeline.data.prepared import PreparedDataset
 
 PKG = Path(__file__).resolve().parents[1] / "cnnvis_pipeline"
-READERS = [*sorted((PKG / "dissection").glob("*.py")), *sorted((PKG / "viz").glob("*.py")),
+READERS = [*sorted((PKG / "dissection").glob("*.py")),
+           *sorted((PKG / "interventions").glob("*.py")), *sorted((PKG / "viz").glob("*.py")),
            PKG / "models" / "synthnet.py", PKG / "models" / "check.py",
            *sorted((PKG / "bench").glob("*.py"))]
 DATASET_NAMES = {"ds", "dataset"}  # the names a prepared dataset goes by

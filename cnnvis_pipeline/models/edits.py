@@ -15,8 +15,12 @@ the same time records the edited output, whichever was entered first.
 - zero_units(units), fix_units(units, values): built-in edits.
 - ablate_groups(groups, n_images): for a batch of n_images repeated G = len(groups) times (rows
   g * n_images .. (g + 1) * n_images - 1 are group g), zero group g's units in its rows.
-- run_groups(model, x, layer, groups, layouts=...) -> [G, N, ...]: the model's output on `x`
-  with each group's units of `layer` zeroed, all G groups in one forward pass.
+- run_groups(model, x, layer, groups, layouts=..., at_layer=False) -> [G, N, ...]: the model's
+  output on `x` with each group's units of `layer` zeroed, all G groups in one forward pass.
+  With `at_layer` the N images run once up to `layer`, whose output is repeated G times there
+  (an edit with a `repeat` attribute): the part before the layer is not computed G times. It
+  is right only for a model that uses nothing computed before `layer` after it (a skip
+  connection around the layer breaks it); callers check it against the plain way.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ class LayerEditor(LayerHooks):
         self.edits = dict(edits)
 
     def _edit(self, t, out):
+        repeat = getattr(self.edits[t.layer], "repeat", 1)
+        if repeat > 1:  # the rest of the model runs on `repeat` copies of the batch
+            out = _repeat_rows(out, repeat)
         fmap = to_feature_map(t.layer, out, t.layout, self._input_hw,
                               model_name=self.model_name, detach=False)
         try:
@@ -72,6 +79,16 @@ class LayerEditor(LayerHooks):
             # First among the module's hooks: a recorder on the same layer sees the edit.
             self._handles.append(module.register_forward_hook(self._hook(key), prepend=True))
         self._handles.append(self.model.register_forward_hook(self._post))
+
+
+def _repeat_rows(out, times: int):
+    """A module's output (a tensor, or a tuple/list whose tensors are batch-first) repeated
+    `times` times along the batch (copy g = rows g * N .. (g + 1) * N - 1)."""
+    def rep(t):
+        return t.repeat(times, *([1] * (t.dim() - 1))) if isinstance(t, torch.Tensor) else t
+    if isinstance(out, (tuple, list)):
+        return type(out)(rep(t) for t in out)
+    return rep(out)
 
 
 def edit_layers(model: nn.Module, edits: dict[str, Edit], *, layouts: dict | None = None,
@@ -139,18 +156,27 @@ def ablate_groups(groups: Sequence[Sequence[int]], n_images: int) -> Edit:
 
 
 def run_groups(model: nn.Module, x: torch.Tensor, layer: str, groups: Sequence[Sequence[int]],
-               *, layouts: dict | None = None, model_name: str = "model") -> torch.Tensor:
+               *, layouts: dict | None = None, model_name: str = "model",
+               at_layer: bool = False) -> torch.Tensor:
     """model(x) ([N, ...] -> [N, ...]) with the units of groups[g] of `layer` zeroed, for every
     group g in one forward pass of G * N rows; returns [G, N, ...]. Rows must not interact
-    (a model in eval mode)."""
+    (a model in eval mode). `at_layer`: repeat at the layer instead of at the input (the
+    module docstring says when that is right)."""
     if not groups:
         raise CnnvisError(f"{model_name}: run_groups needs at least one group of units")
     n = x.shape[0]
-    batch = x.repeat(len(groups), *([1] * (x.dim() - 1)))
-    with edit_layers(model, {layer: ablate_groups(groups, n)}, layouts=layouts,
-                     model_name=model_name):
+    edit = ablate_groups(groups, n)
+    if at_layer:
+        edit.repeat = len(groups)
+        batch = x
+    else:
+        batch = x.repeat(len(groups), *([1] * (x.dim() - 1)))
+    with edit_layers(model, {layer: edit}, layouts=layouts, model_name=model_name):
         out = model(batch)
     if not isinstance(out, torch.Tensor):
         raise CnnvisError(f"{model_name}: run_groups needs a model that outputs a tensor, not "
                           f"{type(out).__name__}")
+    if out.shape[0] != len(groups) * n:
+        raise CnnvisError(f"{model_name}: run_groups: the model's output has {out.shape[0]} "
+                          f"rows, not {len(groups)} groups x {n} images")
     return out.unflatten(0, (len(groups), n))
