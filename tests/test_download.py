@@ -248,7 +248,8 @@ def test_existing_directories_are_not_taken_for_complete(server, synth_zip, tmp_
     path = fetch_dataset(_spec(server, synth_zip), other, progress=False)
     spec = _spec(server, synth_zip)
     spec["sha256"] = "1" * 64
-    with pytest.raises(CnnvisError, match="holds a dataset from an archive with sha256"):
+    with pytest.raises(CnnvisError, match=r"holds the download of http\S+ \(sha256 [0-9a-f]{64}, md5 "
+                       r"[0-9a-f]{32}\), but the config asks for the archive http\S+ \(sha256 1{64}\)"):
         fetch_dataset(spec, other, progress=False)
     assert is_complete(path)
 

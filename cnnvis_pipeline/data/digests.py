@@ -7,6 +7,7 @@
 - model_content(name, spec): what of a model lives outside the config (checkpoint, factory
   source), without importing the factory module or loading the checkpoint.
 - model_digest_file(dir, model): the path of a model's digest file.
+- check_entry(cfg, dataset): the shared dataset entry is what the config asks for.
 
 Imports neither torch nor a later stage, so that `snakemake -n` stays light.
 """
@@ -17,9 +18,10 @@ import json
 from pathlib import Path
 
 from cnnvis_pipeline.config import dataset_name, dataset_source_dir
-from cnnvis_pipeline.data.download import is_complete
-from cnnvis_pipeline.data.entries import write_dataset_digest
+from cnnvis_pipeline.data.download import check_recorded, is_complete
+from cnnvis_pipeline.data.entries import check_synth, write_dataset_digest
 from cnnvis_pipeline.data.manifest import file_sha256, module_source_files, write_if_changed
+from cnnvis_pipeline.data.source import resolve_source
 from cnnvis_pipeline.errors import CnnvisError
 
 
@@ -62,6 +64,8 @@ def refresh_digests(cfg: dict, models: dict[str, dict], digests_dir: str | Path)
     complete = dataset.is_dir() and (is_complete(dataset) if (ds.get("download") or ds.get("url"))
                                      else True)
     digest_file = digests / "dataset.json"
+    if dataset.is_dir():
+        check_entry(cfg, dataset)
     if complete:
         write_dataset_digest(dataset, digest_file, manifest=f"{root}/manifests/{name}.json")
     elif digest_file.exists():
@@ -78,6 +82,22 @@ def refresh_digests(cfg: dict, models: dict[str, dict], digests_dir: str | Path)
         content = model_content(model, spec, cache=cache)
         write_if_changed(digests / f"model_{model}.json",
                          json.dumps(content, indent=1, sort_keys=True) + "\n")
+
+
+def check_entry(cfg: dict, dataset: Path) -> None:
+    """The shared dataset entry `dataset` is what the config asks for (the generator's
+    parameters, or the archive's checksum), before any run uses it; raise CnnvisError naming
+    both when it is not. A `path:` dataset is the user's own directory: its shared entries
+    (validated/, prepared/) are keyed by its content digest."""
+    ds = cfg["dataset"]
+    if ds.get("path"):
+        return
+    if "synth" in ds:
+        s = ds["synth"] or {}
+        check_synth(dataset, {"generator": "broden-synth", "images": int(s.get("images", 1000)),
+                              "size": int(s.get("size", 64)), "seed": int(cfg.get("seed", 0))})
+    else:
+        check_recorded(dataset, resolve_source(dict(ds, name=dataset.name)))
 
 
 def model_digest_file(digests_dir: str | Path, model: str) -> str:

@@ -4,6 +4,7 @@
   means) to a complete dataset directory, `data_root/<name>`; does nothing when that directory is
   already complete.
 - is_complete(path): whether a dataset directory carries the completion marker.
+- check_recorded(dest, src): the entry's marker records an archive of the checksum(s) asked for.
 
 The archive is streamed by pooch with a downloader that resumes `<name>.zip.part` with an HTTP Range
 request, is verified against the checksum, then unpacked (data/archive.py) into a hidden temporary
@@ -289,6 +290,14 @@ def _already_done(dest: Path, src: DatasetSource) -> bool:
     """True if `dest` is a complete download of this archive; raise if it is something else."""
     if not dest.exists() and not dest.is_symlink():
         return False
+    check_recorded(dest, src)
+    return True
+
+
+def check_recorded(dest: Path, src: DatasetSource) -> None:
+    """Raise CnnvisError unless the dataset entry `dest` records (in its .complete marker) the
+    download of an archive with the checksum(s) `src` asks for: an entry of another archive, of
+    the generator, or without a record is never taken for this one."""
     marker = dest / COMPLETE_MARKER
     if not marker.is_file():
         raise CnnvisError(
@@ -298,15 +307,23 @@ def _already_done(dest: Path, src: DatasetSource) -> bool:
     try:
         recorded = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        recorded = {}
-    for alg, expected in src.checksums.items():
-        have = recorded.get(alg) if isinstance(recorded, dict) else None
-        if have and have != expected:
-            raise CnnvisError(
-                f"{dest}: holds a dataset from an archive with {alg} {have}, but the config asks "
-                f"for {expected}; remove it, or set another dataset name"
-            )
-    return True
+        recorded = None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    wanted = ", ".join(f"{alg} {h}" for alg, h in src.checksums.items())
+    if recorded.get("generator"):
+        made = ", ".join(f"{k} {v}" for k, v in sorted(recorded.items()) if k != "generator")
+        have = f"a {recorded['generator']} dataset ({made})"
+    else:
+        sums = ", ".join(f"{alg} {recorded[alg]}" for alg in ("sha256", "md5")
+                         if isinstance(recorded.get(alg), str))
+        have = f"the download of {recorded.get('url') or 'an unrecorded URL'} ({sums or 'no checksum recorded'})"
+    same = [recorded.get(alg) == h for alg, h in src.checksums.items() if recorded.get(alg)]
+    if not same or not all(same):
+        raise CnnvisError(
+            f"{dest}: holds {have}, but the config asks for the archive {src.url} ({wanted}); "
+            "a dataset entry is never reused for another archive: set dataset.name to a new "
+            f"name, or remove {dest}"
+        )
 
 
 def fetch_dataset(

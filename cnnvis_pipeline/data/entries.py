@@ -16,7 +16,7 @@ same moment. The rules are:
 - entry_lock(entry): the lock context manager.
 - remove_stale_temporaries(entry): under the lock, temporary siblings of killed attempts.
 - ensure_synth / ensure_validated / ensure_prepared: the dataset's entries, each complete once
-  per content; write_dataset_digest: the digest file (a receipt, data/receipts.py).
+  per content; check_synth: a dataset entry is the broden-synth dataset of given parameters; write_dataset_digest: the digest file (a receipt, data/receipts.py).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def ensure_synth(out: str | Path, *, images: int, size: int, seed: int) -> Path:
             "seed": int(seed)}
     with entry_lock(out, what="this broden-synth dataset"):
         if out.exists():
-            _check_synth(out, want)
+            check_synth(out, want)
             log.info("%s: already complete (broden-synth %s)", out, want)
             return out
         remove_stale_temporaries(out)
@@ -139,7 +139,8 @@ def ensure_synth(out: str | Path, *, images: int, size: int, seed: int) -> Path:
     return out
 
 
-def _check_synth(out: Path, want: dict) -> None:
+def check_synth(out: Path, want: dict) -> None:
+    """Raise CnnvisError unless `out` is the broden-synth dataset of the parameters `want`."""
     marker = out / SYNTH_MARKER
     try:
         have = json.loads(marker.read_text(encoding="utf-8"))
