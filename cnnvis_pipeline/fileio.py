@@ -75,8 +75,10 @@ def error_line(e: OSError) -> str | None:
             line += f" ({free} bytes free): free space (or run elsewhere) and run again"
         except OSError:
             line += ": free space (or run elsewhere) and run again"
-    elif code == errno.EROFS or isinstance(e, WriteError):
-        line += ": the directory must be writable by this user"
+    elif code == errno.EROFS:
+        line += ": the file system is mounted read-only: run in a writable --directory"
+    else:
+        line += ": this user may not write there: run in a writable --directory"
     return line
 
 
