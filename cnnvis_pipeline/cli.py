@@ -18,6 +18,7 @@ from cnnvis_pipeline.fileio import error_line
 
 COMMAND_MODULES = [
     "cnnvis_pipeline.data.commands",
+    "cnnvis_pipeline.data.sources.commands",
     "cnnvis_pipeline.models.commands",
     "cnnvis_pipeline.dissection.commands",
     "cnnvis_pipeline.interventions.commands",
@@ -31,6 +32,8 @@ COMMAND_MODULES = [
 COMMANDS = {
     **{c: "cnnvis_pipeline.data.commands" for c in ("synth", "download", "digest", "validate",
                                                          "prepare")},
+    **{c: "cnnvis_pipeline.data.sources.commands"
+       for c in ("source-digest", "source-validate", "source-prepare")},
     "layers": "cnnvis_pipeline.models.commands",
     **{c: "cnnvis_pipeline.dissection.commands"
        for c in ("train", "check-model", "extract", "tables", "summary",

@@ -266,14 +266,46 @@ def dataset_name(cfg: dict) -> str:
         p = Path(ds["path"])
         stem = re.sub(r"[^A-Za-z0-9_-]", "-", p.resolve().name)[:40] or "dataset"
         return f"{stem}-{spec_digest(str(p.resolve()))[:8]}"
-    raise CnnvisError("config: dataset needs one of synth, path, download, url")
+    for kind in SOURCE_KINDS:
+        if ds.get(kind):
+            return _source_name(kind, ds[kind])
+    raise CnnvisError("config: dataset needs one of synth, path, download, url, "
+                      + ", ".join(SOURCE_KINDS))
+
+
+# The dataset sources besides Broden (data/sources/; the same tuple as its SOURCE_KINDS).
+SOURCE_KINDS = ("ade20k", "coco_panoptic", "masks", "concepts")
+
+
+def _resolved(value):
+    """A source's spec with every path made absolute (what names it)."""
+    if isinstance(value, str):
+        return str(Path(value).resolve())
+    if isinstance(value, dict):
+        return {k: _resolved(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolved(v) for v in value]
+    return value
+
+
+def _source_name(kind: str, value) -> str:
+    """`<kind>-<the main folder's name>-<8 hex digits of the resolved spec>`."""
+    first = value
+    while isinstance(first, (dict, list)) and first:
+        first = next(iter(first.values())) if isinstance(first, dict) else first[0]
+    stem = re.sub(r"[^A-Za-z0-9_-]", "-", Path(str(first)).resolve().name)[:30] if isinstance(
+        first, str) else ""
+    return f"{kind}-{stem or 'data'}-{spec_digest(_resolved(value))[:8]}"
 
 
 def dataset_source_dir(cfg: dict) -> str:
-    """The Broden-format directory the workflow reads (made by synth/download, or the user's)."""
+    """The Broden-format directory the workflow reads (made by synth/download, or the user's);
+    "" for a source of data/sources/ (read where it is)."""
     ds, root = cfg["dataset"], cfg.get("data_root", "resources")
     if ds.get("path"):
         return str(ds["path"])
+    if any(ds.get(kind) for kind in SOURCE_KINDS):  # read in place (data/sources/)
+        return ""
     return f"{root}/datasets/{dataset_name(cfg)}"
 
 

@@ -22,6 +22,7 @@ from cnnvis_pipeline.data.download import check_recorded, is_complete
 from cnnvis_pipeline.data.entries import check_synth, write_dataset_digest
 from cnnvis_pipeline.data.manifest import file_sha256, module_source_files, write_if_changed
 from cnnvis_pipeline.data.source import resolve_source
+from cnnvis_pipeline.data.sources import source_kind, write_source_digest
 from cnnvis_pipeline.errors import CnnvisError
 
 
@@ -64,12 +65,15 @@ def refresh_digests(cfg: dict, models: dict[str, dict], digests_dir: str | Path)
     complete = dataset.is_dir() and (is_complete(dataset) if (ds.get("download") or ds.get("url"))
                                      else True)
     digest_file = digests / "dataset.json"
-    if dataset.is_dir():
-        check_entry(cfg, dataset)
-    if complete:
-        write_dataset_digest(dataset, digest_file, manifest=f"{root}/manifests/{name}.json")
-    elif digest_file.exists():
-        digest_file.unlink()
+    if source_kind(ds):  # read in place: the digest of its files and options (data/sources/)
+        write_source_digest(ds, digest_file, manifests=f"{root}/manifests/{name}", name=name)
+    else:
+        if dataset.is_dir():
+            check_entry(cfg, dataset)
+        if complete:
+            write_dataset_digest(dataset, digest_file, manifest=f"{root}/manifests/{name}.json")
+        elif digest_file.exists():
+            digest_file.unlink()
     receipt = digests / "prepared.json"
     try:
         entry = json.loads(receipt.read_text(encoding="utf-8")).get("prepared")

@@ -1,7 +1,10 @@
-"""The prepared dataset: a Broden directory decoded once into packed arrays shared by every model.
+"""The prepared dataset: a dataset decoded once into packed arrays shared by every model.
 
-- prepare_dataset(broden_root, out_dir, workers=W): decode images and label planes into .npy
+- write_prepared(source, out_dir, size=, digest=, workers=W): the one writer; a source (Broden,
+  ADE20K, COCO panoptic, a mask folder, merged, a segmenter's: data/sources/) gives each image
+  and its label planes, the writer resizes them (images bilinear, labels nearest) into .npy
   arrays (written under a temporary name, renamed into place when complete), in W processes.
+- prepare_dataset(broden_root, out_dir, workers=W): a Broden directory through that writer.
 - PreparedDataset(out_dir): memory-mapped access, `batch(indices)` for the dissection; what
   other stages may read of it is declared by data/interface.py (PreparedData).
 - dataset_digest(ds): the content digest of the dataset directory (data/manifest.py).
@@ -10,7 +13,8 @@
 
 Layout of a prepared directory:
   meta.json         categories (with kind pixel/image), concepts (label, name, category), image
-                    names, splits, sizes, the number of planes per pixel-level category, digest
+                    names, splits, sizes, digest; `source_info` (the source's format, paths and
+                    options) and `labels` ("annotations", or "predictions" of a segmenter)
   images.npy        uint8 [N, H, W, 3], every image resized (bilinear) to one size
   planes.npy        uint16 [N, P, sh, sw], the label planes of all pixel-level categories
                     (plane_category.npy int16 [P] says whose plane it is); 0 = unlabeled
@@ -32,9 +36,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from cnnvis_pipeline.data.broden import BrodenDataset, load_broden
+from cnnvis_pipeline.data.broden import BrodenDataset
 from cnnvis_pipeline.data.interface import Batch
 from cnnvis_pipeline.data.receipts import read_receipt
+from cnnvis_pipeline.data.sources.base import Source
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.fileio import atomic_dir
 
@@ -60,9 +65,9 @@ CHUNK = 64  # images per task of a parallel preparation
 
 @dataclass
 class _Plan:
-    """What every row of a preparation needs: the parsed dataset and the arrays' geometry."""
+    """What every row of a preparation needs: the source and the arrays' geometry."""
 
-    ds: BrodenDataset
+    source: Source
     tmp: Path
     ih: int
     iw: int
@@ -78,27 +83,20 @@ _PLAN: _Plan | None = None  # set in the parent before a fork pool starts: child
 def _fill_rows(plan: _Plan, lo: int, hi: int) -> tuple[np.ndarray, list[list[int]]]:
     """Decode images lo..hi-1 into the output arrays (opened for writing in place); return
     their `present` rows and present concepts. The same code runs serially and in workers."""
-    ds, ih, iw, sh, sw = plan.ds, plan.ih, plan.iw, plan.sh, plan.sw
+    src, ih, iw, sh, sw = plan.source, plan.ih, plan.iw, plan.sh, plan.sw
     images = np.load(plan.tmp / "images.npy", mmap_mode="r+")
     planes = np.load(plan.tmp / "planes.npy", mmap_mode="r+")
-    present = np.zeros((hi - lo, len(ds.categories)), bool)
+    present = np.zeros((hi - lo, len(src.categories)), bool)
     slots: list[list[int]] = []
     try:
         for i in range(lo, hi):
-            rec = ds.records[i]
-            img = ds.read_image(i)
-            if img.shape[:2] != (rec.ih, rec.iw):
-                raise CnnvisError(
-                    f"{ds.resolve(rec.image, where='')}: image is {img.shape[1]}x{img.shape[0]}, "
-                    f"index.csv line {rec.row} says iw x ih = {rec.iw}x{rec.ih}"
-                )
+            img, decoded, image_labels = src.read(i)
             if img.shape[:2] != (ih, iw):
                 img = np.asarray(Image.fromarray(img).resize((iw, ih), Image.BILINEAR))
             images[i] = img
             present_concepts: set[int] = set()
             k = 0
-            decoded = ds.read_planes(i)
-            for cat in ds.pixel_categories:
+            for cat in src.pixel_categories:
                 cat_planes = decoded.get(cat)
                 for j in range(plan.planes_per_cat[cat]):
                     if cat_planes is not None and j < len(cat_planes):
@@ -114,9 +112,9 @@ def _fill_rows(plan: _Plan, lo: int, hi: int) -> tuple[np.ndarray, list[list[int
                         planes[i, k + j] = 0
                 k += plan.planes_per_cat[cat]
                 if cat_planes is not None:
-                    present[i - lo, ds.categories.index(cat)] = True
-            for cat, labels in rec.labels.items():
-                present[i - lo, ds.categories.index(cat)] = True
+                    present[i - lo, src.categories.index(cat)] = True
+            for cat, labels in image_labels.items():
+                present[i - lo, src.categories.index(cat)] = True
                 present_concepts.update(plan.concept_of[(lab, cat)] for lab in labels)
             slots.append(sorted(present_concepts))
         images.flush()
@@ -132,70 +130,84 @@ def _fill_rows_in_worker(bounds: tuple[int, int]):
 
 def prepare_dataset(broden_root: str | Path, out_dir: str | Path, *, image_size: int | None = None,
                     progress: bool = True, digest: str | None = None,
-                    workers: int = 1) -> Path:
+                    workers: int = 1, split: str | None = None,
+                    limit: int | None = None) -> Path:
     """Decode a Broden directory into `out_dir` (refuses to overwrite a complete one).
 
-    `digest`: the dataset's content digest when the caller has it (else it is computed).
+    `image_size` S: images S x S, segmentations at their ratio to the images
+    (data/sources/broden.py); `split`, `limit`: a split and a deterministic subset.
+    `digest`: the dataset's content digest when the caller has it (else it is computed)."""
+    from cnnvis_pipeline.data.sources.broden import BrodenSource
+
+    source = BrodenSource(broden_root, split=split, limit=limit)
+    return write_prepared(source, out_dir, size=image_size, progress=progress,
+                          digest=digest or dataset_digest(source.ds), workers=workers,
+                          origin=str(Path(broden_root).resolve()))
+
+
+def _run_chunks(plan: _Plan, n: int, out_dir: Path, workers: int, progress: bool):
+    """Every chunk of rows, serially or in `workers` forked processes; (present, slots)."""
+    global _PLAN
+    chunks = [(lo, min(lo + CHUNK, n)) for lo in range(0, n, CHUNK)]
+    workers = max(1, min(int(workers), len(chunks)))
+    present_parts, slots = [], []
+    if workers == 1:
+        pool, results = None, (_fill_rows(plan, lo, hi) for lo, hi in chunks)
+    else:
+        # The workers fork before any other thread (the progress bar's) exists; they
+        # inherit the plan instead of receiving it pickled.
+        _PLAN = plan
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+        results = pool.map(_fill_rows_in_worker, chunks)  # in index order
+    try:
+        with tqdm(total=n, desc="prepare", unit="img", disable=not progress,
+                  mininterval=2) as bar:
+            # The first error raised is the first bad row's, with 1 worker or many.
+            for (lo, hi), (pres, sl) in zip(chunks, results, strict=True):
+                present_parts.append(pres)
+                slots.extend(sl)
+                bar.update(hi - lo)
+    except BrokenProcessPool as e:
+        raise CnnvisError(
+            f"{out_dir}: a preparation worker process died ({e}; killed for memory?); "
+            "nothing was kept; try fewer workers (the rule's threads)"
+        ) from None
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        _PLAN = None
+    present = (np.concatenate(present_parts) if present_parts
+               else np.zeros((0, len(plan.source.categories)), bool))
+    return present, slots
+
+
+def write_prepared(source: Source, out_dir: str | Path, *, size: int | None, digest: str,
+                   progress: bool = True, workers: int = 1, origin: str = "") -> Path:
+    """The one writer: a source's images and labels into the arrays of the module docstring.
+
     `workers` > 1 decodes chunks of CHUNK images in that many forked processes, each writing its
     rows of the arrays in place; the result is the same bytes as with 1, and a bad file raises
     the same error (the first bad row in index order)."""
-    global _PLAN
     out_dir = Path(out_dir)
     if (out_dir / "meta.json").exists():
         raise CnnvisError(f"{out_dir}: a prepared dataset is already there; remove it to rebuild")
-    ds = load_broden(broden_root)
-    n = len(ds)
-    # One image size and one segmentation size for the whole array: the most common ones.
-    ih = image_size or int(np.bincount([r.ih for r in ds.records]).argmax())
-    iw = image_size or int(np.bincount([r.iw for r in ds.records]).argmax())
-    sh = int(np.bincount([r.sh for r in ds.records]).argmax())
-    sw = int(np.bincount([r.sw for r in ds.records]).argmax())
-    planes_per_cat = {
-        c: max((len(r.pixel.get(c, [])) for r in ds.records), default=0) for c in ds.pixel_categories
-    }
-    plane_category = [ds.categories.index(c) for c in ds.pixel_categories for _ in range(planes_per_cat[c])]
-    n_planes = len(plane_category)
-    if max(ds.label_names) > np.iinfo(np.uint16).max:
-        raise CnnvisError(f"{ds.root / 'label.csv'}: label numbers above 65535 are not supported")
+    n = len(source)
+    ih, iw, sh, sw = source.geometry(size)
+    planes_per_cat = source.planes_per_category()
+    plane_category = [source.categories.index(c) for c in source.pixel_categories
+                      for _ in range(planes_per_cat[c])]
+    if max((c.label for c in source.concepts), default=0) > np.iinfo(np.uint16).max:
+        raise CnnvisError(f"{origin}: label numbers above 65535 are not supported")
 
     # An incomplete leftover at out_dir (no meta.json, checked above) is replaced.
     with atomic_dir(out_dir) as tmp:
         for name, dtype, shape in (("images", np.uint8, (n, ih, iw, 3)),
-                                   ("planes", np.uint16, (n, max(n_planes, 1), sh, sw))):
+                                   ("planes", np.uint16, (n, max(len(plane_category), 1), sh, sw))):
             # Sparse files of the final size; every row is written below (absent planes as 0).
             arr = np.lib.format.open_memmap(tmp / f"{name}.npy", "w+", dtype, shape)
             del arr
-        plan = _Plan(ds, tmp, ih, iw, sh, sw, planes_per_cat, ds.concept_index())
-        chunks = [(lo, min(lo + CHUNK, n)) for lo in range(0, n, CHUNK)]
-        workers = max(1, min(int(workers), len(chunks)))
-        present_parts, slots = [], []
-        if workers == 1:
-            pool, results = None, (_fill_rows(plan, lo, hi) for lo, hi in chunks)
-        else:
-            # The workers fork before any other thread (the progress bar's) exists; they
-            # inherit the plan instead of receiving it pickled.
-            _PLAN = plan
-            pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
-            results = pool.map(_fill_rows_in_worker, chunks)  # in index order
-        try:
-            with tqdm(total=n, desc="prepare", unit="img", disable=not progress,
-                      mininterval=2) as bar:
-                # The first error raised is the first bad row's, with 1 worker or many.
-                for (lo, hi), (pres, sl) in zip(chunks, results, strict=True):
-                    present_parts.append(pres)
-                    slots.extend(sl)
-                    bar.update(hi - lo)
-        except BrokenProcessPool as e:
-            raise CnnvisError(
-                f"{out_dir}: a preparation worker process died ({e}; killed for memory?); "
-                "nothing was kept; try fewer workers (the rule's threads)"
-            ) from None
-        finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-            _PLAN = None
-        present = (np.concatenate(present_parts) if present_parts
-                   else np.zeros((0, len(ds.categories)), bool))
+        plan = _Plan(source, tmp, ih, iw, sh, sw, planes_per_cat, source.concept_index())
+        present, slots = _run_chunks(plan, n, out_dir, workers, progress)
         width = max(1, max((len(s) for s in slots), default=0))
         slot_arr = np.full((n, width), -1, np.int32)
         for i, s in enumerate(slots):
@@ -205,20 +217,23 @@ def prepare_dataset(broden_root: str | Path, out_dir: str | Path, *, image_size:
         np.save(tmp / "plane_category.npy", np.asarray(plane_category, np.int16))
         meta = {
             "format": FORMAT_VERSION,
-            "source": str(Path(broden_root).resolve()),
-            "digest": digest or dataset_digest(ds),
+            "source": origin,
+            "source_info": source.describe(),
+            "labels": source.labels,
+            "digest": digest,
             "n_images": n,
             "image_size": [ih, iw],
             "seg_size": [sh, sw],
             "categories": [
-                {"name": c, "kind": "pixel" if c in ds.pixel_categories else "image"}
-                for c in ds.categories
+                {"name": c, "kind": "pixel" if c in source.pixel_categories else "image"}
+                for c in source.categories
             ],
             "concepts": [
-                {"label": c.label, "name": c.name, "category": c.category} for c in ds.concepts
+                {"label": c.label, "name": c.name, "category": c.category}
+                for c in source.concepts
             ],
-            "images": [r.image for r in ds.records],
-            "splits": [r.split for r in ds.records],
+            "images": list(source.names),
+            "splits": list(source.splits),
         }
         # meta.json is written last: its presence marks the directory complete.
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))

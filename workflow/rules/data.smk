@@ -7,6 +7,13 @@
 # the shared entries. common.smk refreshes the digest files at every start.
 
 _ds = config["dataset"]
+# A source read in place (ade20k, coco_panoptic, masks, concepts: data/sources/), and whether
+# preparation goes through `cnnvis source-prepare` (those, or Broden with size/split/limit).
+from cnnvis_pipeline.data.sources import OPTIONS as _OPTIONS, source_kind as _source_kind
+
+_kind = _source_kind(_ds)
+_by_source = bool(_kind) or any(_ds.get(k) is not None for k in _OPTIONS)
+SOURCE_SPEC = json.dumps(_ds, sort_keys=True)
 
 if "synth" in _ds:
 
@@ -67,6 +74,24 @@ elif _ds.get("download") or _ds.get("url"):
             "{params.cnnvis} download --data-root {params.root:q} --name {params.name:q} --spec {params.spec:q}"
             " --digest-out {output:q} --manifest {params.manifest:q} --quiet > {log:q} 2>&1"
 
+elif _kind:
+
+    # A source read in place: common.smk writes the digest of its files and options at start;
+    # this runs only when it could not.
+    rule source_digest:
+        output:
+            DATASET_DIGEST,
+        log:
+            "results/logs/data/digest.log",
+        params:
+            cnnvis=CNNVIS,
+            spec=SOURCE_SPEC,
+            manifests=f"{DATA_ROOT}/manifests/{DATASET}",
+            name=DATASET,
+        shell:
+            "{params.cnnvis} source-digest --spec {params.spec:q} --out {output:q}"
+            " --manifests {params.manifests:q} --name {params.name:q} > {log:q} 2>&1"
+
 else:
 
     # A `path:` dataset: common.smk writes its digest at start; this runs only when it could not
@@ -85,41 +110,89 @@ else:
             " --manifest {params.manifest:q} > {log:q} 2>&1"
 
 
-rule validate_dataset:
-    input:
-        DATASET_DIGEST,
-    output:
-        VALIDATED,
-    log:
-        "results/logs/data/validate.log",
-    threads: data_threads()
-    params:
-        cnnvis=CNNVIS,
-        dataset=DATASET_DIR,
-        root=DATA_ROOT,
-        name=DATASET,
-    shell:
-        "{params.cnnvis} validate {params.dataset:q} --digest-file {input:q} --data-root {params.root:q}"
-        " --name {params.name:q} --workers {threads:q} > {output:q} 2> {log:q} || (cat {output:q} >&2; rm -f {output:q}; exit 1)"
+if _kind:
+
+    rule validate_dataset:
+        input:
+            DATASET_DIGEST,
+        output:
+            VALIDATED,
+        log:
+            "results/logs/data/validate.log",
+        threads: data_threads()
+        params:
+            cnnvis=CNNVIS,
+            spec=SOURCE_SPEC,
+            root=DATA_ROOT,
+            name=DATASET,
+        shell:
+            "{params.cnnvis} source-validate --spec {params.spec:q} --digest-file {input:q}"
+            " --data-root {params.root:q} --name {params.name:q} --workers {threads:q}"
+            " > {output:q} 2> {log:q} || (cat {output:q} >&2; rm -f {output:q}; exit 1)"
+
+else:
+
+    rule validate_dataset:
+        input:
+            DATASET_DIGEST,
+        output:
+            VALIDATED,
+        log:
+            "results/logs/data/validate.log",
+        threads: data_threads()
+        params:
+            cnnvis=CNNVIS,
+            dataset=DATASET_DIR,
+            root=DATA_ROOT,
+            name=DATASET,
+        shell:
+            "{params.cnnvis} validate {params.dataset:q} --digest-file {input:q} --data-root {params.root:q}"
+            " --name {params.name:q} --workers {threads:q} > {output:q} 2> {log:q} || (cat {output:q} >&2; rm -f {output:q}; exit 1)"
 
 
 # Every later job waits for the data stage, so its rules take all the cores (`--set-threads` or
 # a profile's set-threads gives them some on a cluster, where the default is 1).
-rule prepare_dataset:
-    input:
-        digest=DATASET_DIGEST,
-        validated=VALIDATED,
-    output:
-        PREPARED,
-    log:
-        "results/logs/data/prepare.log",
-    threads: data_threads()
-    params:
-        cnnvis=CNNVIS,
-        dataset=DATASET_DIR,
-        root=DATA_ROOT,
-        name=DATASET,
-    shell:
-        "{params.cnnvis} prepare --dataset {params.dataset:q} --digest-file {input.digest:q}"
-        " --data-root {params.root:q} --name {params.name:q} --receipt {output:q}"
-        " --workers {threads:q} > {log:q} 2>&1"
+if _by_source:
+    # A source (or a Broden directory with size/split/limit): `cnnvis source-prepare` reads the
+    # whole `dataset` mapping; a Broden directory is passed as --directory ("" for a source).
+
+    rule prepare_dataset:
+        input:
+            digest=DATASET_DIGEST,
+            validated=VALIDATED,
+        output:
+            PREPARED,
+        log:
+            "results/logs/data/prepare.log",
+        threads: data_threads()
+        params:
+            cnnvis=CNNVIS,
+            spec=SOURCE_SPEC,
+            directory=DATASET_DIR,
+            root=DATA_ROOT,
+            name=DATASET,
+        shell:
+            "{params.cnnvis} source-prepare --spec {params.spec:q} --directory {params.directory:q}"
+            " --digest-file {input.digest:q} --data-root {params.root:q} --name {params.name:q}"
+            " --receipt {output:q} --workers {threads:q} --quiet > {log:q} 2>&1"
+
+else:
+
+    rule prepare_dataset:
+        input:
+            digest=DATASET_DIGEST,
+            validated=VALIDATED,
+        output:
+            PREPARED,
+        log:
+            "results/logs/data/prepare.log",
+        threads: data_threads()
+        params:
+            cnnvis=CNNVIS,
+            dataset=DATASET_DIR,
+            root=DATA_ROOT,
+            name=DATASET,
+        shell:
+            "{params.cnnvis} prepare --dataset {params.dataset:q} --digest-file {input.digest:q}"
+            " --data-root {params.root:q} --name {params.name:q} --receipt {output:q}"
+            " --workers {threads:q} > {log:q} 2>&1"
