@@ -277,14 +277,14 @@ def dataset_name(cfg: dict) -> str:
 SOURCE_KINDS = ("ade20k", "coco_panoptic", "masks", "concepts")
 
 
-def _resolved(value):
+def _absolute_paths(value):
     """A source's spec with every path made absolute (what names it)."""
     if isinstance(value, str):
         return str(Path(value).resolve())
     if isinstance(value, dict):
-        return {k: _resolved(v) for k, v in value.items()}
+        return {k: _absolute_paths(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolved(v) for v in value]
+        return [_absolute_paths(v) for v in value]
     return value
 
 
@@ -295,7 +295,7 @@ def _source_name(kind: str, value) -> str:
         first = next(iter(first.values())) if isinstance(first, dict) else first[0]
     stem = re.sub(r"[^A-Za-z0-9_-]", "-", Path(str(first)).resolve().name)[:30] if isinstance(
         first, str) else ""
-    return f"{kind}-{stem or 'data'}-{spec_digest(_resolved(value))[:8]}"
+    return f"{kind}-{stem or 'data'}-{spec_digest(_absolute_paths(value))[:8]}"
 
 
 def dataset_source_dir(cfg: dict) -> str:

@@ -237,3 +237,31 @@ def test_commands_digest_validate_prepare(ade, tmp_path, capsys):
     assert main(args) == 0 and main(args) == 0  # complete for the same digest: success
     ds = PreparedDataset(tmp_path / "r.json")
     assert len(ds) == 6 and ds.digest == first
+
+
+def test_dataset_names_of_sources_are_safe_and_distinct(ade, coco, masks):
+    from cnnvis_pipeline.config import dataset_name, dataset_source_dir
+
+    specs = [{"ade20k": str(ade)}, {"coco_panoptic": coco}, {"masks": masks},
+             {"concepts": [{"ade20k": str(ade)}, {"colour": {}}]}]
+    names = [dataset_name({"dataset": s}) for s in specs]
+    assert [n.split("-")[0] for n in names] == ["ade20k", "coco_panoptic", "masks", "concepts"]
+    assert names[0].startswith("ade20k-ADEChallengeData2016-") and len(set(names)) == 4
+    assert all(set(n) <= set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+               for n in names)
+    assert dataset_source_dir({"dataset": specs[0]}) == ""  # read in place
+
+
+def test_workflow_prepares_an_ade20k_config(ade, workflow, tmp_path, monkeypatch):
+    """The data rules of a five-line config: digest, validation, preparation (with options)."""
+    config = {"dataset": {"ade20k": str(ade), "size": 16, "split": "train"},
+              "models": {"net": {"arch": "synthnet", "layers": ["features.relu3"]}}}
+    proc = workflow.run(tmp_path, config, "results/digests/prepared.json",
+                        env=workflow.env(workflow.repo))
+    assert proc.returncode == 0
+    monkeypatch.chdir(tmp_path)  # the receipt names the entry relative to the run's directory
+    ds = PreparedDataset("results/digests/prepared.json")
+    assert len(ds) == 4 and ds.images.shape[1:3] == (16, 16) and ds.meta["splits"] == ["train"] * 4
+    assert ds.digest == json.loads((tmp_path / "results/digests/dataset.json").read_text())["digest"]
+    assert (tmp_path / "results/digests/validated.txt").read_text().startswith(
+        "ade20k: OK: 4 images (4 train)")

@@ -172,7 +172,7 @@ if _by_source:
             root=DATA_ROOT,
             name=DATASET,
         shell:
-            "{params.cnnvis} source-prepare --spec {params.spec:q} --directory {params.directory:q}"
+            "{params.cnnvis} source-prepare --spec {params.spec:q} --directory={params.directory:q}"
             " --digest-file {input.digest:q} --data-root {params.root:q} --name {params.name:q}"
             " --receipt {output:q} --workers {threads:q} --quiet > {log:q} 2>&1"
 
