@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "config/README.md", "docs/DEFINITIONS.md", "docs/BRODEN_FORMAT.md",
+DOCS = ["README.md", "config/README.md", "docs/DEFINITIONS.md", "docs/DATA_SOURCES.md",
         "docs/ARCHITECTURE.md", "docs/HPC.md"]
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
@@ -27,8 +27,8 @@ def test_relative_links_resolve_inside_the_repository(doc):
 
 
 @pytest.mark.parametrize("doc, targets", [
-    ("README.md", ["docs/DEFINITIONS.md", "docs/BRODEN_FORMAT.md"]),
-    ("config/README.md", ["../docs/DEFINITIONS.md", "../docs/BRODEN_FORMAT.md"]),
+    ("README.md", ["docs/DEFINITIONS.md", "docs/DATA_SOURCES.md"]),
+    ("config/README.md", ["../docs/DEFINITIONS.md", "../docs/DATA_SOURCES.md"]),
 ])
 def test_definitions_and_format_are_linked(doc, targets):
     links = LINK.findall((REPO / doc).read_text())
@@ -52,6 +52,6 @@ def test_no_committed_file_names_a_path_outside_the_repository():
 
 def test_docstrings_point_at_the_projects_documents():
     broden = (REPO / "cnnvis_pipeline/data/broden.py").read_text()
-    assert "docs/BRODEN_FORMAT.md" in broden.split('"""')[1]
+    assert "docs/DATA_SOURCES.md" in broden.split('"""')[1]
     exact = (REPO / "tests/test_dissection_exact.py").read_text()
     assert "docs/DEFINITIONS.md" in exact.split('"""')[1]

@@ -1,4 +1,4 @@
-"""Reader for the Broden dataset format (docs/BRODEN_FORMAT.md).
+"""Reader for the Broden dataset format (docs/DATA_SOURCES.md).
 
 - Concept: one (label, category) pair, the unit of dissection.
 - ImageRecord: one row of index.csv, its pixel-level planes and image-level labels.

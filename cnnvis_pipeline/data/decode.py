@@ -1,4 +1,4 @@
-"""Decoding the files a Broden dataset names (docs/BRODEN_FORMAT.md), with errors naming the file.
+"""Decoding the files a Broden dataset names (docs/DATA_SOURCES.md), with errors naming the file.
 
 - read_rgb(path, expect): an image as uint8 RGB [H, W, 3].
 - decode_label_png(path, expect): a segmentation PNG to global label numbers (R + 256 * G).

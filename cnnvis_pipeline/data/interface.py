@@ -41,7 +41,9 @@ class PreparedData(Protocol):
 
     @property
     def digest(self) -> str:
-        """str: the content digest (sha256 hex) of the Broden directory it was made from."""
+        """str: the content digest (sha256 hex) of the dataset it was made from (a Broden
+        directory, or the files of a source of data/sources/; with `size`, `split` or `limit`,
+        combined with them)."""
         ...
 
     @property
