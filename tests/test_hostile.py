@@ -405,6 +405,12 @@ class _WritesMarker:
         return (exec, (f"open({self.marker!r}, 'w').write('pwned')",))
 
 
+# The refusal ends with the project's own sentence (never torch's advice to load unsafely).
+PICKLED_END = ("that a plain state dict never contains, and loading them could run code. Save the "
+               "weights alone, torch.save(model.state_dict(), path), and give that file as "
+               "checkpoint")
+
+
 def pickled_code_checkpoint(path: Path, marker: Path) -> Path:
     torch.save({"features.conv1.weight": torch.zeros(4, 3, 3, 3), "x": _WritesMarker(marker)},
                path)
@@ -422,6 +428,8 @@ def test_pickled_code_is_refused_and_never_runs(capsys, prepared_dir, tmp_path):
     rc, err, out = extract(capsys, prepared_dir, tmp_path, model_spec(checkpoint=str(ckpt)))
     line = one_error(err)
     assert rc == 2 and f"error: {ckpt}: refused: the checkpoint holds pickled objects" in line
+    assert line.endswith(PICKLED_END) and "(exec)" in line  # what was refused, our own advice
+    assert "Re-running" not in err and "weights_only" not in err
     assert not marker.exists()
     assert_no_shard(out)
     # and the same through `cnnvis layers` (no dataset involved)
@@ -476,7 +484,7 @@ def outputs(workdir: Path) -> list[str]:
 @pytest.mark.slow
 def test_workflow_malformed_config_names_the_key(tmp_path, workflow):
     cfg = base_config()
-    cfg["dissection"]["shardz"] = 2
+    cfg.setdefault("dissection", {})["shardz"] = 2
     proc = workflow.run(tmp_path / "a", cfg)
     assert proc.returncode != 0
     assert ("invalid configuration: config: dissection: unknown key(s) 'shardz'; allowed:"
@@ -509,7 +517,7 @@ def test_workflow_refuses_pickled_code_and_failed_extraction_leaves_nothing(
                  "layers": ["features.relu3"]},
         "midway": {"factory": "hostile_models:fails_midway", "layers": ["relu"]},
     }
-    cfg["dissection"].update(batch_size=4, device="cpu")
+    cfg["resources"].update(batch_size=4, device="cpu")
     env = workflow.env(factories)
     work = tmp_path / "w"
     proc = workflow.run(work, cfg, "--keep-going", env=env)
@@ -518,6 +526,8 @@ def test_workflow_refuses_pickled_code_and_failed_extraction_leaves_nothing(
     # The extraction builds the model first, which loads the checkpoint and refuses it.
     assert re.search(r"evil/extract_0\.log: error: \S*evil\.pt: refused: the checkpoint holds pickled",
                      err), err[-3000:]
+    assert re.search(r"evil/extract_0\.log: error: .*" + re.escape(PICKLED_END) + "$", err, re.M)
+    assert "Re-running" not in err
     assert re.search(r"midway/extract_0\.log: RuntimeError: hostile_models: boom on batch 2",
                      err), err[-3000:]
     assert not marker.exists()

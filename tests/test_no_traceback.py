@@ -328,7 +328,9 @@ def test_hostile_models(case, prepared, factory_env, tmp_path):
         torch.save({"features.conv1.weight": torch.zeros(4, 3, 3, 3), "x": _Evil()}, ckpt)
         model = dict(arch="synthnet", factory=None, kwargs={"width": 4},
                      layers=["features.relu3"], checkpoint=str(ckpt))
-        needles = [f"{ckpt}: refused: the checkpoint holds pickled objects"]
+        needles = [f"{ckpt}: refused: the checkpoint holds pickled objects",
+                   "Save the weights alone, torch.save(model.state_dict(), path), and give that "
+                   "file as checkpoint\n"]
     else:
         model, needles = MODEL_CASES[case]
     out_dir = tmp_path / "extract" / "0"
@@ -337,6 +339,7 @@ def test_hostile_models(case, prepared, factory_env, tmp_path):
     assert rc == 2
     assert_clean_error(rc, out, "error:", *needles)
     assert not out_dir.exists() and not Path("PWNED_nt").exists()
+    assert "Re-running" not in out
 
 
 # -- archives and downloads ---------------------------------------------------------------------

@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib.machinery import PathFinder
 from pathlib import Path
 
+from cnnvis_pipeline.fileio import write_text
+
 MANIFEST_VERSION = 1
 MARKERS = {".complete"}  # top-level files that are not part of a dataset's content
 
@@ -167,20 +169,13 @@ def module_source_files(module: str, search: list[str] | None = None) -> list[Pa
 
 
 def write_if_changed(path: str | Path, text: str) -> bool:
-    """Write `text` to `path` (temp file, then rename) unless it already holds exactly that.
-    True if the file was written."""
+    """Write `text` to `path` (fileio.write_text: temp file, then rename) unless it already
+    holds exactly that. True if the file was written."""
     path = Path(path)
     try:
         if path.read_text(encoding="utf-8") == text:
             return False
     except (OSError, UnicodeDecodeError):
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_text(path, text)
     return True
