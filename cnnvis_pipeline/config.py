@@ -274,7 +274,7 @@ def dataset_name(cfg: dict) -> str:
 
 
 # The dataset sources besides Broden (data/sources/; the same tuple as its SOURCE_KINDS).
-SOURCE_KINDS = ("ade20k", "coco_panoptic", "masks", "concepts")
+SOURCE_KINDS = ("ade20k", "coco_panoptic", "masks", "concepts", "segmenter")
 
 
 def _absolute_paths(value):

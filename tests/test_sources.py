@@ -265,3 +265,53 @@ def test_workflow_prepares_an_ade20k_config(ade, workflow, tmp_path, monkeypatch
     assert ds.digest == json.loads((tmp_path / "results/digests/dataset.json").read_text())["digest"]
     assert (tmp_path / "results/digests/validated.txt").read_text().startswith(
         "ade20k: OK: 4 images (4 train)")
+
+
+SEGMENTER = '''
+import torch
+from torch import nn
+
+
+def build():
+    """Channel 0 background, 1 red, 2 blue: a colour 'segmenter' (1x1 convolution)."""
+    conv = nn.Conv2d(3, 3, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[0.0, 0, 0], [1, -1, -1], [-1, -1, 1]])[..., None, None])
+        conv.bias.copy_(torch.tensor([0.2, 0.0, 0.0]))
+    return conv
+'''
+
+
+def test_segmenter_predictions_are_labels_with_their_provenance(masks, tmp_path, monkeypatch):
+    from cnnvis_pipeline.dissection.segment import segment_shard
+    from cnnvis_pipeline.models.registry import file_sha256
+
+    (tmp_path / "colour_seg.py").write_text(SEGMENTER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import colour_seg
+
+    torch.save(colour_seg.build().state_dict(), tmp_path / "seg.pt")
+    (tmp_path / "channels.csv").write_text("channel,name\n1,car\n2,sky\n")
+    spec = {"segmenter": {"images": masks["images"], "factory": "colour_seg:build",
+                          "checkpoint": str(tmp_path / "seg.pt"),
+                          "classes": str(tmp_path / "channels.csv"), "mean": [0, 0, 0],
+                          "std": [1, 1, 1]}}
+    shards = [segment_shard(spec, tmp_path / f"s{k}", shard=k, shards=2, device="cpu",
+                            batch_size=2) for k in range(2)]
+    source = open_source(spec, predictions=shards)
+    write_prepared(source, tmp_path / "p", size=None, digest=source_digest(spec)["digest"],
+                   progress=False)
+    ds = PreparedDataset(tmp_path / "p")
+    assert ds.meta["labels"] == "predictions"
+    assert ds.meta["source_info"]["checkpoint_sha256"] == file_sha256(tmp_path / "seg.pt")
+    assert [(c["label"], c["name"]) for c in ds.concepts] == [(2, "car"), (3, "sky")]
+    _, cls = layout(3)
+    np.testing.assert_array_equal(ds.planes[3, 0], np.where(cls >= 2, cls, 0))  # 0: background
+    units = dissect_units(tmp_path / "p", tmp_path / "out")
+    assert units.loc[0, ["concept", "iou"]].tolist() == ["car", 1.0]
+    before = source_digest(spec)["digest"]
+    (tmp_path / "seg.pt").write_bytes((tmp_path / "seg.pt").read_bytes() + b"\0")
+    assert source_digest(spec)["digest"] != before  # the checkpoint is part of the content
+    with pytest.raises(CnnvisError, match="channels.csv: names channel 5, but the model has 3"):
+        (tmp_path / "channels.csv").write_text("5,car\n")
+        segment_shard(spec, tmp_path / "bad", device="cpu")

@@ -1,6 +1,7 @@
 """CLI commands of the dissection stage: train (synthnet), check-model, extract, tables (a
 layer's thresholds, tally and tables from every shard), summary, dissect (one process),
-compositional (formulas of one shard of a layer's units) and formulas (their merge).
+compositional (formulas of one shard of a layer's units), formulas (their merge) and segment
+(a segmentation model's labels of one shard of a `segmenter:` dataset).
 
 `--spec` is the job's JSON (cnnvis_pipeline.settings), parsed once into a typed Job."""
 
@@ -49,6 +50,15 @@ def _tables(args) -> int:
     with all_or_none():  # a failed job leaves none of its tables, not some that look complete
         pipeline.run_layers(_job(args), args.prepared, args.extracts, args.out_dir, args.layers,
                             progress=not args.quiet)
+    return 0
+
+
+def _segment(args) -> int:
+    from cnnvis_pipeline.dissection.segment import segment_shard
+
+    out = segment_shard(json.loads(args.dataset), args.out, shard=args.shard, shards=args.shards,
+                        device=args.device, batch_size=args.batch_size)
+    print(out)
     return 0
 
 
@@ -128,6 +138,15 @@ def register(sub) -> None:
     p.add_argument("--shard", type=int, required=True, help="which part of the units")
     p.add_argument("--shards", type=int, required=True, help="parts the units are split into")
     p.add_argument("--out", required=True, help="partial formulas table to write")
+
+    p = add("segment", "label one shard of a `segmenter:` dataset's images by the model's "
+            "argmax per pixel (docs/DATA_SOURCES.md)", _segment, spec=False, prepared=False)
+    p.add_argument("--dataset", required=True, help="the config's `dataset` mapping as JSON")
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--shards", type=int, required=True)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, help="shard directory to write")
 
     p = add("formulas", "merge the unit shards' formulas into one formulas.parquet",
             lambda a: compositional.run_formulas(a.parts, a.out) and 0, spec=False,

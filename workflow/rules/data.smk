@@ -152,14 +152,41 @@ else:
 
 # Every later job waits for the data stage, so its rules take all the cores (`--set-threads` or
 # a profile's set-threads gives them some on a cluster, where the default is 1).
+if _kind == "segmenter":
+    # A segmentation model labels the images, a shard per job (on the GPU, like extraction);
+    # the shards' labels are temporary: the prepared arrays keep them.
+    rule segment_shard:
+        input:
+            digest=DATASET_DIGEST,
+            validated=VALIDATED,
+        output:
+            temp(directory("results/segment/{shard}")),
+        log:
+            "results/logs/data/segment_{shard}.log",
+        threads: shard_threads()
+        params:
+            cnnvis=CNNVIS,
+            dataset=SOURCE_SPEC,
+            shards=len(SHARDS),
+            device=config["resources"]["device"],
+            batch=config["resources"]["batch_size"],
+        shell:
+            "{params.cnnvis} segment --dataset {params.dataset:q} --shard {wildcards.shard:q}"
+            " --shards {params.shards:q} --device {params.device:q} --batch-size {params.batch:q}"
+            " --out {output:q} > {log:q} 2>&1"
+
+
 if _by_source:
     # A source (or a Broden directory with size/split/limit): `cnnvis source-prepare` reads the
-    # whole `dataset` mapping; a Broden directory is passed as --directory ("" for a source).
+    # whole `dataset` mapping; a Broden directory is passed as --directory ("" for a source),
+    # a segmenter's labels as --predictions (none for the others).
 
     rule prepare_dataset:
         input:
             digest=DATASET_DIGEST,
             validated=VALIDATED,
+            predictions=(expand("results/segment/{shard}", shard=SHARDS)
+                         if _kind == "segmenter" else []),
         output:
             PREPARED,
         log:
@@ -174,7 +201,8 @@ if _by_source:
         shell:
             "{params.cnnvis} source-prepare --spec {params.spec:q} --directory={params.directory:q}"
             " --digest-file {input.digest:q} --data-root {params.root:q} --name {params.name:q}"
-            " --receipt {output:q} --workers {threads:q} --quiet > {log:q} 2>&1"
+            " --receipt {output:q} --workers {threads:q} --predictions {input.predictions:q}"
+            " --quiet > {log:q} 2>&1"
 
 else:
 

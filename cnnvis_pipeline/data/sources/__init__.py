@@ -6,11 +6,14 @@ mapping names them:
   masks: {images, masks, classes}                data/sources/masks.py
   concepts: [<a source above>, {colour: {}}, {masks: {masks, classes}}, ...]
                                                  data/sources/colour.py (merged concept sets)
+  segmenter: {images, factory, checkpoint, classes, kwargs, mean, std}
+                                                 data/sources/segmenter.py (predicted labels)
   options (any source, Broden's `path:` too): size, split, limit
 
 - source_kind(dataset): which of them a `dataset` mapping is (None: a Broden directory).
-- open_source(dataset, problems=None): the Source (base.py); with a `problems` list the
-  structural problems are appended there instead of raised (validation lists them all).
+- open_source(dataset, problems=None, predictions=None): the Source (base.py); with a
+  `problems` list the structural problems are appended there instead of raised (validation
+  lists them all); `predictions`: a segmenter's output directories, one per shard.
 - source_paths(dataset): the files and directories it is made from, by role.
 - source_digest(dataset, manifests=DIR): the content digest (every file's path, size and
   sha256 through data/manifest.py, per role) with the preparation options: the key of its
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from cnnvis_pipeline.errors import CnnvisError
 
-SOURCE_KINDS = ("ade20k", "coco_panoptic", "masks", "concepts")
+SOURCE_KINDS = ("ade20k", "coco_panoptic", "masks", "concepts", "segmenter")
 OPTIONS = ("size", "split", "limit")
 _FIELDS = {"coco_panoptic": ("images", "annotations", "masks"),
            "masks": ("images", "masks", "classes")}
@@ -49,12 +52,19 @@ def _fields(kind: str, value, where: str, fields: dict) -> dict:
     return value
 
 
-def _open_one(kind: str, value, opts: dict, problems, where: str):
+def _open_one(kind: str, value, opts: dict, problems, where: str, predictions=None):
     from cnnvis_pipeline.data.sources.ade20k import Ade20kSource
     from cnnvis_pipeline.data.sources.coco_panoptic import CocoPanopticSource
     from cnnvis_pipeline.data.sources.masks import MasksSource
 
     split, limit = opts.get("split"), opts.get("limit")
+    if kind == "segmenter":
+        from cnnvis_pipeline.data.sources.segmenter import SegmenterSource
+
+        if split is not None:
+            raise CnnvisError(f"{where}: a segmenter's folder has no splits (drop `split`)")
+        return SegmenterSource(_segmenter_fields(value, where), size=opts.get("size"),
+                               limit=limit, predictions=predictions, problems=problems)
     if kind == "ade20k":
         return Ade20kSource(value, split=split, limit=limit, problems=problems)
     v = _fields(kind, value, where, _FIELDS)
@@ -63,6 +73,19 @@ def _open_one(kind: str, value, opts: dict, problems, where: str):
                                   limit=limit, problems=problems)
     return MasksSource(v["images"], v["masks"], v["classes"], split=split, limit=limit,
                        problems=problems)
+
+
+_SEGMENTER = {"required": ("images", "factory", "classes"),
+              "optional": ("checkpoint", "kwargs", "mean", "std")}
+
+
+def _segmenter_fields(value, where: str) -> dict:
+    keys = set(value) if isinstance(value, dict) else set()
+    if not isinstance(value, dict) or not set(_SEGMENTER["required"]) <= keys or keys - set(
+            _SEGMENTER["required"] + _SEGMENTER["optional"]):
+        raise CnnvisError(f"{where}: needs images, factory, classes (and optionally "
+                          "checkpoint, kwargs, mean, std)")
+    return value
 
 
 def _entries(dataset: dict, where: str) -> list[tuple[str, object]]:
@@ -86,13 +109,14 @@ def _entries(dataset: dict, where: str) -> list[tuple[str, object]]:
     return out
 
 
-def open_source(dataset: dict, problems: list[str] | None = None):
+def open_source(dataset: dict, problems: list[str] | None = None, *,
+                predictions: list | None = None):
     """The Source of a `dataset` mapping of one of SOURCE_KINDS."""
     kind, opts, where = source_kind(dataset), options(dataset), "config: dataset"
     if kind is None:
         raise CnnvisError(f"{where}: none of {', '.join(SOURCE_KINDS)}")
     if kind != "concepts":
-        return _open_one(kind, dataset[kind], opts, problems, f"{where}.{kind}")
+        return _open_one(kind, dataset[kind], opts, problems, f"{where}.{kind}", predictions)
     from cnnvis_pipeline.data.sources.colour import ColourLabels, MaskLabels, MergedSource
 
     entries = _entries(dataset, f"{where}.concepts")
@@ -115,6 +139,8 @@ def source_paths(dataset: dict) -> list[tuple[str, Path]]:
     kind = source_kind(dataset)
     if kind == "ade20k":
         return [("ade20k", Path(dataset["ade20k"]))]
+    if kind == "segmenter":
+        return _segmenter_paths(_segmenter_fields(dataset[kind], "config: dataset.segmenter"))
     if kind in _FIELDS:
         v = _fields(kind, dataset[kind], f"config: dataset.{kind}", _FIELDS)
         return [(f"{kind}.{f}", Path(v[f])) for f in _FIELDS[kind]]
@@ -126,10 +152,28 @@ def source_paths(dataset: dict) -> list[tuple[str, Path]]:
     return out
 
 
+def _segmenter_paths(v: dict) -> list[tuple[str, Path]]:
+    """The images, the classes, the checkpoint and the factory module's source files (found
+    without importing it): what its predictions are made from."""
+    from cnnvis_pipeline.data.manifest import module_source_files
+
+    out = [("segmenter.images", Path(v["images"])), ("segmenter.classes", Path(v["classes"]))]
+    if v.get("checkpoint"):
+        out.append(("segmenter.checkpoint", Path(v["checkpoint"])))
+    module = str(v["factory"]).partition(":")[0]
+    for k, f in enumerate(module_source_files(module) or []):
+        out.append((f"segmenter.factory[{k}]", Path(f)))
+    return out
+
+
 def _describe_entries(dataset: dict) -> object:
     """The spec without its paths (a copy elsewhere has the same digest)."""
-    if source_kind(dataset) != "concepts":
-        return source_kind(dataset)
+    kind = source_kind(dataset)
+    if kind == "segmenter":  # what changes predictions besides files
+        v = dataset[kind]
+        return [kind, v["factory"], v.get("kwargs"), v.get("mean"), v.get("std")]
+    if kind != "concepts":
+        return kind
     return [next(iter(e)) for e in dataset["concepts"]]
 
 

@@ -77,7 +77,8 @@ def _prepare(args) -> int:
         raise CnnvisError("source-prepare: give --out, or --digest-file with --data-root and "
                           "--name")
     ensure_source_prepared(spec, out, digest=digest, workers=args.workers,
-                           progress=not args.quiet, directory=directory)
+                           progress=not args.quiet, directory=directory,
+                           predictions=args.predictions)
     if args.receipt:
         write_receipt(args.receipt, "prepared", prepared=str(out), digest=digest)
     print(out)
@@ -111,6 +112,8 @@ def register(sub) -> None:
     p.add_argument("--data-root", help="with --digest-file: the shared data root")
     p.add_argument("--name", help="with --digest-file: the dataset's name")
     p.add_argument("--receipt", help="write a receipt naming the prepared directory")
+    p.add_argument("--predictions", nargs="*", default=None, help="a segmenter's output "
+                   "directories (cnnvis segment), one per shard, in order")
     p.add_argument("--workers", type=int, default=1, help="decoding processes (default 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_prepare)

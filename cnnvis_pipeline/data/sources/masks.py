@@ -33,12 +33,16 @@ from cnnvis_pipeline.errors import CnnvisError
 _CATEGORY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
-def read_classes(path: Path, problems: list[str]) -> list[tuple[int, str, str]]:
-    """The classes CSV as (index, name, category) rows, every problem appended."""
+def read_classes(path: Path, problems: list[str], *,
+                 rows: list | None = None) -> list[tuple[int, str, str]]:
+    """The classes CSV (or its `rows` as (line, cells)) as (index, name, category) rows, every
+    problem appended."""
     out: list[tuple[int, str, str]] = []
     seen: dict[int, int] = {}
     names: set[tuple[str, str]] = set()
-    for n, *row in read_classes_csv(path, problems):
+    if rows is None:
+        rows = [(n, row) for n, *row in read_classes_csv(path, problems)]
+    for n, row in rows:
         where = f"{path}: line {n}"
         if len(row) not in (2, 3) or not row[0].isdigit():
             problems.append(f"{where}: expected index,name[,category] with a whole-number "

@@ -28,9 +28,10 @@ log = logging.getLogger(__name__)
 MAX_PROBLEMS = 200  # validation stops listing (and decoding) after this many problems
 
 
-def open_any(dataset: dict, problems: list[str] | None = None, *, directory: str | None = None):
+def open_any(dataset: dict, problems: list[str] | None = None, *, directory: str | None = None,
+             predictions: list | None = None):
     if source_kind(dataset):
-        return open_source(dataset, problems)
+        return open_source(dataset, problems, predictions=predictions)
     from cnnvis_pipeline.data.sources.broden import BrodenSource
 
     root = dataset.get("path") or directory
@@ -99,7 +100,8 @@ def ensure_source_validated(dataset: dict, *, data_root: str | Path, name: str, 
 
 
 def ensure_source_prepared(dataset: dict, out: str | Path, *, digest: str, workers: int = 1,
-                           progress: bool = False, directory: str | None = None) -> Path:
+                           progress: bool = False, directory: str | None = None,
+                           predictions: list | None = None) -> Path:
     """`out` holds the prepared arrays of `dataset` (content and options: `digest`)."""
     from cnnvis_pipeline.data.prepared import write_prepared
 
@@ -121,7 +123,10 @@ def ensure_source_prepared(dataset: dict, out: str | Path, *, digest: str, worke
             raise CnnvisError(f"{out}: exists but is not a prepared dataset (no meta.json); "
                               "remove it")
         remove_stale_temporaries(out)
-        source = open_any(dataset, directory=directory)
+        source = open_any(dataset, directory=directory, predictions=predictions)
+        if source.kind == "segmenter" and source.predicted is None:
+            raise CnnvisError("source-prepare: a segmenter's dataset needs --predictions "
+                              "(the output of cnnvis segment)")
         origin = (f"{source_kind(dataset)}: {source.describe()}" if source_kind(dataset)
                   else str(Path(dataset.get("path") or directory).resolve()))
         write_prepared(source, out, size=options(dataset).get("size"), digest=digest,
