@@ -14,7 +14,7 @@ import sys
 
 from cnnvis_pipeline import __version__
 from cnnvis_pipeline.errors import CnnvisError
-from cnnvis_pipeline.fileio import error_line
+from cnnvis_pipeline.fileio import all_or_none, error_line
 
 COMMAND_MODULES = [
     "cnnvis_pipeline.data.commands",
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        return int(args.func(args) or 0)
+        with all_or_none():  # a command that fails leaves none of its outputs looking complete
+            return int(args.func(args) or 0)
     except CnnvisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

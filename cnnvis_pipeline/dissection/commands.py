@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 from cnnvis_pipeline.dissection import compositional, pipeline
-from cnnvis_pipeline.fileio import all_or_none, atomic_file
+from cnnvis_pipeline.fileio import atomic_file
 from cnnvis_pipeline.settings import Job
 
 
@@ -43,13 +43,6 @@ def _train(args) -> int:
     loss, acc, val = history[-1]
     print(f"trained {spec.get('name')}: {len(names)} classes, final loss {loss:.3f}, "
           f"train acc {acc:.3f}, val acc {val:.3f}")
-    return 0
-
-
-def _tables(args) -> int:
-    with all_or_none():  # a failed job leaves none of its tables, not some that look complete
-        pipeline.run_layers(_job(args), args.prepared, args.extracts, args.out_dir, args.layers,
-                            progress=not args.quiet)
     return 0
 
 
@@ -102,7 +95,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="shard directory to write")
 
     p = add("tables", "a layer's thresholds, tally and tables from every shard's extraction",
-            _tables)
+            lambda a: pipeline.run_layers(_job(a), a.prepared, a.extracts, a.out_dir, a.layers,
+                                          progress=not a.quiet) or 0)
     p.add_argument("--layers", nargs="+", default=None, help="only these layers")
     p.add_argument("--extracts", nargs="+", required=True)
     p.add_argument("--out-dir", required=True, help="results/<model>")
