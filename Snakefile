@@ -4,8 +4,8 @@
 #   snakemake --cores 8 --configfile my.yaml     # your dataset and models
 #   snakemake -s path/to/Snakefile --directory /scratch/run --cores 8 --configfile my.yaml
 #
-# Stages (one rule file each): data -> dissect (-> compositional) -> viz -> report; every
-# rule is one command of `cnnvis`.
+# Stages (one rule file each): data -> dissect (-> compositional, interventions) -> viz ->
+# report; every rule is one command of `cnnvis`.
 from pathlib import Path
 
 from snakemake.utils import min_version
@@ -19,6 +19,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/dissect.smk"
 include: "workflow/rules/compositional.smk"
+include: "workflow/rules/interventions.smk"
 include: "workflow/rules/viz.smk"
 include: "workflow/rules/report.smk"
 
@@ -31,3 +32,5 @@ rule all:
     input:
         all_targets(),
         compositional_targets(),
+        ablation_targets(),
+        adversarial_targets(),

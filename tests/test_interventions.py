@@ -258,3 +258,25 @@ def test_attack_with_zero_eps_changes_nothing_and_pgd_moves_units(prepared_dir, 
     c = pd.DataFrame(c)
     assert (c.loc[c["attack"] == "fgsm", "detectors_lost"] == 0).all()
     assert c["detectors"].sum() == 2 * units["detector"].sum()
+
+
+@pytest.mark.slow
+def test_workflow_runs_the_interventions_only_when_configured(workflow, tmp_path):
+    config = workflow.config("tiny")
+    config["models"]["tiny"]["train"] = {"epochs": 1}
+    dry = workflow.run(tmp_path / "off", config, "-n", "--quiet", "rules")
+    assert dry.returncode == 0
+    assert "ablation_layer" not in dry.stdout and "adversarial_layer" not in dry.stdout
+    config.update(ablation={"limit": 3, "replicates": 20},
+                  adversarial={"images": 8, "steps": 2})
+    run = workflow.run(tmp_path / "on", config)
+    assert run.returncode == 0, run.stderr[-2000:]
+    layer = tmp_path / "on" / "results" / "tiny" / "features.relu3"
+    ablation = pq.read_table(layer / "ablation.parquet").to_pandas()
+    attacked = pq.read_table(layer / "adversarial.parquet").to_pandas()
+    units = pq.read_table(layer / "units.parquet").to_pandas()
+    assert set(ablation.loc[ablation["kind"] == "unit", "unit"]) == set(units["unit"])
+    assert sorted(set(attacked["attack"])) == ["fgsm", "pgd"]
+    assert len(attacked) == 2 * len(units)
+    for name in ("ablation.png", "adversarial.png", "adversarial_concepts.parquet"):
+        assert (layer / name).stat().st_size > 0

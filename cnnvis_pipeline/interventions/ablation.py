@@ -114,7 +114,7 @@ def ablation_scores(model, data: ClassData, layer: str, groups: list[Group], *, 
     """(before [P], after [G, P]): the score of every (image, class) pair of data.targets
     (pairs in row-major order of targets.nonzero()) without ablation and with each group
     ablated. Images run `batch_size` at a time, `groups_per_pass` groups per forward pass
-    (repeated at the layer when that is verified to be right on the first batch)."""
+    (repeated at the layer when that is verified to be right on the first images)."""
     model.eval().to(device)
     outputs = torch.as_tensor(data.outputs, device=device)
     plan = [[]] + [list(g.units) for g in groups]  # plan[0]: the unablated model
@@ -126,7 +126,7 @@ def ablation_scores(model, data: ClassData, layer: str, groups: list[Group], *, 
         pb, pk = np.nonzero(data.targets[rows])
         pb_t, pk_t = torch.as_tensor(pb, device=device), torch.as_tensor(pk, device=device)
         if at_layer is None:
-            at_layer = at_layer_ok(model, x, layer, plan[: min(len(plan), 3)], layouts,
+            at_layer = at_layer_ok(model, x[:4], layer, plan[: min(len(plan), 3)], layouts,
                                    model_name)
             log.info("%s %s: ablations repeat the batch at %s", model_name, layer,
                      "the layer" if at_layer else "the input")
