@@ -178,7 +178,7 @@ def unique_detectors(units) -> int:
 
 # -- the views' manifest (viz/manifest.json) --------------------------------------------------
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 _NUM = {"type": ["number", "null"]}
 _INT = {"type": "integer"}
 _PNG = {"type": "string", "pattern": r"^[A-Za-z0-9_.-]+\.png$"}  # a file in viz/
@@ -228,8 +228,11 @@ MANIFEST_SCHEMA: dict = _obj({
     "threads": _INT,
     "top_units": _INT,  # views.units: the highest-IoU units selected (then the requested ones)
     "order": _list({"enum": sorted(VIEW_ENTRIES)}),
+    # selected: every view (the top IoUs and the requested units); not selected: another
+    # detector of the layer, with the views that cover every detector (the top images)
     "units": _list(_obj({
-        "unit": _INT, "requested": {"type": "boolean"}, "dataset_top_activation": _NUM,
+        "unit": _INT, "requested": {"type": "boolean"}, "selected": {"type": "boolean"},
+        "dataset_top_activation": _NUM,
         "views": {"type": "object", "additionalProperties": False,
                   "properties": {k: v["card"] for k, v in VIEW_ENTRIES.items() if "card" in v}},
     })),

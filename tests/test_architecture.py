@@ -20,7 +20,7 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "cnnvis_pipeline"
 MODULES = sorted(p for p in PKG.rglob("*.py") if "__pycache__" not in p.parts)
 STAGES = ["data", "models", "dissection", "interventions", "viz", "reports"]
-SHARED = {"errors", "fileio", "tables", "config", "__init__"}  # top-level modules
+SHARED = {"errors", "fileio", "tables", "config", "progress", "__init__"}  # top-level modules
 
 
 def room(path: Path) -> str:

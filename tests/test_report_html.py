@@ -112,7 +112,9 @@ def make_layer(root: Path, *, extras: bool, deconv_error: str | None = None) -> 
         write(d / "formulas.parquet", {
             "model": ["tiny"] * 2, "layer": [LAYER] * 2, "unit": np.array([0, 1], np.int32),
             "formula": ["(disc AND red) OR box", "red AND NOT zigzag"], "length": [3, 2],
-            "iou": [0.31, 0.07], "single_concept": ["disc", "red"], "single_iou": [0.2, 0.05]})
+            "iou": [0.31, 0.07], "single_concept": ["disc", "red"], "single_iou": [0.2, 0.05],
+            "iou_low": [0.28, 0.03], "iou_high": [0.34, 0.11], "p_value": [0.0099, 0.4],
+            "q_value": [0.0198, 0.4], "formula_detector": [True, False]})
     return d
 
 
@@ -177,7 +179,8 @@ def manifest(viz: Path, units: dict, am: dict, deconv_error: str | None) -> dict
         if deconv_error is None:
             views["deconvnet"] = {"file": png(viz / f"unit{u:04d}_deconv.png", 3 * 7 + 4, 16),
                                   "receptive_fields": [[0, 0, 7, 7]] * 3}
-        cards.append({"unit": u, "requested": u == 2, "dataset_top_activation": top[0],
+        cards.append({"unit": u, "requested": u == 2, "selected": True,
+                      "dataset_top_activation": top[0],
                       "views": views})
     inversion = {"images": [{
         "image_index": 9, "image": "synth/000009.jpg", "error": 0.5, "normalized_error": 0.25,
@@ -243,7 +246,10 @@ def test_flags_intervals_and_formulas_when_the_columns_are_present(tmp_path, pre
     text, page, _ = report(tmp_path, prepared, extras=True)
     c0, c1, c2 = page.card(0), page.card(1), page.card(2)
     assert "IoU 0.200 [0.150, 0.250] p = 1.00e-04, q = 4.00e-04" in c0
-    assert "formula (disc AND red) OR box IoU 0.310 (from disc, 0.200)" in c0
+    assert ("formula (disc AND red) OR box IoU 0.310 [0.280, 0.340], p = 0.010, q = 0.020 "
+            "formula detector (best single concept on the same images: disc, IoU 0.200)") in c0
+    assert ("formula red AND NOT zigzag IoU 0.070 [0.030, 0.110], p = 0.400, q = 0.400 "
+            "not significant (q = 0.400)") in c1
     assert "mask: activation > Tk = 1.235 (raw activation units); active (above Tk) at 0.5% of all positions" in c0
     assert "not-significant" not in page.card_classes[0] and "am-low" not in page.card_classes[0]
     assert "sparse: Tk = 0" in c1 and "detector, not significant (q = 0.600)" in c1

@@ -149,7 +149,13 @@ def test_selected_units_and_activation_max_table(visualized):
     spec, out, manifest = visualized
     units = pq.read_table(out / LAYER / "units.parquet").to_pandas()
     want = select_units(units, 3, [7])
-    assert [c["unit"] for c in manifest["units"]] == want
+    others = units[units["detector"] & ~units["unit"].isin(want)].sort_values(
+        ["iou", "unit"], ascending=[False, True])["unit"].tolist()
+    # the selected units (every view), then every other detector (its top images only)
+    assert [c["unit"] for c in manifest["units"]] == want + others
+    assert [c["selected"] for c in manifest["units"]] == [True] * len(want) + [False] * len(others)
+    assert all(set(c["views"]) == {"top_images"} for c in manifest["units"][len(want):])
+    manifest = dict(manifest, units=manifest["units"][:len(want)])
     assert [c["requested"] for c in manifest["units"]] == [u == 7 for u in want]
     t = pq.read_table(out / LAYER / "activation_max.parquet")
     assert t.schema.remove_metadata() == SCHEMAS["activation_max"]
@@ -334,12 +340,18 @@ def test_no_units_selected_gives_empty_views_and_tables(visualized, prepared_dir
     shutil.copytree(out / LAYER, copy)
     job = Job.from_spec(dict(spec, units={}, views=dict(TINY_VIEWS["views"], units=0)))
     m = run_visualize(job, prepared_dir, LAYER, copy)
-    assert m["units"] == [] and m["top_units"] == 0
+    units = pq.read_table(copy / "units.parquet").to_pandas()
+    detectors = set(units.loc[units["detector"], "unit"])
+    assert detectors, "the tiny layer has no detector to check"
+    # no unit selected: only the detectors' cards, with their top images
+    assert {c["unit"] for c in m["units"]} == detectors and m["top_units"] == 0
+    assert all(not c["selected"] and set(c["views"]) == {"top_images"} for c in m["units"])
     assert pq.read_table(copy / "activation_max.parquet").num_rows == 0
     assert len(m["views"]["inversion"]["layer"]["images"]) == 2  # the layer's views still run
-    assert sorted(p.name for p in (copy / "viz").iterdir()) == [
+    tops = {f for c in m["units"] for f in c["views"]["top_images"]["files"]}
+    assert sorted(p.name for p in (copy / "viz").iterdir()) == sorted(tops | {
         "inversion_0_original.png", "inversion_0_reconstruction.png",
-        "inversion_1_original.png", "inversion_1_reconstruction.png", "manifest.json"]
+        "inversion_1_original.png", "inversion_1_reconstruction.png", "manifest.json"})
 
 
 def test_am_benchmark_shows_both_presets(visualized, prepared_dir):

@@ -28,6 +28,7 @@ from cnnvis_pipeline.dissection.stores import ActivationStore, load_batches, tun
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.models.hooks import LayerRecorder
 from cnnvis_pipeline.models.input import images_to_input, prepare_model
+from cnnvis_pipeline.progress import Progress
 
 
 def forward_only(model: torch.nn.Module, layers: list[str], dataset: PreparedDataset,
@@ -120,6 +121,7 @@ def extract_shard(model: torch.nn.Module, layers: list[str], dataset: PreparedDa
             del outs, x
         bar = tqdm(total=len(indices), desc=f"extract {model_name}", unit="img", disable=not progress,
                    mininterval=2)
+        lines = Progress(f"extract {model_name}", len(indices), enabled=progress)
         for batch in load_batches(dataset, indices, batch_size, ("images",), device):
             x = images_to_input(batch.images, input_size, mean, std, device, channels_last)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
@@ -144,7 +146,9 @@ def extract_shard(model: torch.nn.Module, layers: list[str], dataset: PreparedDa
                 maxima[name].append(out.float().amax(dim=(2, 3)))
             del outs, x
             bar.update(len(batch.indices))
+            lines.update(len(batch.indices))
         bar.close()
+        lines.close()
     if finite:
         oks = torch.stack([f[0] for f in finite]).cpu().tolist()
         check([(ok, *f[1:]) for ok, f in zip(oks, finite, strict=True)])

@@ -44,6 +44,7 @@ def plot_layer_detectors(units: pd.DataFrame, path: str | Path, title: str,
         ax.legend(title="category", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no detectors", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()  # no 0-1 axes around the sentence
     n_units = len(units)
     ax.set_title(f"{title}: {int(units['detector'].sum())}/{n_units} units are detectors, "
                  f"{unique_detectors(units)} unique concepts", fontsize=10)
@@ -75,6 +76,11 @@ def plot_summary(counts: pd.DataFrame, path: str | Path) -> None:
         bottom += vals
     if categories:
         ax.legend(title="category", fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    # counts: from 0, integer ticks, at least 0..1 (all zeros would give -0.04..0.04)
+    ax.set_ylim(0, max(1.0, float(totals.max()) if len(totals) else 1.0) * 1.08)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("unique detectors")
     ax.set_title("Unique detectors per category, by model and layer")
     ax.tick_params(axis="x", labelsize=8)
@@ -122,8 +128,10 @@ def plot_series(counts: pd.DataFrame, name: str, models: list[str], path: str | 
 
 
 def plot_sweep(sweep: pd.DataFrame, path: str | Path, title: str, iou_threshold: float) -> None:
-    """Detectors and unique detectors of one layer against the IoU threshold, plain (solid) and
-    under FDR (dashed), summed over categories; a dotted line at the configured threshold."""
+    """Detectors and unique detectors of one layer against the IoU threshold, plain (wide, pale,
+    solid) and under FDR (dashed, drawn above every plain line: where the two counts are equal
+    the FDR line stays visible), summed over categories; a dotted line at the configured
+    threshold."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,11 +143,14 @@ def plot_sweep(sweep: pd.DataFrame, path: str | Path, title: str, iou_threshold:
     totals = sweep.groupby("iou_threshold", sort=True)[cols].sum(min_count=1)
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     x = totals.index.to_numpy()
-    for col, color in (("detectors", "tab:blue"), ("unique_detectors", "tab:orange")):
-        name = col.replace("_", " ")
-        ax.plot(x, totals[col], color=color, label=name)
+    lines = (("detectors", "tab:blue"), ("unique_detectors", "tab:orange"))
+    for col, color in lines:
+        ax.plot(x, totals[col], color=color, linewidth=3, alpha=0.45, zorder=2,
+                label=col.replace("_", " "))
+    for col, color in lines:
         if totals[f"{col}_fdr"].notna().all():
-            ax.plot(x, totals[f"{col}_fdr"], color=color, linestyle="--", label=f"{name} (FDR)")
+            ax.plot(x, totals[f"{col}_fdr"], color=color, linestyle="--", linewidth=1.5,
+                    zorder=3, label=f"{col.replace('_', ' ')} (FDR)")
     ax.axvline(iou_threshold, color="0.4", linestyle=":", linewidth=1)
     ax.text(iou_threshold, 0.98, f" threshold {iou_threshold:g}", va="top", fontsize=8,
             color="0.3", transform=ax.get_xaxis_transform())

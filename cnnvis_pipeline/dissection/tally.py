@@ -27,6 +27,7 @@ from tqdm import tqdm
 from cnnvis_pipeline.data.prepared import PreparedDataset
 from cnnvis_pipeline.dissection.stats import SavedState
 from cnnvis_pipeline.dissection.stores import ActivationStore, load_batches, tune_malloc
+from cnnvis_pipeline.progress import Progress
 
 # Upsampled maps handled at once in the tally (bytes of float32), per device type.
 _TALLY_CHUNK_BYTES = {"cuda": 1 << 31}
@@ -244,6 +245,7 @@ def tally_shard(dataset: PreparedDataset, indices: np.ndarray, store: Activation
         batch_size = max(batch_size, _CUDA_TALLY_BATCH)
     with torch.inference_mode():
         bar = tqdm(total=len(indices), desc=desc, unit="img", disable=not progress, mininterval=2)
+        lines = Progress(desc, len(indices), enabled=progress)
         for b in load_batches(dataset, indices, batch_size, ("planes", "slots", "present"),
                               device, store=store):
             n = len(b.indices)
@@ -256,7 +258,9 @@ def tally_shard(dataset: PreparedDataset, indices: np.ndarray, store: Activation
                 stats.read_batch(dataset, b.indices, device)
             tally.add(acts, t, planes, b.slots, b.present, lookup, stats)
             bar.update(n)
+            lines.update(n)
         bar.close()
+        lines.close()
     if stats is not None:
         stats.finish()
     return tally

@@ -12,6 +12,7 @@ concepts, slots, present, meta and batch()); models/ imports no stage.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -84,6 +85,7 @@ def train_synthnet(dataset, *, epochs: int = 12, batch_size: int = 16,
     rng = np.random.default_rng(seed)
     device = torch.device("cpu")
     history = []
+    started = time.monotonic()
     for epoch in range(epochs):
         model.train()
         order = rng.permutation(train_idx)
@@ -107,7 +109,9 @@ def train_synthnet(dataset, *, epochs: int = 12, batch_size: int = 16,
         sched.step()
         val_acc = evaluate(model, dataset, val_idx, targets, mean, std) if len(val_idx) else float("nan")
         history.append((loss_sum / seen, correct / total, val_acc))
-        log.info("epoch %d: loss %.3f train acc %.3f val acc %.3f", epoch + 1, *history[-1])
+        spent = time.monotonic() - started
+        log.info("epoch %d/%d: loss %.3f train acc %.3f val acc %.3f (%.0f s, ETA %.0f s)",
+                 epoch + 1, epochs, *history[-1], spent, spent / (epoch + 1) * (epochs - epoch - 1))
     return model.eval(), history, names
 
 

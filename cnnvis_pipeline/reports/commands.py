@@ -26,7 +26,7 @@ def _report(args) -> int:
     out = build_model_report(
         args.model, {layer: root / layer for layer in args.layers}, args.out,
         top_images=job.report.top_images, iou_figure=args.iou_figure, prepared=args.prepared,
-        dataset_name=args.dataset_name, spec=job.model)
+        dataset_name=args.dataset_name, spec=job.model, summary_page=args.summary_page)
     print(out)
     return 0
 
@@ -37,7 +37,7 @@ def _summary_page(args) -> int:
     print(build_summary_page(
         _pairs(args.reports, "--reports"), args.detectors, args.figure, args.out,
         series=_pairs(args.series, "--series"), prepared=args.prepared,
-        dataset_name=args.dataset_name, units=args.units))
+        dataset_name=args.dataset_name, units=args.units, formulas=args.formulas))
     return 0
 
 
@@ -54,6 +54,9 @@ def register(sub) -> None:
     p.add_argument("--layers", nargs="+", required=True)
     p.add_argument("--out", required=True, help="HTML file to write")
     p.add_argument("--iou-figure", default=None, help="where to write the IoU distribution PNG")
+    p.add_argument("--summary-page", default=None,
+                   help="the run's summary page (results/summary/index.html), linked from the "
+                        "report")
     p.add_argument("--spec", required=True,
                    help="the job's JSON: the resolved model entry, `seed` and the config's "
                         "`report` section (settings.Job.from_spec); the dissection's settings "
@@ -68,6 +71,8 @@ def register(sub) -> None:
     p.add_argument("--series", nargs="*", default=[], help="NAME=results/summary/series_NAME.png")
     p.add_argument("--units", nargs="*", default=[],
                    help="the units tables behind the counts (their provenance)")
+    p.add_argument("--formulas", nargs="*", default=[],
+                   help="the layers' formulas.parquet (compositional explanations)")
     p.add_argument("--out", required=True)
     _method_args(p)
     p.set_defaults(func=_summary_page)

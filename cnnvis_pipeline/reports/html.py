@@ -81,11 +81,12 @@ def _relative(path: Path, start: Path) -> str:
 def build_model_report(model: str, layer_dirs: dict[str, str | Path], out: str | Path,
                        *, top_images: int, iou_figure: str | Path | None = None,
                        prepared: str | Path | None = None, dataset_name: str | None = None,
-                       spec: dict | None = None) -> Path:
+                       spec: dict | None = None, summary_page: str | Path | None = None) -> Path:
     """results/<model>/report/index.html from the layers' tables and viz/ directories.
     `layer_dirs`: layer -> results/<model>/<layer>, in the order to show; `top_images`: the
     top images shown per unit (report.top_images); `prepared`: the prepared dataset (for the
-    Methods section's dataset facts and category list); `spec`: the model's resolved entry."""
+    Methods section's dataset facts and category list); `spec`: the model's resolved entry;
+    `summary_page`: the run's summary page (linked, relative to the report)."""
     out = Path(out)
     layer_dirs = {k: Path(v) for k, v in layer_dirs.items()}
     if not layer_dirs:
@@ -116,7 +117,8 @@ def build_model_report(model: str, layer_dirs: dict[str, str | Path], out: str |
     names = list(dict.fromkeys(v["name"] for ly in layers for v in ly["views"]))
     html = render("model_report.html", views=names, title=f"cnnvis report: {model}",
                   model=model, method=method, layers=layers, categories=categories,
-                  colors=colors, iou_figure=iou_figure, iou_tables=rel_iou, report=report)
+                  colors=colors, iou_figure=iou_figure, iou_tables=rel_iou, report=report,
+                  summary=_relative(summary_page, out.parent) if summary_page else None)
     return write_text(out, html)
 
 
@@ -135,12 +137,27 @@ def _summary_provenance(detectors: Path, units: list[str | Path] | None) -> dict
     return prov
 
 
+def _formula_counts(formulas: list[str | Path] | None) -> dict[tuple[str, str], dict]:
+    """(model, layer) -> units explained by a formula and, with the formulas' statistics,
+    how many are formula detectors (significant); the table's relative path is added later."""
+    out = {}
+    for path in map(Path, formulas or []):
+        f = read(path, "formulas")
+        key = (path.parent.parent.name, path.parent.name)
+        if len(f):
+            key = (str(f["model"].iloc[0]), str(f["layer"].iloc[0]))
+        sig = (int(f["formula_detector"].astype(bool).sum())
+               if "formula_detector" in f.columns else None)
+        out[key] = {"units": int(len(f)), "significant": sig, "path": path}
+    return out
+
+
 def _summary_rows(counts: pd.DataFrame, categories: list[str], links: dict,
-                  extra: list[str]) -> list[dict]:
+                  extra: list[str], formulas: dict | None = None) -> list[dict]:
     rows = []
     for (m, lay), g in counts.groupby(["model", "layer"], sort=False):
         by_cat = g.set_index("category")
-        rows.append({
+        rows.append({"formulas": (formulas or {}).get((m, lay)),
             "model": m, "layer": lay, "report": links.get(m),
             "units": int(g["units"].iloc[0]), "detectors": int(g["detectors"].sum()),
             "unique": int(g["unique_detectors"].sum()),
@@ -153,12 +170,15 @@ def build_summary_page(reports: dict[str, str | Path], detectors: str | Path,
                        figure: str | Path, out: str | Path, *,
                        series: dict[str, str | Path] | None = None,
                        prepared: str | Path | None = None, dataset_name: str | None = None,
-                       units: list[str | Path] | None = None) -> Path:
+                       units: list[str | Path] | None = None,
+                       formulas: list[str | Path] | None = None) -> Path:
     """results/summary/index.html: Methods, every model and layer, the sortable models x
     categories table of unique detectors, the figure and the checkpoint-series figures
     (`series`: name -> PNG), links to each model's report (relative) and to the table.
     `units`: the units tables behind the counts (their provenance: each model's config digest,
-    versions, device, precision and the dissection's settings)."""
+    versions, device, precision and the dissection's settings); `formulas`: the layers'
+    formulas.parquet (compositional explanations: units explained and formula detectors per
+    model and layer)."""
     out, detectors = Path(out), Path(detectors)
     counts = read(detectors, "detectors")
     prov = _summary_provenance(detectors, units)
@@ -174,8 +194,12 @@ def build_summary_page(reports: dict[str, str | Path], detectors: str | Path,
     extra = [c for c in ("detectors_fdr", "unique_detectors_fdr")
              if c in counts.columns and counts[c].notna().any()]
     method = method_info(prov=prov, dataset=dataset, dissection=dissection, spec=False)
+    formula_counts = _formula_counts(formulas)
+    for v in formula_counts.values():
+        v["path"] = _relative(v["path"], out.parent)
     html = render("summary.html", title="cnnvis summary", method=method,
-                  rows=_summary_rows(counts, categories, links, extra), categories=categories,
+                  rows=_summary_rows(counts, categories, links, extra, formula_counts),
+                  formulas=bool(formula_counts), categories=categories,
                   colors=colors, extra=extra, figure=Path(figure),
                   series={k: Path(v) for k, v in sorted((series or {}).items())},
                   links=links, table=_relative(detectors, out.parent))

@@ -1,5 +1,7 @@
-"""One layer of a model's report: counts, per-category detectors, notes, unit cards and the
-views' entries, from the layer's tables and its views manifest (tables.read_manifest).
+"""One layer of a model's report: counts, per-category detectors, notes, the table of every
+unit (reports.units_table), unit cards (the selected units with every view, the other
+detectors with their top images) and the views' entries, from the layer's tables and its views
+manifest (tables.read_manifest).
 
 Every view of the manifest is shown through its template, templates/views/<name>.html, whose
 macros `method(settings, report)`, `card(entry, card)` and `layer(view, layer)` render its part
@@ -17,6 +19,7 @@ import pyarrow.parquet as pq
 
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.reports.format import png_size, slug
+from cnnvis_pipeline.reports.units_table import formulas_with_stats, runner_ups, unit_rows
 from cnnvis_pipeline.tables import read_manifest, unique_detectors
 
 MIN_TILE_PX = 96  # dataset images are shown at an integer scale of at least this width
@@ -44,14 +47,16 @@ def _num(x) -> float | None:
     return None if v != v else v
 
 
-def _activity(row: dict, card: dict) -> str | None:
+def _activity(row: dict, card: dict | None) -> str | None:
     """`sparse`/`dead` for a unit whose T_k is 0, from units.activity when present, else from
-    its highest dataset activation (> 0: sparse)."""
+    its highest dataset activation (> 0: sparse; without a card: `T_k = 0`)."""
     activity = row.get("activity")
     if isinstance(activity, str) and activity:
         return None if activity == "ok" else activity
     if float(row["threshold"]) > 0:
         return None
+    if card is None:
+        return "T_k = 0"
     top = card.get("dataset_top_activation")
     return "sparse" if top is not None and float(top) > 0 else "dead"
 
@@ -92,6 +97,7 @@ def _card(card: dict, row: dict, formula: dict | None, viz: Path, scale: int | N
         "iou_high": _num(row.get("iou_high")), "p_value": _num(row.get("p_value")),
         "q_value": _num(row.get("q_value")), "detector": detector, "detector_fdr": fdr,
         "not_significant": detector and fdr is False, "requested": bool(card["requested"]),
+        "selected": bool(card["selected"]),
         "threshold": float(row["threshold"]), "activity": _activity(row, card),
         "active_fraction": _num(row.get("active_fraction")), "formula": formula,
         "iou_threshold": iou_threshold, "scale": scale,
@@ -121,27 +127,35 @@ def _views(manifest: dict, viz: Path) -> list[dict]:
             for name in manifest["order"]]
 
 
+def _optional(path: Path) -> pd.DataFrame | None:
+    return pq.read_table(path).to_pandas() if path.is_file() else None
+
+
 def layer_section(layer: str, layer_dir: Path, out_dir: Path, *, colors: dict,
                   categories: list[str], image_size, iou_threshold) -> dict:
     """The template context of one layer."""
     units = read(layer_dir / "units.parquet", "units").sort_values("unit")
     viz = layer_dir / "viz"
     manifest = read_manifest(viz / "manifest.json")
-    formulas = (pq.read_table(layer_dir / "formulas.parquet").to_pandas()
-                if (layer_dir / "formulas.parquet").is_file() else None)
-    formula_by_unit = ({int(r["unit"]): r for r in formulas.to_dict("records")}
-                       if formulas is not None else {})
+    formula_by_unit, formula_note = formulas_with_stats(_optional(layer_dir / "formulas.parquet"))
     rows = {int(r["unit"]): r for r in units.to_dict("records")}
     scale = max(1, -(-MIN_TILE_PX // int(image_size[1]))) if image_size else None
     cards = [_card(c, rows[int(c["unit"])], formula_by_unit.get(int(c["unit"])), viz, scale,
                    colors, iou_threshold) for c in manifest["units"]]
     cards.sort(key=lambda c: (-c["iou"], c["unit"]))
+    by_unit = {int(c["unit"]): c for c in manifest["units"]}
+    card_ids = {c["unit"]: f"{slug(layer)}-unit-{c['unit']}" for c in cards}
+    table = unit_rows(units, runner_ups(_optional(layer_dir / "significance.parquet")),
+                      formula_by_unit, {u: _activity(r, by_unit.get(u)) for u, r in rows.items()},
+                      card_ids)
     rel = Path(os.path.relpath(layer_dir.resolve(), out_dir.resolve())).as_posix()
     figure = {name: layer_dir / f"{name}.png" if (layer_dir / f"{name}.png").is_file() else None
               for name in ("detectors", "sweep")}
     return {
         "name": layer, "slug": slug(layer), "counts": _per_category(units, categories, colors),
-        "cards": cards, "detectors_png": figure["detectors"], "sweep_png": figure["sweep"],
+        "cards": cards, "units_table": table, "formula_note": formula_note,
+        "selected": sum(c["selected"] for c in cards),
+        "detectors_png": figure["detectors"], "sweep_png": figure["sweep"],
         "tables": {name: f"{rel}/{name}.parquet" for name in TABLES
                    if (layer_dir / f"{name}.parquet").is_file()},
         "views": _views(manifest, viz), "device": manifest["device"],

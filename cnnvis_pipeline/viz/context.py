@@ -4,7 +4,9 @@
   layouts), the dissection tables of the layer (units, top images, thresholds), the temporary
   viz/ directory the views write into.
 - View: a name, a title, settings(views) -> the part of the `views:` settings it reads (the
-  manifest records it), compute(context, units, views) -> ViewResult.
+  manifest records it), compute(context, units, views) -> ViewResult, and every_detector:
+  whether its units are the selected ones plus every other detector of the layer (the top
+  images: every detector gets a card) or the selected ones only.
 - ViewResult: what a view hands the manifest and the tables: per unit its card entry, the layer
   entry, a note (why there is nothing: switched off, refused) and the columns of its tables.
   The entries follow tables.VIEW_ENTRIES[name]; the report shows them through the template
@@ -116,6 +118,9 @@ class View:
     title: str  # what the report calls it
     settings: Callable[[Views], dict]
     compute: Callable[[LayerContext, list[int], Views], ViewResult]
+    # True: the view also runs for every detector of the layer beyond the selected units (the
+    # report gives every detector a card); False: the selected units only
+    every_detector: bool = False
 
 
 def columns(*names: str) -> dict[str, list]:

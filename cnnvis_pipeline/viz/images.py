@@ -69,10 +69,3 @@ def pad_to(tile: np.ndarray, h: int, w: int, fill: int = 128) -> np.ndarray:
     out[y : y + th, x : x + tw] = tile[:th, :tw]
     return out
 
-
-def signed_to_image(p: np.ndarray) -> np.ndarray:
-    """A DeconvNet projection [H, W, 3] (any sign) as an image: 0 -> grey, scaled per image."""
-    scale = float(np.abs(p).max())
-    if scale <= 0:
-        return np.full(p.shape, 128, np.uint8)
-    return to_uint8(0.5 + 0.5 * p / scale)

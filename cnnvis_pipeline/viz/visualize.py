@@ -6,8 +6,10 @@ run_visualize(job, prepared, layer, layer_dir) reads the layer's dissection tabl
 turn and writes, next to the tables:
 
 - viz/                      the views' PNGs and manifest.json: per unit its card entry of each
-                            view, per view its settings, note, layer entry and timings
-                            (tables.MANIFEST_SCHEMA, checked when written and when read).
+                            view (the selected units: every view; the layer's other detectors:
+                            the views with `every_detector`, the top images), per view its
+                            settings, note, layer entry and timings (tables.MANIFEST_SCHEMA,
+                            checked when written and when read).
 - the views' tables         activation_max.parquet, inversion.parquet (tables.SCHEMAS).
 
 The views are described in their modules (viz/views/).
@@ -50,9 +52,16 @@ def _read(path: Path, what: str) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
 
 
-def _card(ctx: LayerContext, u: int, requested: set[int]) -> dict:
-    return {"unit": int(u), "requested": int(u) in requested,
+def _card(ctx: LayerContext, u: int, requested: set[int], selected: bool) -> dict:
+    return {"unit": int(u), "requested": int(u) in requested, "selected": selected,
             "dataset_top_activation": ctx.dataset_top(u), "views": {}}
+
+
+def other_detectors(units: pd.DataFrame, selected: list[int]) -> list[int]:
+    """The layer's detectors that are not selected, highest IoU first (ties: lower unit)."""
+    det = units[units["detector"].astype(bool) & ~units["unit"].isin(selected)]
+    det = det.sort_values(["iou", "unit"], ascending=[False, True])
+    return [int(u) for u in det["unit"]]
 
 
 def _provenance(ctx: LayerContext, layer_dir: Path, info: dict) -> dict:
@@ -80,15 +89,21 @@ def _context(job: Job, prepared, layer: str, layer_dir: Path, model, device: tor
 
 
 def _run_views(ctx: LayerContext, selected: list[int], requested: set[int]) -> tuple[dict, dict]:
-    """The manifest and the views' tables (name -> columns)."""
+    """The manifest and the views' tables (name -> columns). Every view runs for the selected
+    units; a view with `every_detector` also for the layer's other detectors."""
     clock = Clock(ctx.device)
-    cards = {u: _card(ctx, u, requested) for u in selected}
+    others = other_detectors(ctx.units, selected)
+    cards = {u: _card(ctx, u, requested, True) for u in selected}
+    cards.update({u: _card(ctx, u, requested, False) for u in others})
     views, tables = {}, {}
     # The first torch.optim.Adam of a process imports torch._dynamo (seconds): not a view's cost.
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
-    for view in VIEWS:
+    for k, view in enumerate(VIEWS):
+        units = selected + others if view.every_detector else selected
+        log.info("%s %s: view %d/%d, %s, %d units ...", ctx.name, ctx.layer, k + 1, len(VIEWS),
+                 view.title, len(units))
         with clock.time(view.name):
-            result = view.compute(ctx, selected, ctx.job.views)
+            result = view.compute(ctx, units, ctx.job.views)
         for u, entry in result.cards.items():
             cards[u]["views"][view.name] = entry
         tables.update(result.tables)
@@ -96,11 +111,12 @@ def _run_views(ctx: LayerContext, selected: list[int], requested: set[int]) -> t
                             "note": result.note, "layer": result.layer,
                             "seconds": clock.seconds[view.name],
                             "cpu_seconds": clock.cpu_seconds[view.name]}
-        log.info("%s %s: %s %.1fs", ctx.name, ctx.layer, view.title, clock.seconds[view.name])
+        log.info("%s %s: view %d/%d, %s, done in %.1f s", ctx.name, ctx.layer, k + 1, len(VIEWS),
+                 view.title, clock.seconds[view.name])
     manifest = {"version": MANIFEST_VERSION, "model": ctx.name, "layer": ctx.layer,
                 "device": str(ctx.device), "threads": torch.get_num_threads(),
-                "top_units": ctx.job.views.units, "order": [v.name for v in VIEWS], "units": [cards[u] for u in selected],
-                "views": views}
+                "top_units": ctx.job.views.units, "order": [v.name for v in VIEWS],
+                "units": [cards[u] for u in selected + others], "views": views}
     return manifest, tables
 
 
@@ -122,7 +138,8 @@ def run_visualize(job: Job, prepared: str | Path, layer: str, layer_dir: str | P
         ctx = _context(job, prepared, layer, layer_dir, model, device, tmp)
         requested = requested_units(spec, layer)
         selected = select_units(ctx.units, job.views.units, requested, where=f"{name} {layer}")
-        log.info("%s %s: visualising %d units on %s", name, layer, len(selected), ctx.device)
+        log.info("%s %s: visualising %d units on %s (and the top images of every other "
+                 "detector)", name, layer, len(selected), ctx.device)
         manifest, tables = _run_views(ctx, selected, set(requested))
         write_manifest(tmp / "manifest.json", manifest)
         prov = _provenance(ctx, layer_dir, info)

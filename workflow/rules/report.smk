@@ -53,7 +53,7 @@ rule model_report:
     shell:
         "{params.cnnvis} report --model {wildcards.model:q} --results results/{wildcards.model:q}"
         " --layers {params.layers:q} --out {output.html:q} --iou-figure {output.iou:q}"
-        " --spec {params.spec:q}"
+        " --spec {params.spec:q} --summary-page results/summary/index.html"
         " --prepared {input.prepared:q} --dataset-name {params.dataset:q} > {log:q} 2>&1"
 
 
@@ -65,6 +65,7 @@ rule summary_page:
         series=[series_figure(name) for name in SERIES],
         prepared=PREPARED,
         units=layer_outputs("units.parquet"),
+        formulas=compositional_targets(),
     output:
         report(
             "results/summary/index.html",
@@ -83,4 +84,5 @@ rule summary_page:
         "{params.cnnvis} summary-page --reports {params.reports:q} --detectors {input.table:q}"
         " --figure {input.figure:q} --series {params.series:q} --prepared {input.prepared:q}"
         " --dataset-name {params.dataset:q}"
-        " --units {input.units:q} --out {output:q} > {log:q} 2>&1"
+        " --units {input.units:q} --formulas {input.formulas:q} --out {output:q}"
+        " > {log:q} 2>&1"

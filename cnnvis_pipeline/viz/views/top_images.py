@@ -1,4 +1,5 @@
-"""The top-images view: each unit's top-activating dataset images (top_images.parquet, highest
+"""The top-images view (for the selected units and every other detector of the layer: each
+detector's card shows at least these): each unit's top-activating dataset images (top_images.parquet, highest
 maximum activation first), everything outside its thresholded mask darkened and the mask
 outlined, one PNG per image (viz/unit<U>_top<R>.png). The maps come from one new forward pass
 over the images needed: float32 (the layer's own values), bilinear (align_corners=False) to the
@@ -49,4 +50,4 @@ def _compute(ctx: LayerContext, units: list[int], _views: Views) -> ViewResult:
     return out
 
 
-VIEW = View("top_images", "top images", _settings, _compute)
+VIEW = View("top_images", "top images", _settings, _compute, every_detector=True)
