@@ -13,8 +13,6 @@
   schema and filled with the schema's defaults (cnnvis_pipeline.settings builds its dataclasses
   from these). The schema is the only place that holds defaults.
 - MOVED: keys of earlier configs and where they are now (a clear error naming the new key).
-- check_size(cfg): the config's size (nodes, aliases expanded, and depth) is bounded, measured
-  without expanding YAML aliases, before anything walks or serialises it.
 
 Imports neither torch nor any stage, so that `snakemake -n` stays light.
 """
@@ -197,53 +195,6 @@ def check_schema(cfg: dict, schema_path: str | Path = SCHEMA_PATH) -> None:
         _raise_problems(moved)
     schema = load_schema(schema_path)
     _raise_all(list(jsonschema.Draft202012Validator(schema).iter_errors(cfg)))
-
-
-MAX_CONFIG_NODES = 100_000  # values of the config, every YAML alias counted where it is used
-MAX_CONFIG_DEPTH = 32
-
-
-def check_size(cfg, *, max_nodes: int = MAX_CONFIG_NODES,
-               max_depth: int = MAX_CONFIG_DEPTH) -> None:
-    """Raise CnnvisError when the config, with its YAML aliases expanded, would hold more than
-    `max_nodes` values or nest deeper than `max_depth`.
-
-    A YAML loader shares one object for every use of an anchor, so a few lines of aliases can
-    stand for 10^9 values that only appear when something copies, validates or serialises the
-    config. The count is computed once per distinct object (memoised by identity), so the
-    check takes time in the size of the file, never in the size of the expansion.
-    """
-    sizes: dict[int, int] = {}
-    depths: dict[int, int] = {}
-    stack: list[tuple[object, str, int, bool]] = [(cfg, "config", 1, False)]
-    while stack:
-        node, where, level, done = stack.pop()
-        if not isinstance(node, (dict, list)):
-            continue
-        if level > max_depth:
-            raise CnnvisError(f"{where}: the config nests deeper than {max_depth} levels; "
-                              "a configuration is never that deep (a YAML anchor bomb?)")
-        children = list(node.items()) if isinstance(node, dict) else list(enumerate(node))
-        if done:
-            sizes[id(node)] = 1 + sum(sizes.get(id(v), 1) for _, v in children)
-            depths[id(node)] = 1 + max((depths.get(id(v), 0) for _, v in children), default=0)
-            if sizes[id(node)] > max_nodes:
-                raise CnnvisError(
-                    f"{where}: the config holds more than {max_nodes:,} values with its YAML "
-                    "aliases expanded (a YAML anchor bomb?); refused before anything reads it"
-                )
-            continue
-        if id(node) in sizes:
-            continue
-        stack.append((node, where, level, True))
-        for k, v in children:
-            if isinstance(v, (dict, list)) and id(v) not in sizes:
-                stack.append((v, f"{where}.{k}" if isinstance(k, str) else f"{where}[{k}]",
-                              level + 1, False))
-    depth = depths.get(id(cfg), 0)
-    if depth > max_depth:  # a shared node reached at a shallower level first
-        raise CnnvisError(f"config: nests {depth} levels deep, more than {max_depth} "
-                          "(a YAML anchor bomb?)")
 
 
 def spec_digest(obj) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cnnvis_pipeline import config as cc
+from cnnvis_pipeline.errors import CnnvisError, check_size
 
 pytestmark = pytest.mark.slow
 
@@ -52,8 +52,8 @@ def screen(proc) -> str:
 def test_anchor_bomb_and_case_colliding_names_are_refused(tmp_path, workflow):
     bomb = yaml.safe_load(BOMB)  # 10^9 leaves once expanded; a few hundred objects here
     t0 = time.perf_counter()
-    with pytest.raises(cc.CnnvisError, match="more than 100,000 values with its YAML aliases"):
-        cc.check_size(bomb)
+    with pytest.raises(CnnvisError, match="more than 100,000 values with its YAML aliases"):
+        check_size(bomb)
     assert time.perf_counter() - t0 < 1.0
 
     work = tmp_path / "bomb"

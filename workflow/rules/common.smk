@@ -10,7 +10,7 @@ from snakemake.utils import validate
 from cnnvis_pipeline import config as cc
 from cnnvis_pipeline import settings as cs
 from cnnvis_pipeline.data import digests
-from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.errors import CnnvisError, check_size
 from cnnvis_pipeline.fileio import error_line
 
 # `dataset` and `models` of a user's --configfile replace the default's entirely; the other
@@ -18,7 +18,7 @@ from cnnvis_pipeline.fileio import error_line
 with open(CNNVIS_ROOT / "config" / "config.yaml") as _f:
     _default_config = yaml.safe_load(_f)
 try:  # bounded before anything copies, validates or serialises it (YAML aliases are shared)
-    cc.check_size(config)
+    check_size(config)
 except CnnvisError as e:
     raise WorkflowError(f"invalid configuration: {e}") from None
 _merged = cc.merge_with_default(dict(config), _default_config)
