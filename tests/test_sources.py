@@ -315,3 +315,11 @@ def test_segmenter_predictions_are_labels_with_their_provenance(masks, tmp_path,
     with pytest.raises(CnnvisError, match="channels.csv: names channel 5, but the model has 3"):
         (tmp_path / "channels.csv").write_text("5,car\n")
         segment_shard(spec, tmp_path / "bad", device="cpu")
+
+
+def test_bench_ade20k_and_broden_preparations_give_the_same_arrays(tmp_path):
+    from cnnvis_pipeline.bench.sources import run
+
+    out = run(6, 24, 32, 16, 1, 3, tmp_path)
+    assert out["same_arrays"] is True and out["images"] == 6
+    assert out["ade20k_images_per_s"] > 0 and out["broden_images_per_s"] > 0
