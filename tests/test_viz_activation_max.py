@@ -327,17 +327,22 @@ def test_presets_and_overrides():
         activation_maximization(net, "1", [0], steps=2, size=8, objective="median")
     with pytest.raises(CnnvisError, match="polish_steps"):
         activation_maximization(net, "1", [0], steps=2, size=8, polish_steps=3)
-    # No polish and the mean objective on the default preset = the Lucid preset with the same
-    # redirect schedule, on a layer that is not a ReLU (no per-position redirect)...
+    with pytest.raises(CnnvisError, match="unknown parameterization 'pixels'"):
+        activation_maximization(net, "1", [0], steps=2, size=8, parameterization="pixels")
+    # No polish, the mean objective and the plain Fourier image on the default preset = the
+    # Lucid preset with the same redirect schedule, on a layer that is not a ReLU (no
+    # per-position redirect)...
     kw = {"steps": 20, "size": 16, **MEAN_STD}
+    same = {"objective": "mean", "polish_steps": 0, "redirect_steps": 16}
     a, _ = activation_maximization(net, "0", [0, 3], preset="lucid", **kw)
-    b, _ = activation_maximization(net, "0", [0, 3], objective="mean", polish_steps=0,
-                                   redirect_steps=16, **kw)
+    b, _ = activation_maximization(net, "0", [0, 3], parameterization="fourier", **same, **kw)
     assert torch.equal(a, b)
-    # ...while at the ReLU the default's per-position redirect changes the result.
+    # ...the default's colour offset changes it...
+    c, _ = activation_maximization(net, "0", [0, 3], **same, **kw)
+    assert not torch.equal(a, c)
+    # ...and so does, at the ReLU, the default's per-position redirect.
     a, _ = activation_maximization(net, "1", [0, 3], preset="lucid", **kw)
-    b, _ = activation_maximization(net, "1", [0, 3], objective="mean", polish_steps=0,
-                                   redirect_steps=16, **kw)
+    b, _ = activation_maximization(net, "1", [0, 3], parameterization="fourier", **same, **kw)
     assert not torch.equal(a, b)
 
 

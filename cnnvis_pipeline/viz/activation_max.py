@@ -22,15 +22,22 @@ Two presets (PRESETS), so that a benchmark can show both side by side:
   relative to luminance (param.COLOR_CORRELATION_SQRT, normalised) and the mean colour is a single
   coefficient among thousands, so the image's colour moves slowly; (2) the mean over the map is
   optimised on jittered, padded, rotated images, while the best natural image is judged by the
-  maximum over the map of an untransformed image at the dataset's input size. The default
-  therefore (a) optimises mean + max over the map (the max is the dataset's statistic), (b)
+  maximum over the map of an untransformed image at the dataset's input size. A third shows on
+  units whose optimum is known (a 1x1 convolution on the image, ReLU, average pooling: a uniform
+  saturated frame): (3) where the unit is silent the image gets no gradient, so a region the
+  first steps left on the wrong side stays there, and a saturated colour needs large logits
+  that the Fourier coefficients reach slowly. The default therefore (a) optimises mean + max
+  over the map (the max is the dataset's statistic), (b)
   keeps the redirected ReLU gradient on throughout (it only acts for a unit whose ordinary
   gradient is zero everywhere, so it cannot disturb an active unit) and, at the layer's own
   nn.ReLU, per position (where the unit's map is silent, the gradient that raises it passes, so
   the whole image is pulled towards the stimulus), (c) spends the last
   `polish_steps` steps on the pixels directly (sigmoid logits, Adam at `polish_lr`), with the
-  image fed untransformed at `input_size`, exactly as it is measured, and (d) returns, per
-  unit, the better of the images before and after the polish by that measurement.
+  image fed untransformed at `input_size`, exactly as it is measured, (d) returns, per
+  unit, the better of the images before and after the polish by that measurement, and (e)
+  adds to the sigmoid's logits a free per-image RGB offset, in both phases
+  (param.fourier_colour, pixel(colour_offset=...)): it moves every pixel, silent ones
+  included, and reaches a saturated colour in a few dozen Adam steps.
 """
 
 from __future__ import annotations
@@ -54,7 +61,7 @@ from cnnvis_pipeline.viz._common import (
     size_pair,
 )
 from cnnvis_pipeline.viz.objectives import Objective, channel, channel_max, per_image
-from cnnvis_pipeline.viz.param import fourier, pixel
+from cnnvis_pipeline.viz.param import fourier, fourier_colour, pixel
 from cnnvis_pipeline.viz.relu import relu_backward_override
 from cnnvis_pipeline.viz.transform import STANDARD, Transform, apply
 
@@ -71,6 +78,7 @@ def mean_max_objective(units: Sequence[int]) -> Objective:
 
 OBJECTIVES: dict[str, Callable[[Sequence[int]], Objective]] = {
     "mean": mean_objective, "mean+max": mean_max_objective}
+PARAMETERIZATIONS: dict[str, Callable] = {"fourier": fourier, "fourier_colour": fourier_colour}
 
 
 def default_redirect_steps(steps: int) -> int:
@@ -105,34 +113,43 @@ class Recipe:
     polish_steps: Callable[[int], int]
     polish_lr: float
     per_position: bool  # the layer's own nn.ReLU redirects per position
+    polish_offset: float = 0.0  # gain of a per-image colour offset during the polish (0: none)
 
 
 PRESETS: dict[str, Recipe] = {
     # Lucid/Lucent: channel objective (mean over the map), redirect for max(16, 10%) steps.
     "lucid": Recipe(mean_objective, STANDARD, fourier, default_redirect_steps, _no_steps, 0.2,
                     per_position=False),
-    # Mean + max objective, redirect throughout (per position at the layer's own ReLU), pixel
-    # polish for the last third (at most 64).
-    "default": Recipe(mean_max_objective, STANDARD, fourier, _all_steps, default_polish_steps,
-                      0.2, per_position=True),
+    # Mean + max objective, a colour offset on the Fourier image and on the polished pixels,
+    # redirect throughout (per position at the layer's own ReLU), pixel polish for the last
+    # third (at most 64).
+    "default": Recipe(mean_max_objective, STANDARD, fourier_colour, _all_steps,
+                      default_polish_steps, 0.2, per_position=True, polish_offset=1.0),
 }
 
 
-def _recipe(preset: str, objective, polish_steps, polish_lr, redirect_steps) -> Recipe:
+def _named(kind: str, table: dict, value):
+    """value, or table[value] when it is a name (CnnvisError for an unknown name)."""
+    if not isinstance(value, str):
+        return value
+    if value not in table:
+        raise CnnvisError(f"activation maximisation: unknown {kind} {value!r} "
+                          f"(one of {', '.join(table)})")
+    return table[value]
+
+
+def _recipe(preset: str, objective, polish_steps, polish_lr, redirect_steps,
+            parameterization=None) -> Recipe:
     """The preset with the caller's overrides."""
-    if preset not in PRESETS:
-        raise CnnvisError(f"activation maximisation: unknown preset {preset!r} "
-                          f"(one of {', '.join(PRESETS)})")
-    r = PRESETS[preset]
-    if isinstance(objective, str):
-        if objective not in OBJECTIVES:
-            raise CnnvisError(f"activation maximisation: unknown objective {objective!r} "
-                              f"(one of {', '.join(OBJECTIVES)})")
-        objective = OBJECTIVES[objective]
-    return Recipe(objective or r.objective, r.transforms, r.parameterization,
+    r = _named("preset", PRESETS, preset)
+    objective = _named("objective", OBJECTIVES, objective)
+    parameterization = _named("parameterization", PARAMETERIZATIONS, parameterization)
+    return Recipe(objective or r.objective, r.transforms,
+                  parameterization or r.parameterization,
                   r.redirect_steps if redirect_steps is None else (lambda _s: int(redirect_steps)),
                   r.polish_steps if polish_steps is None else (lambda _s: int(polish_steps)),
-                  r.polish_lr if polish_lr is None else float(polish_lr), r.per_position)
+                  r.polish_lr if polish_lr is None else float(polish_lr), r.per_position,
+                  r.polish_offset)
 
 
 class _Layer:
@@ -220,6 +237,7 @@ def activation_maximization(
     objective: str | Callable[[Sequence[int]], Objective] | None = None,
     polish_steps: int | None = None,
     polish_lr: float | None = None,
+    parameterization: str | Callable | None = None,
     model_name: str = "model",
     layouts: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,8 +247,9 @@ def activation_maximization(
     defaults in the config schema). preset: "default" or "lucid" (see the module docstring);
     `objective` (a name of OBJECTIVES,
     or units -> Objective), `redirect_steps` (how many of the first steps use the redirected
-    ReLU gradient), `polish_steps` (how many of the `steps` are pixel polish) and `polish_lr`
-    override the preset's values. `layouts`: the model's {layer: layout} (models.hooks).
+    ReLU gradient), `polish_steps` (how many of the `steps` are pixel polish), `polish_lr` and
+    `parameterization` (a name of PARAMETERIZATIONS, or a function like them) override the
+    preset's values. `layouts`: the model's {layer: layout} (models.hooks).
 
     units: channel indices (repeats allowed); None means every channel of the layer.
     Returns (images, activations) on the CPU: images [N, 3, size, size] in [0, 1], meant to be fed
@@ -243,7 +262,8 @@ def activation_maximization(
     check_mean_std(mean, std)
     if steps < 0:
         raise CnnvisError(f"steps must be >= 0, not {steps}")
-    recipe = _recipe(preset, objective, polish_steps, polish_lr, redirect_steps)
+    recipe = _recipe(preset, objective, polish_steps, polish_lr, redirect_steps,
+                     parameterization)
     n_polish = recipe.polish_steps(steps)
     if not 0 <= n_polish <= steps:
         raise CnnvisError(f"polish_steps must be in 0..steps ({steps}), not {n_polish}")
@@ -268,21 +288,25 @@ def activation_maximization(
         with torch.no_grad():
             final = image_f().detach()
         if n_polish:
-            final = _polish(fwd, final, unit_list, obj, recipe.polish_lr,
+            final = _polish(fwd, final, unit_list, obj, recipe,
                             range(steps - n_polish, steps), override)
         _, activations = fwd.measured(final, unit_list)
     return final.cpu(), activations.cpu()
 
 
 def _polish(fwd: _Layer, start: torch.Tensor, units: list[int], objective: Objective,
-            lr: float, steps: range, override) -> torch.Tensor:
-    """Pixel polish (sigmoid logits, fed untransformed as measured); per unit the better image
-    of before and after by that measurement."""
-    before_max, _ = fwd.measured(start, units)
-    params, image_f = pixel(start)
-    _ascend(params, image_f, objective, lr, steps, override, lambda x: fwd(x, fwd.input_hw))
+            recipe: Recipe, steps: range, override) -> torch.Tensor:
+    """Pixel polish (sigmoid logits plus the recipe's per-image colour offset, fed untransformed
+    as measured); per unit the better image of before and after by that measurement: the
+    polished one when its max + mean is not lower and its max is not lower beyond float
+    rounding (1e-4 relative)."""
+    before_max, before_mean = fwd.measured(start, units)
+    params, image_f = pixel(start, colour_offset=recipe.polish_offset)
+    _ascend(params, image_f, objective, recipe.polish_lr, steps, override,
+            lambda x: fwd(x, fwd.input_hw))
     with torch.no_grad():
         polished = image_f().detach()
-    after_max, _ = fwd.measured(polished, units)
-    keep = (after_max >= before_max).view(len(units), 1, 1, 1)
-    return torch.where(keep, polished, start)
+    after_max, after_mean = fwd.measured(polished, units)
+    keep = ((after_max + after_mean >= before_max + before_mean)
+            & (after_max >= before_max - 1e-4 * before_max.abs()))
+    return torch.where(keep.view(len(units), 1, 1, 1), polished, start)
