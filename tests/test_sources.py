@@ -323,3 +323,35 @@ def test_bench_ade20k_and_broden_preparations_give_the_same_arrays(tmp_path):
     out = run(6, 24, 32, 16, 1, 3, tmp_path)
     assert out["same_arrays"] is True and out["images"] == 6
     assert out["ade20k_images_per_s"] > 0 and out["broden_images_per_s"] > 0
+
+
+def test_workflow_prepares_broden_with_size_and_limit(workflow, tmp_path, monkeypatch):
+    config = {"dataset": {"synth": {"images": 30, "size": 32}, "size": 48, "limit": 10},
+              "models": {"net": {"arch": "synthnet", "layers": ["features.relu3"]}}}
+    assert workflow.run(tmp_path, config, "results/digests/prepared.json",
+                        env=workflow.env(workflow.repo)).returncode == 0
+    monkeypatch.chdir(tmp_path)
+    ds = PreparedDataset("results/digests/prepared.json")
+    content = json.loads(Path("results/digests/dataset.json").read_text())["digest"]
+    assert len(ds) == 10 and ds.images.shape[1:3] == (48, 48) and ds.seg_size == (24, 24)
+    assert ds.digest != content  # the options make another prepared entry than the plain one
+    assert Path(ds.path).name.endswith(ds.digest[:16])
+
+
+def test_workflow_labels_a_folder_with_a_segmenter(masks, workflow, tmp_path, monkeypatch):
+    (tmp_path / "colour_seg.py").write_text(SEGMENTER)
+    (tmp_path / "channels.csv").write_text("1,car\n2,sky\n")
+    config = {"dataset": {"segmenter": {"images": masks["images"], "factory": "colour_seg:build",
+                                        "classes": str(tmp_path / "channels.csv"),
+                                        "mean": [0, 0, 0], "std": [1, 1, 1]}},
+              "models": {"net": {"arch": "synthnet", "layers": ["features.relu3"]}},
+              "resources": {"shards": 2, "device": "cpu"}}
+    proc = workflow.run(tmp_path / "run", config, "results/digests/prepared.json",
+                        env=workflow.env(workflow.repo, tmp_path))
+    assert proc.returncode == 0
+    monkeypatch.chdir(tmp_path / "run")
+    ds = PreparedDataset("results/digests/prepared.json")
+    assert ds.meta["labels"] == "predictions" and len(ds) == 6
+    _, cls = layout(5)
+    np.testing.assert_array_equal(ds.planes[5, 0], np.where(cls >= 2, cls, 0))
+    assert not Path("results/segment").exists() or not any(Path("results/segment").iterdir())
