@@ -43,3 +43,6 @@ _.handle_data
 # read by zipfile (tests/test_download.py) and by selenium's ChromeOptions (test_report_browser.py)
 _.create_system
 _.binary_location
+
+# read by the workflow's rules (workflow/rules/common.smk planned())
+_.runtime_min

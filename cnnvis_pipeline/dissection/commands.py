@@ -1,7 +1,8 @@
 """CLI commands of the dissection stage: train (synthnet), check-model, extract, tables (a
 layer's thresholds, tally and tables from every shard), summary, dissect (one process),
-compositional (formulas of one shard of a layer's units), formulas (their merge) and segment
-(a segmentation model's labels of one shard of a `segmenter:` dataset).
+compositional (formulas of one shard of a layer's units), formulas (their merge), segment (a
+segmentation model's labels of one shard of a `segmenter:` dataset) and plan (the resources of
+every job of a run).
 
 `--spec` is the job's JSON (cnnvis_pipeline.settings), parsed once into a typed Job."""
 
@@ -67,6 +68,20 @@ def _check(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from cnnvis_pipeline import plan
+    from cnnvis_pipeline.config import model_specs
+
+    config = plan.load_config(args.configfile)
+    jobs = plan.workflow_plan(config, model_specs(config), cores=args.cores,
+                              cache_dir=args.cache)
+    print(plan.format_plan(jobs, plan.dataset_size(config)))
+    limit = config["resources"].get("max_mem_mb")
+    for line in plan.over_limit(jobs, limit, "resources.max_mem_mb"):
+        print(f"over the limit: {line}")
+    return 0
+
+
 def register(sub) -> None:
     def add(name, help_, func, *, spec=True, prepared=True):
         p = sub.add_parser(name, help=help_)
@@ -120,6 +135,12 @@ def register(sub) -> None:
                                        scratch=a.scratch, progress=not a.quiet) and 0)
     p.add_argument("--out-dir", required=True)
     p.add_argument("--scratch", required=True, help="directory for the float16 activations")
+
+    p = add("plan", "memory, disk and time of every job of a run, before it runs", _plan,
+            spec=False, prepared=False)
+    p.add_argument("--configfile", required=True, help="the run's config (as for snakemake)")
+    p.add_argument("--cores", type=int, default=1, help="cores of the run (CPU time)")
+    p.add_argument("--cache", default="results/plan", help="where layer shapes are cached")
 
     p = add("compositional", "compositional explanations (formulas of concepts) of one shard of "
             "a layer's units",

@@ -8,6 +8,7 @@ import yaml
 from snakemake.utils import validate
 
 from cnnvis_pipeline import config as cc
+from cnnvis_pipeline import plan as cplan
 from cnnvis_pipeline import settings as cs
 from cnnvis_pipeline.data import digests
 from cnnvis_pipeline.errors import CnnvisError, check_size
@@ -107,6 +108,62 @@ def shard_threads():
 
 def layer_threads(model):
     return max(1, _cores() // len(MODELS[model]["layers"]))
+
+
+# The resource plan (cnnvis_pipeline/plan.py, as `cnnvis plan` prints it): every dissection job's
+# memory, disk and time, which its rule requests (`resources:`), so SLURM jobs ask for what they
+# need. A job over `resources.max_mem_mb` or Snakemake's `--resources mem_mb=` is refused here,
+# at `snakemake -n`, with its estimate and what to change. Layer shapes are cached in
+# results/plan/ (torch is imported only when the cache misses).
+def _global_mem_mb():
+    try:
+        value = workflow.global_resources["mem_mb"]
+    except (KeyError, TypeError):
+        return None
+    value = getattr(value, "value", value)
+    return int(value) if isinstance(value, (int, float)) else None
+
+
+def _plan():
+    try:
+        cores = int(workflow.cores)
+    except WorkflowError:
+        cores = 1
+    try:
+        jobs = cplan.workflow_plan(config, MODELS, cores=cores)
+    except CnnvisError as e:
+        raise WorkflowError(f"resource plan: {e}") from None
+    limits = [
+        (config["resources"].get("max_mem_mb"), "resources.max_mem_mb"),
+        (_global_mem_mb(), "--resources mem_mb"),
+    ]
+    problems = [
+        line for limit, where in limits for line in cplan.over_limit(jobs, limit, where)
+    ]
+    if problems:
+        raise WorkflowError(
+            "jobs that would not fit in memory:\n" + "\n".join(problems)
+        )
+    return {(j.rule, j.model, j.layer, j.part): j for j in jobs}
+
+
+PLAN = _plan()
+PLAN_GPU = str(config["resources"]["device"]).startswith("cuda")
+
+
+def planned(rule):
+    """A rule's resources from the plan: mem_mb, disk_mb and runtime (minutes; GPU times when
+    resources.device is cuda, CPU times otherwise)."""
+
+    def job(wc):
+        part = wc.get("shard", wc.get("part", ""))
+        return PLAN[(rule, wc.get("model", ""), wc.get("layer", ""), part)]
+
+    return {
+        "mem_mb": lambda wc: job(wc).mem_mb,
+        "disk_mb": lambda wc: job(wc).disk_mb,
+        "runtime": lambda wc: job(wc).runtime_min(PLAN_GPU),
+    }
 
 
 def series_figure(name):

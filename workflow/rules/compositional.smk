@@ -14,6 +14,8 @@ rule compositional_shard:
     log:
         "results/logs/{model}/compositional_{layer}_{part}.log",
     threads: lambda wc: shard_threads()
+    resources:
+        **planned("compositional_shard"),
     params:
         cnnvis=CNNVIS,
         spec=job_json("dissection", "resources", "compositional"),

@@ -50,6 +50,8 @@ rule extract_shard:
     log:
         "results/logs/{model}/extract_{shard}.log",
     threads: shard_threads()
+    resources:
+        **planned("extract_shard"),
     params:
         cnnvis=CNNVIS,
         spec=job_json("dissection", "resources"),
@@ -99,6 +101,8 @@ rule layer_tables:
     log:
         "results/logs/{model}/tables_{layer}.log",
     threads: lambda wc: layer_threads(wc.model)
+    resources:
+        **planned("layer_tables"),
     params:
         cnnvis=CNNVIS,
         spec=job_json("dissection", "resources"),

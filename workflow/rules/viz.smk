@@ -16,6 +16,8 @@ rule visualize_layer:
     log:
         "results/logs/{model}/visualize_{layer}.log",
     threads: int(config["resources"]["threads"])
+    resources:
+        **planned("visualize_layer"),
     params:
         cnnvis=CNNVIS,
         spec=job_json("views", "resources"),

@@ -1,0 +1,156 @@
+"""Peak resident memory of the workflow's dissection jobs, each a child process.
+
+    python -m cnnvis_pipeline.bench.memory --images 3000 [--arch resnet18] [--layer layer4]
+        [--statistics on off] [--shards 1] [--records]
+
+On the benchmark's broden-big dataset (generated and prepared once, cached as for
+`python -m cnnvis_pipeline.bench`), runs the commands of the workflow's jobs as separate
+processes: `cnnvis extract` for each shard, then `cnnvis tables` for the layer once per
+`--statistics` setting, and reads each child's peak resident set size from the kernel
+(`os.wait4`'s ru_maxrss: the child's own high-water mark, start-up and imports included, what a
+SLURM job's memory limit sees). `--records` also tallies the layer in this process and prints
+the per-image records of the statistics (rows and bytes per group).
+Prints one JSON object per job, and the load average at the start and end of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from cnnvis_pipeline.bench.common import DEFAULT_CACHE, ensure_dataset, log
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> dict:
+    """Run `cmd` as a child process; its exit status, wall seconds and peak RSS (MB)."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # wait4 reports this child's own resource usage (RUSAGE_CHILDREN would be the maximum over
+    # every child waited for so far)
+    _, status, usage = os.wait4(proc.pid, 0)
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stderr.close()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return {"rc": proc.returncode, "wall_s": round(time.perf_counter() - t, 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "stderr_tail": err[-2000:]}
+
+
+def job_spec(arch: str, layer: str, statistics: bool, batch_size: int) -> dict:
+    """The `--spec` of the dissection jobs for a seeded random torchvision model."""
+    from cnnvis_pipeline.config import model_specs
+    from cnnvis_pipeline.settings import job_spec as make
+
+    config = {"seed": 0, "models": {arch: {"torchvision": arch, "weights": None,
+                                           "layers": [layer]}},
+              "dissection": {"statistics": {"enabled": statistics}},
+              "resources": {"batch_size": batch_size, "device": "cpu"}}
+    spec = dict(model_specs(config)[arch], name=arch)
+    return make(spec, config, ("dissection", "resources"))
+
+
+def _cnnvis(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cnnvis_pipeline", *args, "--quiet"]
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+def record_sizes(prepared: str, spec: dict, extracts: list[Path], layer: str) -> dict:
+    """Rows and bytes of each group of per-image records of the layer's tally (in process)."""
+    from contextlib import closing
+
+    import numpy as np
+    import torch
+
+    from cnnvis_pipeline.data.prepared import PreparedDataset
+    from cnnvis_pipeline.dissection import pipeline
+    from cnnvis_pipeline.dissection.stores import ActivationStore
+    from cnnvis_pipeline.settings import Job
+
+    job = Job.from_spec(spec)
+    ds = PreparedDataset(prepared)
+    infos = [json.loads((d / "info.json").read_text()) for d in extracts]
+    shards = [(closing(ActivationStore.open(d / f"acts_{layer}.npy")),
+               np.arange(i["start"], i["stop"], dtype=np.int64))
+              for d, i in zip(extracts, infos, strict=True)]
+    maxima = np.concatenate([np.load(d / f"maxima_{layer}.npy") for d in extracts])
+    hist = pipeline._merged_histogram(job, layer, extracts)
+    res = pipeline.dissect_layer(job, ds, layer, hist, shards, maxima,
+                                 device=torch.device("cpu"), progress=False)
+    out = {}
+    for group, names in res.stats.GROUPS.items():
+        cols = [res.stats.arrays[f"{group}_{n}"] for n in names]
+        out[group] = {"rows": int(len(cols[0])), "bytes": int(sum(c.nbytes for c in cols)),
+                      "dtypes": sorted({str(c.dtype) for c in cols})}
+    return out
+
+
+def measure(args) -> list[dict]:
+    data = ensure_dataset(Path(args.cache), args.images, args.size, args.seed, None)
+    prepared = data["prepared"]
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
+        extracts = []
+        spec = json.dumps(job_spec(args.arch, args.layer, True, args.batch_size))
+        for shard in range(args.shards):
+            out = Path(tmp) / "extract" / str(shard)
+            extracts.append(out)
+            load = _load()
+            r = run_measured(_cnnvis("extract", "--prepared", prepared, "--spec", spec,
+                                     "--shard", str(shard), "--shards", str(args.shards),
+                                     "--out", str(out)))
+            rows.append(dict(job="extract_shard", shard=shard, shards=args.shards, **r,
+                             load_before=load, load_after=_load()))
+            log(json.dumps(rows[-1]))
+        for stats in args.statistics:
+            spec = json.dumps(job_spec(args.arch, args.layer, stats == "on", args.batch_size))
+            load = _load()
+            r = run_measured(_cnnvis("tables", "--prepared", prepared, "--spec", spec,
+                                     "--layers", args.layer, "--extracts",
+                                     *map(str, extracts), "--out-dir", str(Path(tmp) / stats)))
+            rows.append(dict(job="layer_tables", statistics=stats, **r, load_before=load,
+                             load_after=_load()))
+            log(json.dumps(rows[-1]))
+        if args.records:
+            rows.append({"records": record_sizes(
+                prepared, job_spec(args.arch, args.layer, True, args.batch_size), extracts,
+                args.layer)})
+            log(json.dumps(rows[-1]))
+    common = {"images": args.images, "arch": args.arch, "layer": args.layer,
+              "cpus": os.cpu_count()}
+    return [dict(common, **r) for r in rows]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, required=True)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--layer", default="layer4")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--statistics", nargs="+", choices=["on", "off"], default=["on", "off"])
+    p.add_argument("--records", action="store_true",
+                   help="also count the per-image records of the statistics (in process)")
+    p.add_argument("--cache", default=str(DEFAULT_CACHE))
+    p.add_argument("--scratch", default=None, help="directory for the activations")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    for row in measure(parse_args(argv)):
+        row.pop("stderr_tail", None) if row.get("rc", 0) == 0 else None
+        print(json.dumps(row), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

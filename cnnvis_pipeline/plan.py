@@ -1,0 +1,391 @@
+"""The resource plan of a run: memory, disk and time of every job of the workflow, before it runs.
+
+`workflow_plan(config, models)` returns one `JobPlan` per job (extract_shard per model and shard,
+layer_tables per layer, compositional_shard per layer and part, visualize_layer, ...), from
+- the dataset's size: its prepared arrays' meta.json when they exist, else the source's
+  index.csv, else the config (broden-synth's `images` and `size`) or the known datasets' sizes;
+- the layers' shapes, known without data: the model built on PyTorch's meta device (no weights,
+  no memory) and run on a meta input of the dataset's size; cached by the model's spec in
+  `results/plan/` (torch is imported only when the cache misses, so `snakemake -n` stays fast);
+- the per-unit and per-image costs below, measured on the development VM (`python -m
+  cnnvis_pipeline.bench.memory`, each job a child process, peak RSS from os.wait4; AMD EPYC,
+  2 threads, torch 2.14 CPU; benchmarks/README.md, "Memory of the jobs").
+
+The workflow's rules take `mem_mb`, `disk_mb` and `runtime` (minutes) from it, and a job that
+would not fit `resources.max_mem_mb` (or Snakemake's `--resources mem_mb=`) is refused at
+`snakemake -n` with its estimate and what to change (`over_limit`). `cnnvis plan --configfile
+FILE` prints it. Imports no torch at module level.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cnnvis_pipeline.config import dataset_name, dataset_source_dir, spec_digest
+from cnnvis_pipeline.errors import CnnvisError
+
+MB = 1 << 20
+# -- measured constants (MB unless said) -----------------------------------------------------------
+# Resident memory of a job after its imports (python, torch, torchvision, numpy, pandas, pyarrow,
+# matplotlib): `import cnnvis_pipeline.dissection.pipeline` peaks at 713 MB (ru_maxrss).
+BASE_MB = 720
+# A unit's exact float16 histogram: 65,536 int64 counts (extract_shard holds one per layer,
+# layer_tables the merged one, and the one being merged when there are several shards).
+HIST_MB_PER_UNIT = (1 << 16) * 8 / MB
+# The forward pass on the CPU: live activations ~ this many times the largest module output of a
+# batch (float32); ResNet-18 at 224 px, batch 64: extract_shard peaks at 1,538-1,548 MB.
+FORWARD_OUTPUTS = 2.5
+# The tally's CPU work buffers (tally._TALLY_CHUNK_DEFAULT of upsampled maps and their masks).
+TALLY_BUFFERS_MB = 80
+# Statistics: the per-image records are 45 bytes per (image, unit) once finished (ResNet-18
+# layer4, broden-big, 3,000 images: 222,652 mask, 859,675 intersection, 882,853 partner and
+# 41,238 area records, 69 MB); layer_tables holds about twice that at its peak (the records of
+# the batches and their concatenation). Partners' label planes and per-pixel concepts of a batch
+# are 12 bytes per (image, plane, pixel) for each of the image and its partners.
+RECORD_BYTES_PER_IMAGE_UNIT = 45.0
+RECORD_PEAK_FACTOR = 2.0
+PARTNER_BYTES_PER_PIXEL = 12
+# Significance work arrays: bootstrap weights [images, replicates] float64 and a block of null
+# replicates (choices int64 + indicator float64, 250 replicates).
+NULL_BLOCK = 250
+# Throughput: CPU GFLOP/s per thread of the forward pass (ResNet-18, 224 px, fp32, 2 threads:
+# 3,000 images in 201 s for 3.6 GFLOP each), GPU GFLOP/s (H200, bf16, ResNet-18 to layer4 at
+# 33,622 images/s).
+CPU_GFLOPS_PER_THREAD = 27.0
+GPU_GFLOPS = 60_000.0
+# The tally's seconds per (image, unit) on one CPU thread (3,000 images x 512 units in 23-30 s on
+# 2 threads) and on the GPU (H200: 63,305 images x 512 units in 1.74 s); with statistics the CPU
+# tally takes RECORD_TIME_FACTOR times longer.
+TALLY_S_PER_IMAGE_UNIT_CPU = 3.5e-5
+TALLY_S_PER_IMAGE_UNIT_GPU = 5.4e-8
+RECORD_TIME_FACTOR = 1.5
+# Start-up of a job (imports, model build) in seconds, and the margin of a runtime request.
+START_S = 30
+RUNTIME_MARGIN = 2.0
+# Known datasets: images, image side, segmentation side, label planes, concepts.
+KNOWN_DATASETS = {
+    "broden1_224": (63305, 224, 112, 6, 1197),
+    "broden1_227": (63305, 227, 113, 6, 1197),
+    "broden1_384": (63305, 384, 192, 6, 1197),
+}
+SYNTH_PLANES, SYNTH_CONCEPTS = 5, 60
+# The share of (image, unit) maps with a non-empty mask (ResNet-18 layer4, quantile 0.005: 74
+# of 512 units per image).
+UNIT_ACTIVE = 0.15
+
+
+@dataclass(frozen=True)
+class DatasetSize:
+    images: int
+    image_size: tuple[int, int]
+    seg_size: tuple[int, int]
+    planes: int
+    concepts: int
+    source: str  # where the figures come from
+
+    @property
+    def prepared_mb(self) -> float:
+        h, w = self.image_size
+        sh, sw = self.seg_size
+        return self.images * (3 * h * w + 2 * self.planes * sh * sw) / MB
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    gflops: float  # forward pass of one image
+    largest_output: int  # elements of the largest module output of one image
+    layers: dict  # layer -> [units, h, w]
+
+
+@dataclass
+class JobPlan:
+    rule: str
+    model: str = ""
+    layer: str = ""
+    part: str = ""
+    mem_mb: int = 0
+    disk_mb: int = 0
+    cpu_s: float = 0.0
+    gpu_s: float = 0.0
+    parts: dict = field(default_factory=dict)  # what the memory is made of (MB)
+
+    @property
+    def name(self) -> str:
+        return " ".join(x for x in (self.rule, self.model, self.layer, self.part) if x)
+
+    def runtime_min(self, gpu: bool) -> int:
+        """The runtime request (minutes): the estimate with a margin, at least 5."""
+        s = self.gpu_s if gpu else self.cpu_s
+        return max(5, math.ceil((START_S + RUNTIME_MARGIN * s) / 60))
+
+
+# -- the dataset -----------------------------------------------------------------------------------
+
+def _from_prepared(config: dict) -> DatasetSize | None:
+    root = Path(config.get("data_root", "resources"))
+    metas = sorted(glob.glob(str(root / "prepared" / f"{dataset_name(config)}-*" / "meta.json")),
+                   key=lambda p: Path(p).stat().st_mtime)
+    if not metas:
+        return None
+    import numpy as np
+
+    meta = json.loads(Path(metas[-1]).read_text())
+    planes = len(np.load(Path(metas[-1]).parent / "plane_category.npy"))
+    return DatasetSize(int(meta["n_images"]), tuple(meta["image_size"]), tuple(meta["seg_size"]),
+                       max(planes, 1), len(meta.get("concepts", [])), metas[-1])
+
+
+def _from_index(config: dict) -> DatasetSize | None:
+    index = Path(dataset_source_dir(config)) / "index.csv"
+    if not index.is_file():
+        return None
+    with open(index, newline="") as f:
+        rows = csv.DictReader(f)
+        first = next(rows, None)
+        n = 1 + sum(1 for _ in rows) if first is not None else 0
+    if first is None:
+        raise CnnvisError(f"{index}: no images")
+    cats = [k for k in first if k not in ("image", "split", "ih", "iw", "sh", "sw")]
+    labels = Path(dataset_source_dir(config)) / "label.csv"
+    concepts = max(1, sum(1 for _ in open(labels)) - 1) if labels.is_file() else 1000
+    size = (int(first.get("ih") or 224), int(first.get("iw") or 224))
+    seg = (int(first.get("sh") or size[0] // 2), int(first.get("sw") or size[1] // 2))
+    return DatasetSize(n, size, seg, max(1, len(cats)), concepts, str(index))
+
+
+def dataset_size(config: dict) -> DatasetSize:
+    """The dataset's images and sizes (prepared arrays, else index.csv, else the config)."""
+    found = _from_prepared(config) or _from_index(config)
+    if found is not None:
+        return found
+    ds = config["dataset"]
+    if "synth" in ds:
+        s = ds["synth"] or {}
+        n, side = int(s.get("images", 1000)), int(s.get("size", 64))
+        return DatasetSize(n, (side, side), (side // 2, side // 2), SYNTH_PLANES, SYNTH_CONCEPTS,
+                           "config: dataset.synth")
+    known = KNOWN_DATASETS.get(ds.get("download") or "")
+    if known is None:
+        raise CnnvisError(f"config: dataset: no index.csv at {dataset_source_dir(config)} and not "
+                          f"a known dataset ({', '.join(KNOWN_DATASETS)}): its size is unknown")
+    n, side, seg, planes, concepts = known
+    return DatasetSize(n, (side, side), (seg, seg), planes, concepts,
+                       f"config: dataset.download {ds['download']}")
+
+
+# -- the model -------------------------------------------------------------------------------------
+
+def _shape_key(spec: dict, size) -> str:
+    keys = ("arch", "torchvision", "factory", "kwargs", "layers", "layouts", "input_size")
+    return spec_digest({"spec": {k: spec.get(k) for k in keys}, "size": list(size)})[:16]
+
+
+def measure_shape(spec: dict, size) -> ModelShape:
+    """The model built on the meta device (no weights: shapes do not depend on them) and run
+    on a meta input: parameters, GFLOPs of one image, the largest module output and the
+    layers' canonical shapes. Imports torch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cnnvis_pipeline.models.probe import check_layers
+    from cnnvis_pipeline.models.registry import build_model
+
+    name = spec.get("name", "model")
+    build = {k: v for k, v in spec.items() if k not in ("checkpoint", "weights")}
+    with torch.device("meta"):
+        model, _ = build_model(name, build)
+    h, w = spec.get("input_size") or size
+    x = torch.zeros(1, 3, int(h), int(w), device="meta")
+    outs = [0]
+    leaves = [m for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(
+        lambda _m, _i, o: outs.append(o.numel() if torch.is_tensor(o) else 0)) for m in leaves]
+    try:
+        with FlopCounterMode(display=False) as flops:
+            shapes = check_layers(model, spec["layers"], x, model_name=name,
+                                  layouts=spec.get("layouts"))
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return ModelShape(sum(p.numel() for p in model.parameters()), flops.get_total_flops() / 1e9,
+                      max(outs), {k: [int(d) for d in v] for k, v in shapes.items()})
+
+
+def model_shape(spec: dict, size, cache_dir: str | Path | None = "results/plan") -> ModelShape:
+    """measure_shape, cached in `cache_dir` by the spec (None: not cached)."""
+    path = Path(cache_dir) / f"shape-{_shape_key(spec, size)}.json" if cache_dir else None
+    if path is not None and path.is_file():
+        return ModelShape(**json.loads(path.read_text()))
+    shape = measure_shape(spec, size)
+    if path is not None:
+        from cnnvis_pipeline.fileio import write_text
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps(shape.__dict__, sort_keys=True))
+    return shape
+
+
+# -- the jobs --------------------------------------------------------------------------------------
+
+def _shard_images(n: int, shards: int, shard: int) -> int:
+    """Images of one shard (as extract.shard_indices: consecutive, the first ones larger)."""
+    return n // shards + (1 if shard < n % shards else 0)
+
+
+def extract_job(model: str, shape: ModelShape, ds: DatasetSize, batch: int, shards: int,
+                shard: int, threads: int) -> JobPlan:
+    """One shard's forward pass: float16 activations, histograms and maxima of every layer."""
+    n = _shard_images(ds.images, shards, shard)
+    units = sum(u for u, _h, _w in shape.layers.values())
+    maps = sum(u * h * w for u, h, w in shape.layers.values())
+    parts = {"imports": BASE_MB, "model": shape.params * 4 / MB,
+             "forward": FORWARD_OUTPUTS * batch * shape.largest_output * 4 / MB,
+             "histograms": HIST_MB_PER_UNIT * units, "maxima": n * units * 4 / MB}
+    disk = (n * maps * 2 + units * (1 << 16) * 8 + n * units * 4) / MB
+    return JobPlan("extract_shard", model, part=str(shard), parts=parts,
+                   disk_mb=math.ceil(disk), cpu_s=n * shape.gflops / (CPU_GFLOPS_PER_THREAD * threads),
+                   gpu_s=n * shape.gflops / GPU_GFLOPS)
+
+
+def tables_job(model: str, layer: str, shape: ModelShape, ds: DatasetSize, batch: int,
+               statistics: dict, threads: int, shards: int = 1) -> JobPlan:
+    """A layer's thresholds, tally (with the statistics' per-image records) and tables."""
+    n = ds.images
+    units, h, w = shape.layers[layer]
+    seg = ds.seg_size[0] * ds.seg_size[1]
+    parts = {"imports": BASE_MB, "histograms": (1 + (shards > 1)) * HIST_MB_PER_UNIT * units,
+             "maxima": 2 * n * units * 4 / MB,
+             "tally": TALLY_BUFFERS_MB + batch * (units * h * w * 2 + ds.planes * seg * 8) / MB}
+    tally_cpu = n * units * TALLY_S_PER_IMAGE_UNIT_CPU / threads
+    stats_s = 0.0
+    if statistics.get("enabled", True):
+        reps, partners = int(statistics.get("replicates", 200)), int(statistics.get("partners", 1))
+        parts["records"] = n * units * RECORD_BYTES_PER_IMAGE_UNIT * RECORD_PEAK_FACTOR / MB
+        parts["partners"] = batch * (partners + 1) * ds.planes * seg * PARTNER_BYTES_PER_PIXEL / MB
+        parts["significance"] = n * (reps * 8 + NULL_BLOCK * 16) / MB
+        tally_cpu *= RECORD_TIME_FACTOR
+        stats_s = n * units * TALLY_S_PER_IMAGE_UNIT_CPU / 4  # intervals and p-values (CPU)
+    disk = units * (ds.concepts + 1) * 64 / MB + 5
+    return JobPlan("layer_tables", model, layer, parts=parts, disk_mb=math.ceil(disk),
+                   cpu_s=tally_cpu + stats_s,
+                   gpu_s=n * units * TALLY_S_PER_IMAGE_UNIT_GPU + stats_s)
+
+
+def compositional_job(model: str, layer: str, shape: ModelShape, ds: DatasetSize, shards: int,
+                      part: int, units_setting) -> JobPlan:
+    """Formulas of one part of a layer's units: bit-packed concept masks (about 16 concepts per
+    image) and the part's unit masks, kept for the images where they are not empty (about
+    UNIT_ACTIVE of them at the default quantile). Rough: not measured at scale."""
+    units = shape.layers[layer][0] if units_setting == "all" else len(units_setting)
+    mine = _shard_images(units, shards, part)
+    row = ds.seg_size[0] * ds.seg_size[1] / 8
+    parts = {"imports": BASE_MB, "concept_masks": ds.images * 16 * row / MB,
+             "unit_masks": ds.images * mine * UNIT_ACTIVE * row / MB}
+    cpu = ds.images * mine * 2e-4
+    return JobPlan("compositional_shard", model, layer, str(part), parts=parts, disk_mb=5,
+                   cpu_s=cpu, gpu_s=cpu)
+
+
+def visualize_job(model: str, layer: str, shape: ModelShape, views: dict) -> JobPlan:
+    """The layer's views (rough: the model with gradients and optimiser state, a batch of
+    images; time from the views' steps)."""
+    units = int((views or {}).get("units", 16))
+    parts = {"imports": BASE_MB, "model": 4 * shape.params * 4 / MB, "views": 500}
+    cpu = units * 3 * shape.gflops * 2
+    return JobPlan("visualize_layer", model, layer, parts=parts, disk_mb=50 + units,
+                   cpu_s=cpu, gpu_s=cpu / 100)
+
+
+def workflow_plan(config: dict, models: dict, *, cores: int = 1,
+                  cache_dir: str | Path | None = "results/plan") -> list[JobPlan]:
+    """Every per-model job of the workflow, planned (memory, disk, time)."""
+    res = config.get("resources") or {}
+    shards, batch = int(res.get("shards", 2)), int(res.get("batch_size", 64))
+    statistics = (config.get("dissection") or {}).get("statistics") or {}
+    ds = dataset_size(config)
+    jobs = [JobPlan("prepare_dataset", parts={"imports": 300, "chunks": 500},
+                    disk_mb=math.ceil(ds.prepared_mb), cpu_s=ds.images * 0.01)]
+    for name, spec in models.items():
+        shape = model_shape(dict(spec, name=name), ds.image_size, cache_dir)
+        layers = len(spec["layers"])
+        for k in range(shards):
+            jobs.append(extract_job(name, shape, ds, batch, shards, k, max(1, cores // shards)))
+        for layer in spec["layers"]:
+            jobs.append(tables_job(name, layer, shape, ds, batch, statistics,
+                                   max(1, cores // layers), shards))
+            jobs.append(visualize_job(name, layer, shape, config.get("views") or {}))
+            if config.get("compositional") is not None:
+                units = (config["compositional"] or {}).get("units", "all")
+                jobs += [compositional_job(name, layer, shape, ds, shards, k, units)
+                         for k in range(shards)]
+    for job in jobs:
+        job.mem_mb = math.ceil(sum(job.parts.values()))
+    return jobs
+
+
+def load_config(path: str | Path) -> dict:
+    """A user's --configfile as the workflow sees it: merged with the embedded default,
+    checked against the schema, the planned sections filled with the schema's defaults."""
+    import yaml
+
+    from cnnvis_pipeline import config as cc
+
+    try:
+        user = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise CnnvisError(f"{path}: cannot read the config: {e}") from None
+    default = yaml.safe_load((cc.SCHEMA_PATH.parents[2] / "config" / "config.yaml").read_text())
+    cfg = cc.merge_with_default(user, default)
+    cc.check_schema(cfg)
+    for section in ("dissection", "resources", "views"):
+        cfg[section] = cc.with_defaults(section, cfg.get(section))
+    if cfg.get("compositional") is not None:
+        cfg["compositional"] = cc.with_defaults("compositional", cfg["compositional"])
+    return cfg
+
+
+# -- limits and the printed plan -------------------------------------------------------------------
+
+_ADVICE = {
+    "extract_shard": "a smaller resources.batch_size (the forward pass) or more resources.shards "
+                     "(the per-image maxima)",
+    "layer_tables": "dissection.statistics.enabled: false (the per-image records), or a machine "
+                    "with more memory (the histograms and maxima grow with the layer's units)",
+    "compositional_shard": "more resources.shards (fewer units per job)",
+    "visualize_layer": "fewer views.units",
+}
+
+
+def over_limit(jobs: list[JobPlan], max_mem_mb: int | None, where: str) -> list[str]:
+    """One line per job whose memory estimate exceeds `max_mem_mb`: its estimate, the largest
+    parts and what to change."""
+    if not max_mem_mb:
+        return []
+    lines = []
+    for job in jobs:
+        if job.mem_mb <= max_mem_mb:
+            continue
+        top = sorted(job.parts.items(), key=lambda kv: -kv[1])[:3]
+        lines.append(f"{job.name}: needs about {job.mem_mb} MB, more than {where} "
+                     f"{max_mem_mb} MB (" + ", ".join(f"{k} {v:.0f} MB" for k, v in top)
+                     + f"); try {_ADVICE.get(job.rule, 'a machine with more memory')}")
+    return lines
+
+
+def format_plan(jobs: list[JobPlan], ds: DatasetSize) -> str:
+    """The plan as a text table."""
+    head = (f"dataset: {ds.images} images, {ds.image_size[0]}x{ds.image_size[1]} px, "
+            f"segmentation {ds.seg_size[0]}x{ds.seg_size[1]}, {ds.planes} planes, "
+            f"{ds.concepts} concepts (from {ds.source}); prepared arrays {ds.prepared_mb:.0f} MB")
+    rows = [f"{'job':<44} {'mem MB':>8} {'disk MB':>9} {'CPU min':>9} {'GPU min':>9}  largest"]
+    for j in jobs:
+        top = max(j.parts.items(), key=lambda kv: kv[1])[0] if j.parts else ""
+        rows.append(f"{j.name:<44} {j.mem_mb:>8} {j.disk_mb:>9} {j.cpu_s / 60:>9.1f} "
+                    f"{j.gpu_s / 60:>9.2f}  {top}")
+    return "\n".join([head, *rows])
