@@ -353,9 +353,12 @@ class _IndexCheck:
         says so) when most rows checked so far name missing files."""
         jobs, self.jobs = self.jobs, []
         missing_lines = set()
-        for job, (found, missing) in zip(
-            jobs, pool.map(lambda j: _check_file(j, self.known), jobs), strict=True
-        ):
+        # a missing file is reported here (one stat); the pool decodes only files that exist
+        there = [os.path.exists(j.path) for j in jobs]
+        decoded = iter(pool.map(lambda j: _check_file(j, self.known),
+                                [j for j, t in zip(jobs, there, strict=True) if t]))
+        for job, t in zip(jobs, there, strict=True):
+            found, missing = next(decoded) if t else _check_file(job, self.known)
             for message in found:
                 self.add(job.line, message)
             if missing:
