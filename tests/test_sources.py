@@ -236,7 +236,7 @@ def test_commands_digest_validate_prepare(ade, tmp_path, capsys):
             "--quiet"]
     assert main(args) == 0 and main(args) == 0  # complete for the same digest: success
     ds = PreparedDataset(tmp_path / "r.json")
-    assert len(ds) == 6 and ds.digest == first
+    assert len(ds) == 6 and ds.digest == first and ds.meta["source"] == f"ade20k: {ade.resolve()}"
 
 
 def test_dataset_names_of_sources_are_safe_and_distinct(ade, coco, masks):

@@ -21,7 +21,13 @@ from pathlib import Path
 
 from cnnvis_pipeline.data.entries import entry_lock, entry_name, remove_stale_temporaries
 from cnnvis_pipeline.data.manifest import write_if_changed
-from cnnvis_pipeline.data.sources import open_source, options, options_digest, source_kind
+from cnnvis_pipeline.data.sources import (
+    open_source,
+    options,
+    options_digest,
+    source_kind,
+    source_paths,
+)
 from cnnvis_pipeline.errors import CnnvisError
 
 log = logging.getLogger(__name__)
@@ -127,7 +133,8 @@ def ensure_source_prepared(dataset: dict, out: str | Path, *, digest: str, worke
         if source.kind == "segmenter" and source.predicted is None:
             raise CnnvisError("source-prepare: a segmenter's dataset needs --predictions "
                               "(the output of cnnvis segment)")
-        origin = (f"{source_kind(dataset)}: {source.describe()}" if source_kind(dataset)
+        kind = source_kind(dataset)
+        origin = (f"{kind}: {source_paths(dataset)[0][1].resolve()}" if kind
                   else str(Path(dataset.get("path") or directory).resolve()))
         write_prepared(source, out, size=options(dataset).get("size"), digest=digest,
                        workers=workers, progress=progress, origin=origin)
