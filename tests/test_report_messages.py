@@ -134,13 +134,18 @@ def test_an_error_written_after_a_progress_bar_is_found(tmp_path, quiet):
 
 @pytest.mark.slow
 def test_a_jobs_error_reaches_the_screen(tmp_path, workflow):
-    """A Linear layer is refused by a job (whichever checks it first): its `error:` line is
-    printed after the run, with and without `--quiet rules`."""
-    cfg = tiny_config(tiny={"arch": "synthnet", "kwargs": {"width": 4}, "layers": ["classifier"]})
+    """A Linear layer of a factory model (checked by a job, not at parse time) is refused by a
+    job: its `error:` line is printed after the run, with and without `--quiet rules`."""
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "screen_factory.py").write_text(
+        "from cnnvis_pipeline.models.synthnet import SynthNet\n"
+        "def build():\n    return SynthNet(width=4)\n")
+    cfg = tiny_config(tiny={"factory": "screen_factory:build", "layers": ["classifier"]})
+    env = workflow.env(tmp_path / "lib")
     want = re.compile(r"results/logs/tiny/\w+\.log: error: tiny: layer 'classifier' outputs "
                       r"\(\d+, 9\), not a 4-D feature map")
     for args in (("--quiet", "rules"), ()):
-        proc = workflow.run(tmp_path, cfg, *args, timeout=600)
+        proc = workflow.run(tmp_path, cfg, *args, timeout=600, env=env)
         assert proc.returncode != 0
         screen = proc.stdout + proc.stderr
         assert want.search(screen), (args, screen[-3000:])

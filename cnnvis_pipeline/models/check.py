@@ -10,6 +10,12 @@ job, with every problem listed, before any activation is computed).
   problem of every listed layer at once (unknown, not a feature map, a re-used module without
   `@K`, unit ids of `units:` beyond the layer's channels). Returns a JSON-able summary.
 - check_built(model, spec, dataset): the same layer and unit checks on a built model.
+- check_architectures({name: (spec, input_hw)}): the check at `snakemake -n` of synthnet and
+  torchvision entries, without weights or data: the architecture built without its weights
+  (registry.build_architecture) and run on one zero image of the input's size (zero weights on
+  the CPU, or the meta device for a large model), the weights name against torchvision's enum. Every problem of every model at once, one line each naming its
+  config key. With input_hw None (a size only the data tells) a 224 px input stands in and only
+  the problems that do not depend on the size are reported (names, units, weights).
 """
 
 from __future__ import annotations
@@ -19,8 +25,13 @@ import torch
 
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.models.input import images_to_input
-from cnnvis_pipeline.models.probe import check_layers, probe_layers
-from cnnvis_pipeline.models.registry import build_model
+from cnnvis_pipeline.models.probe import check_layers, layer_problems, probe_layers, unknown_layers
+from cnnvis_pipeline.models.registry import (
+    build_architecture,
+    build_model,
+    check_weights_name,
+    materialize,
+)
 
 
 def train_num_classes(spec: dict, ds) -> int:
@@ -68,19 +79,76 @@ def check_built(model, spec: dict, ds) -> dict:
     except RuntimeError as e:  # the model cannot run on this input at all
         raise CnnvisError(f"{name}: the model fails on a {tuple(x.shape[-2:])} input "
                           f"(input_size {spec.get('input_size')}): {str(e)[:300]}") from None
+    problems = unit_problems(spec, shapes)
+    if problems:
+        raise CnnvisError(f"config: models.{name}." + f"; config: models.{name}.".join(problems))
+    return {"model": name, "input_size": list(x.shape[-2:]),
+            "layers": {k: {"feature_map": v} for k, v in shapes.items()}}
+
+
+def unit_problems(spec: dict, shapes: dict) -> list[str]:
+    """`units:` ids beyond their layer's channels, and `units:` layers that are not listed (a
+    listed layer without a shape has a problem of its own)."""
     problems = []
     for layer, units in sorted((spec.get("units") or {}).items()):
         if layer not in shapes:
-            problems.append(f"units.{layer}: not among the model's layers")
+            if layer not in spec.get("layers", []):
+                problems.append(f"units.{layer}: not among the model's layers")
             continue
         bad = [u for u in units if not 0 <= int(u) < shapes[layer][0]]
         if bad:
             problems.append(f"units.{layer}: {bad} out of range (the layer has units 0.."
                             f"{shapes[layer][0] - 1})")
+    return problems
+
+
+# Up to this many parameters the check's forward runs on the CPU with zero weights (a
+# ResNet-50 at 224 px: a fraction of a second); a larger model runs on the meta device.
+CPU_PARAMETERS = 30_000_000
+
+# Problems that depend on the input's size: not reported when the size is a stand-in.
+_SIZE_DEPENDENT = ("patch grid", "does not follow from the", "empty map")
+
+
+def _architecture_problems(name: str, spec: dict, input_hw) -> list[str]:
+    """The problems of one synthnet or torchvision entry, each naming its key (no prefix)."""
+    try:
+        model = build_architecture(name, spec)
+    except CnnvisError as e:
+        return [str(e).removeprefix(f"config: models.{name}.")
+                .removeprefix(f"config: models.{name}: ")]
+    problems = []
+    if spec.get("torchvision"):
+        try:
+            check_weights_name(spec["torchvision"], spec.get("weights"), f"config: models.{name}")
+        except CnnvisError as e:
+            problems.append(str(e).removeprefix(f"config: models.{name}."))
+    unknown, known = unknown_layers(model, spec["layers"])
+    problems += [f"layers: {p}" for p in unknown]
+    h, w = input_hw or (224, 224)
+    x = torch.zeros(1, 3, int(h), int(w), device=materialize(model, CPU_PARAMETERS))
+    try:
+        layers, shapes = layer_problems(model, known, x, model_name=name,
+                                        layouts=spec.get("layouts"))
+    except Exception as e:  # a meta forward may fail where a real one would not
+        if input_hw is None or isinstance(e, NotImplementedError) or "meta" in str(e):
+            return problems
+        return problems + [f"input_size: the model fails on a {h}x{w} input: {str(e)[:200]}"]
+    if input_hw is None:
+        layers = [p for p in layers if not any(k in p for k in _SIZE_DEPENDENT)]
+    return problems + [f"layers: {p}" for p in layers] + unit_problems(spec, shapes)
+
+
+def check_architectures(entries: dict) -> None:
+    """Every problem of every listed model at once (one CnnvisError, one line per problem)."""
+    problems = []
+    for name, (spec, input_hw) in entries.items():
+        problems += [f"config: models.{name}.{p}" for p in
+                     _architecture_problems(name, spec, input_hw)]
+    if len(problems) == 1:
+        raise CnnvisError(problems[0])
     if problems:
-        raise CnnvisError(f"config: models.{name}." + f"; config: models.{name}.".join(problems))
-    return {"model": name, "input_size": list(x.shape[-2:]),
-            "layers": {k: {"feature_map": v} for k, v in shapes.items()}}
+        raise CnnvisError(f"{len(problems)} problems:\n" + "\n".join(f"  {m}" for m in problems))
 
 
 def describe_layers(spec: dict, input_size) -> list[dict]:

@@ -14,7 +14,15 @@ by every caller); otherwise the default of the torchvision families that need on
 tensors inside a MaxViT PartitionAttentionLayer are refused. Anything else that is not a 4-D
 tensor is refused.
 
+A 4-D output read as nchw by default (no `layouts` entry, no family default) must be plausibly
+[N, C, H, W] (nchw_doubt): its grid H x W follows from the input by a stride (the token rule, with
+a margin for the borders that unpadded convolutions drop), unless the module's weights say dim 1
+holds its channels; and a module whose own weight gives its channel count must not have that
+count in the last dimension only (an nn.Linear or LayerNorm applied channels-last).
+
 - default_layout(model, module_name, module), resolve_layout(model, layer, module, layouts).
+- weight_channels(module, own_only), nchw_doubt(shape, input_hw, module): why a default-nchw
+  output is not plausibly nchw, or None.
 - token_grid(tokens, input_hw, prefix): (K, h, w) of a token sequence.
 - to_feature_map(name, out, layout, input_hw): the canonical view (a copy when detached).
 - from_feature_map(name, fmap, out, layout, input_hw): the module's own output with its map
@@ -80,6 +88,49 @@ def resolve_layout(model: nn.Module, layer: str, module: nn.Module,
                               "tokens:K")
         return given
     return default_layout(model, layer.partition("@")[0], module)
+
+
+def weight_channels(module: nn.Module, *, own_only: bool = False) -> int | None:
+    """The output channel count a module's weight gives: a convolution's out_channels, a linear
+    layer's out_features, a norm's features; with own_only False, for a module without a weight
+    of its own, that of its last registered submodule with one."""
+    for m in ([module] if own_only else reversed(list(module.modules()))):
+        if not isinstance(m._parameters.get("weight"), torch.Tensor):
+            continue
+        for attr in ("out_channels", "out_features", "num_features", "num_channels"):
+            if isinstance(getattr(m, attr, None), int):
+                return getattr(m, attr)
+        shape = getattr(m, "normalized_shape", None)
+        if shape:
+            return int(shape[-1])
+        return int(m.weight.shape[0]) if m.weight.dim() == 1 else None
+    return None
+
+
+def grid_fits(grid, input_hw) -> bool:
+    """Whether a grid h x w follows from an input H x W by one stride s (or an upsampling by an
+    integer k), each side within a margin of 1 + 15% for the borders that unpadded
+    convolutions drop."""
+    (h, w), (H, W) = (int(v) for v in grid), (int(v) for v in input_hw)
+    scales = [1 / s for s in range(1, max(H, W) + 1)] + list(range(2, 9))
+    return any(abs(h - H * f) <= 1 + 0.15 * h and abs(w - W * f) <= 1 + 0.15 * w
+               for f in scales)
+
+
+def nchw_doubt(shape, input_hw, module: nn.Module) -> str | None:
+    """Why a 4-D output read as [N, C, H, W] by default is not plausibly one, else None."""
+    n, c, h, w = (int(v) for v in shape)
+    own = weight_channels(module, own_only=True)
+    if own is not None and w == own != c:
+        return (f"outputs {tuple(shape)}: its last dimension is the {own} output channels of its "
+                f"weight, so it is channels-last [N, H, W, C], not [N, C, H, W]")
+    if (own if own is not None else weight_channels(module)) == c or input_hw is None:
+        return None
+    if not grid_fits((h, w), input_hw):
+        return (f"outputs {tuple(shape)}: read as [N, C, H, W] its grid {h}x{w} does not follow "
+                f"from the {input_hw[0]}x{input_hw[1]} input by a stride, so it is not plausibly "
+                "a [N, C, H, W] feature map")
+    return None
 
 
 def first_tensor(out):

@@ -2,8 +2,11 @@
 
 - probe_layers(model, x, layouts=...): every module's calls, output and verdict in one forward
   (the `layers` command and the zoo benchmark).
-- check_layers(model, layers, x, layouts=...): every problem of the listed layers at once, else
-  their feature map shapes (the model check).
+- unknown_layers(model, layers): the names that are no module (with the valid names), the others.
+- layer_problems(model, layers, x, layouts=...): every problem of the listed layers (one message
+  each) and the feature map shapes of the others; check_layers raises them all at once, else
+  returns the shapes (the model check). A default-nchw output that is not plausibly [N, C, H, W]
+  (layouts.nchw_doubt) is a problem, with the `layouts:` key that fixes it.
 """
 
 from __future__ import annotations
@@ -16,7 +19,12 @@ from torch import nn
 
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.models.hooks import LayerRecorder, layer_names, parse_layer
-from cnnvis_pipeline.models.layouts import first_tensor, resolve_layout, to_feature_map
+from cnnvis_pipeline.models.layouts import first_tensor, nchw_doubt, resolve_layout, to_feature_map
+
+
+def doubt_message(layer: str, doubt: str) -> str:
+    return (f"layer {layer!r} {doubt}; give `layouts: {{{layer}: nhwc}}` if it is channels-last "
+            f"(or `layouts: {{{layer}: nchw}}` to read it as it is)")
 
 
 @dataclass
@@ -74,6 +82,9 @@ def probe_layers(model: nn.Module, x: torch.Tensor, *, model_name: str = "model"
                                             detach=False).shape[1:])
             except CnnvisError as e:
                 problem = str(e).split(f"layer {n!r} ", 1)[-1]
+            doubt = nchw_doubt(shape, hw, m) if fmap and layout is None else None
+            if doubt:
+                fmap, problem = None, doubt_message(n, doubt).split(f"layer {n!r} ", 1)[-1]
             if c > 1:
                 problem = (f"runs {c} times per forward pass: name the enclosing block or "
                            f"{n}@1..{n}@{c}" + (f"; {problem}" if problem else ""))
@@ -81,21 +92,41 @@ def probe_layers(model: nn.Module, x: torch.Tensor, *, model_name: str = "model"
     return rows
 
 
-def check_layers(model: nn.Module, layers: list[str], x: torch.Tensor, *,
-                 model_name: str = "model", layouts: dict | None = None) -> dict[str, list]:
-    """Every problem of the listed layers at once (CnnvisError), else {layer: [C, H, W]}."""
-    problems, shapes = [], {}
+def unknown_layers(model: nn.Module, layers: list[str]) -> tuple[list[str], list[str]]:
+    """(problems of the names that are no module of the model, the other layers)."""
     modules = dict(model.named_modules())
+    problems, known = [], []
     for name in layers:
-        module_name, _ = parse_layer(str(name))
-        if module_name not in modules or not module_name:
+        try:
+            module_name, _ = parse_layer(str(name))
+        except CnnvisError as e:
+            problems.append(str(e))
+            continue
+        if module_name in modules and module_name:
+            known.append(name)
+        else:
             problems.append(f"no layer named {name!r}")
     if problems:
         valid = layer_names(model)
-        shown = ", ".join(valid[:40]) + (f", ... ({len(valid)} in all)" if len(valid) > 40 else "")
-        raise CnnvisError(f"{model_name}: " + "; ".join(problems) + f"; valid layer names: {shown}")
+        if len(valid) > 40:  # the blocks first: a long list's tail is never read
+            top = [n for n in valid if n.count(".") <= 1][:40]
+            shown = ", ".join(top) + f", ... ({len(valid)} in all: `cnnvis layers` lists them)"
+        else:
+            shown = ", ".join(valid)
+        problems[-1] += f"; valid layer names: {shown}"
+    return problems, known
+
+
+def layer_problems(model: nn.Module, layers: list[str], x: torch.Tensor, *,
+                   model_name: str = "model", layouts: dict | None = None,
+                   ) -> tuple[list[str], dict[str, list]]:
+    """Every problem of the listed layers (messages without the model name) and {layer:
+    [C, H, W]} of the others. A forward that fails raises (RuntimeError and the like)."""
+    problems, layers = unknown_layers(model, layers)
+    shapes: dict[str, list] = {}
+    modules = dict(model.named_modules())
     groups = [list(layers)] + [[name] for name in layers]  # one pass for all, else one each
-    for k, group in enumerate(groups):
+    for k, group in enumerate(groups if layers else []):
         try:
             with LayerRecorder(model, group, model_name=model_name, layouts=layouts) as rec, \
                     torch.no_grad():
@@ -105,11 +136,24 @@ def check_layers(model: nn.Module, layers: list[str], x: torch.Tensor, *,
                 problems.append(str(e).removeprefix(f"{model_name}: "))
             continue
         for name in group:
+            module = modules[parse_layer(name)[0]]
+            doubt = None if resolve_layout(model, name, module, layouts) is not None else \
+                nchw_doubt(out[name].shape, tuple(x.shape[-2:]), module)
+            if doubt:
+                problems.append(doubt_message(name, doubt))
+                continue
             shapes[name] = list(out[name].shape[1:])
             if math.prod(shapes[name]) == 0:
                 problems.append(f"layer {name!r} outputs an empty map {shapes[name]}")
         if k == 0:
             break
+    return problems, shapes
+
+
+def check_layers(model: nn.Module, layers: list[str], x: torch.Tensor, *,
+                 model_name: str = "model", layouts: dict | None = None) -> dict[str, list]:
+    """Every problem of the listed layers at once (CnnvisError), else {layer: [C, H, W]}."""
+    problems, shapes = layer_problems(model, layers, x, model_name=model_name, layouts=layouts)
     if problems:
         raise CnnvisError(f"{model_name}: " + "; ".join(problems))
     return shapes

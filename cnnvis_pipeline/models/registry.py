@@ -9,12 +9,22 @@
   `seed` (the random initialisation when there are no weights); a spec's `layouts` are not the
   model's: every caller passes them to the hooks (`layouts=spec["layouts"]`). A synthnet without `kwargs.num_classes` takes its
   class count from its checkpoint (a `train:` model has one class per label of its category).
-- load_state_dict_file(path): a checkpoint as a state dict; pickled code is refused.
+- build_architecture(name, spec): the same module with its parameters on the meta device (no
+  weights read, no memory, no initialisation compute; buffers stay real): the module names and,
+  after `materialize`, every output shape (the model check at `snakemake -n`).
+- materialize(model, max_cpu_parameters): zero parameters on the CPU (returns "cpu") when the
+  model has at most that many, else the buffers too on the meta device (returns "meta": a
+  forward computes shapes only, at the one-time cost of importing torch's meta kernels).
+- check_weights_name(arch, weights, where): a torchvision weights name checked against the
+  architecture's weights enum, without downloading anything.
+- load_state_dict_file(path): a checkpoint as a state dict; a file that is neither a zip nor a
+  pickle (a text file) is not a checkpoint; pickled code in a real one is refused.
 - file_sha256(path).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import pickle
@@ -53,6 +63,12 @@ def load_state_dict_file(path: str | Path, *, where: str = "checkpoint") -> dict
     path = Path(path)
     if not path.is_file():
         raise CnnvisError(f"{where}: checkpoint file {path} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; the legacy format is a pickle (protocol >= 2: 0x80).
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+        raise CnnvisError(f"{path}: not a readable PyTorch checkpoint: not a zip or pickle file "
+                          f"({where}: give a state dict written by torch.save)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -101,31 +117,47 @@ def _import_factory(ref: str, where: str):
     return obj
 
 
-def _torchvision_model(arch: str, weights, where: str, kwargs: dict | None = None) -> nn.Module:
+def _torchvision_archs() -> list[str]:
     import torchvision
 
-    available = torchvision.models.list_models(module=torchvision.models)
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def _check_arch(arch: str, where: str) -> None:
+    available = _torchvision_archs()
     if arch not in available:
         raise CnnvisError(
             f"{where}: unknown torchvision model {arch!r}; known: {', '.join(sorted(available))}"
         )
-    kwargs = dict(kwargs or {})
+
+
+def check_weights_name(arch: str, weights, where: str):
+    """The weights enum member `weights` names (None for random weights); nothing is
+    downloaded."""
+    import torchvision
+
     if weights in (None, "", "none", "random"):
-        try:
-            return torchvision.models.get_model(arch, weights=None, **kwargs)
-        except (TypeError, ValueError, AssertionError) as e:
-            raise CnnvisError(f"{where}: torchvision {arch}(**{kwargs}) failed: {e}") from None
+        return None
+    enum = torchvision.models.get_model_weights(arch)
     try:
-        enum = torchvision.models.get_model_weights(arch)
-        w = enum.DEFAULT if weights == "DEFAULT" else enum[weights]
+        return enum.DEFAULT if weights == "DEFAULT" else enum[weights]
     except KeyError:
-        names = ", ".join(m.name for m in torchvision.models.get_model_weights(arch))
-        raise CnnvisError(f"{where}: unknown weights {weights!r} for {arch}; known: {names}") from None
+        names = ", ".join(["DEFAULT", *(m.name for m in enum)])
+        raise CnnvisError(f"{where}.weights: unknown weights {weights!r} for {arch}; known: "
+                          f"{names}") from None
+
+
+def _torchvision_model(arch: str, weights, where: str, kwargs: dict | None = None) -> nn.Module:
+    import torchvision
+
+    _check_arch(arch, where)
+    kwargs = dict(kwargs or {})
+    w = check_weights_name(arch, weights, where)
     try:
         return torchvision.models.get_model(arch, weights=w, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
-        raise CnnvisError(f"{where}: torchvision {arch}(weights={weights}, **{kwargs}) failed: "
-                          f"{e}") from None
+        given = f"weights={weights}, " if w is not None else ""
+        raise CnnvisError(f"{where}: torchvision {arch}({given}**{kwargs}) failed: {e}") from None
     except (OSError, RuntimeError) as e:  # URLError is an OSError
         hub = Path(torch.hub.get_dir()) / "checkpoints"
         raise CnnvisError(
@@ -133,6 +165,55 @@ def _torchvision_model(arch: str, weights, where: str, kwargs: dict | None = Non
             f"offline node, copy the file {Path(w.url).name} into {hub} (TORCH_HOME), or give "
             "the model a `checkpoint:` state dict"
         ) from None
+
+
+@contextlib.contextmanager
+def _meta_parameters():
+    """Every parameter registered meanwhile is moved to the meta device as it is registered: the
+    initialisation that follows computes nothing, while the constructor's own arithmetic
+    (RegNet's widths) and the buffers (Swin's relative position index) stay real."""
+    register_parameter = nn.Module.register_parameter
+
+    def parameter(self, name, param):
+        register_parameter(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = nn.Parameter(param.to("meta"),
+                                                  requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = parameter
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter
+
+
+def build_architecture(name: str, spec: dict) -> nn.Module:
+    """The architecture of a synthnet or torchvision entry with its parameters on the meta
+    device: no checkpoint or weights are read (the weights name is checked separately)."""
+    where = f"config: models.{name}"
+    kwargs = dict(spec.get("kwargs") or {})
+    with _meta_parameters():
+        if spec.get("arch") == "synthnet":
+            from cnnvis_pipeline.models.synthnet import SynthNet
+
+            try:
+                return SynthNet(**kwargs).eval()
+            except TypeError as e:
+                raise CnnvisError(f"{where}.kwargs: synthnet(**{kwargs}) failed: {e}") from None
+        if spec.get("arch"):
+            raise CnnvisError(f"{where}: unknown arch {spec['arch']!r} (built-in: synthnet)")
+        return _torchvision_model(spec["torchvision"], None, where, kwargs).eval()
+
+
+def materialize(model: nn.Module, max_cpu_parameters: int) -> str:
+    params = [(m, n, p) for m in model.modules() for n, p in m._parameters.items()
+              if p is not None]
+    if sum(p.numel() for _m, _n, p in params) > max_cpu_parameters:
+        model.to("meta")
+        return "meta"
+    for m, n, p in params:
+        m._parameters[n] = nn.Parameter(torch.zeros(p.shape), requires_grad=p.requires_grad)
+    return "cpu"
 
 
 def build_model(name: str, spec: dict) -> tuple[nn.Module, dict]:

@@ -3,6 +3,7 @@ import json
 import re
 import shlex
 import sys
+from pathlib import Path
 
 import yaml
 from snakemake.utils import validate
@@ -36,6 +37,38 @@ try:
     DATASET = cc.dataset_name(config)
 except CnnvisError as e:
     raise WorkflowError(f"invalid configuration: {e}") from None
+
+
+def _parse_time_checks():
+    """{config name: (spec, input size)} of the synthnet and torchvision models (a checkpoint
+    series once): their layers, units and weights names are checked now, on the architecture
+    built on the meta device (cnnvis_pipeline.models.check.check_architectures)."""
+    out = {}
+    for name, spec in MODELS.items():
+        if not spec.get("factory"):
+            out.setdefault(spec.get("series") or name, (spec, cc.model_input_size(config, spec)))
+    return out
+
+
+# Only in the main process (cluster jobs re-read the Snakefile), and torch is imported only when
+# such a model is configured and its check has not passed for the same entries, versions and
+# code (the key of the last pass is kept in results/digests/). A factory model is checked by its
+# check_model job instead.
+_CHECKS = _parse_time_checks()
+_CHECK_PASSED = Path("results/digests/parse_check.key")
+if workflow.is_main_process and _CHECKS:
+    _key = cc.model_check_key(_CHECKS)
+    if not (_CHECK_PASSED.is_file() and _CHECK_PASSED.read_text() == _key):
+        from cnnvis_pipeline.fileio import write_text
+        from cnnvis_pipeline.models.check import check_architectures
+
+        try:
+            check_architectures(_CHECKS)
+        except CnnvisError as e:
+            raise WorkflowError(f"invalid configuration: {e}") from None
+        _CHECK_PASSED.parent.mkdir(parents=True, exist_ok=True)
+        write_text(_CHECK_PASSED, _key)
+
 
 # Quoted once here; every other value reaches the shell through `:q` in the rules.
 CNNVIS = shlex.join([sys.executable, "-m", "cnnvis_pipeline"])
