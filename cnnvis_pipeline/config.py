@@ -6,11 +6,6 @@
   arrays live in `{data_root}/prepared/<name>-<content digest>`, data/entries.py).
 - model_specs(cfg): every model to dissect, with defaults filled in and checkpoint series
   expanded into one model per checkpoint (`<name>-<checkpoint stem>`).
-- model_input_size(cfg, spec): the [H, W] a model's input has, when it is known without the
-  data (the model check at `snakemake -n` runs the architecture on an input of that size).
-- model_check_key(entries): what a passed parse-time model check depends on (the entries, the
-  torch/torchvision versions, the model room's source), so that the workflow runs the check
-  (and imports torch) only when one of them changed.
 - spec_digest(obj): sha256 of a canonical JSON encoding (the tables' config digest).
 - check_schema(cfg): the config against workflow/schemas/config.schema.yaml, one line naming
   the bad key.
@@ -252,39 +247,6 @@ def _source_name(kind: str, value) -> str:
     stem = re.sub(r"[^A-Za-z0-9_-]", "-", Path(str(first)).resolve().name)[:30] if isinstance(
         first, str) else ""
     return f"{kind}-{stem or 'data'}-{spec_digest(_absolute_paths(value))[:8]}"
-
-
-def model_input_size(cfg: dict, spec: dict) -> list[int] | None:
-    """[H, W] of a model's input known without the data: its `input_size`, else the synthetic
-    dataset's size, else the size a known download names (`broden1_224`); None when only the
-    dataset's images tell (a `path:` or `url:` dataset)."""
-    if spec.get("input_size"):
-        return [int(v) for v in spec["input_size"]]
-    ds = cfg.get("dataset") or {}
-    if "synth" in ds:
-        size = int((ds["synth"] or {}).get("size", 64))
-        return [size, size]
-    known = re.fullmatch(r"broden1_([0-9]+)", str(ds.get("download") or ""))
-    if known and not ds.get("url"):
-        return [int(known.group(1))] * 2
-    return None
-
-
-def model_check_key(entries: dict) -> str:
-    """sha256 of what the parse-time model check of `entries` ({name: (spec, input size)})
-    depends on, read without importing torch."""
-    from importlib import metadata
-
-    versions = {}
-    for dist in ("torch", "torchvision"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            versions[dist] = None
-    room = Path(__file__).resolve().parent / "models"
-    sources = {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
-               for f in sorted(room.glob("*.py"))}
-    return spec_digest([entries, versions, sources])
 
 
 def dataset_source_dir(cfg: dict) -> str:

@@ -11,6 +11,7 @@ from torch import nn
 
 from cnnvis_pipeline import config as cc
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.models import precheck
 from cnnvis_pipeline.models.check import check_architectures, check_model
 from cnnvis_pipeline.models.layouts import grid_fits
 from cnnvis_pipeline.models.probe import check_layers, probe_layers
@@ -91,14 +92,32 @@ def test_correct_entries_pass_on_either_device():
     assert materialize(build_architecture("r", s["r"]), 10) == "meta"
 
 
-def test_model_input_size_without_the_data():
+def test_what_is_checked_at_parse_time_without_torch():
     m = {"layers": ["x"]}
-    assert cc.model_input_size({"dataset": {"synth": {"size": 48}}}, m) == [48, 48]
-    assert cc.model_input_size({"dataset": {"synth": None}}, m) == [64, 64]
-    assert cc.model_input_size({"dataset": {"download": "broden1_227"}}, m) == [227, 227]
-    assert cc.model_input_size({"dataset": {"path": "/data/b"}}, m) is None
-    assert cc.model_input_size({"dataset": {"path": "/data/b"}}, dict(m, input_size=[9, 7])) \
+    assert precheck.input_size({"dataset": {"synth": {"size": 48}}}, m) == [48, 48]
+    assert precheck.input_size({"dataset": {"synth": None}}, m) == [64, 64]
+    assert precheck.input_size({"dataset": {"download": "broden1_227"}}, m) == [227, 227]
+    assert precheck.input_size({"dataset": {"path": "/data/b"}}, m) is None
+    assert precheck.input_size({"dataset": {"path": "/data/b"}}, dict(m, input_size=[9, 7])) \
         == [9, 7]
+    cfg = {"dataset": {"synth": {"size": 32}}, "models": {
+        "s": {"arch": "synthnet", "layers": ["features.relu3"], "checkpoints": ["a.pt", "b.pt"]},
+        "f": {"factory": "m:build", "layers": ["x"]},
+        "r": {"torchvision": "resnet18", "layers": ["layer4"], "input_size": [64, 48]}}}
+    entries = precheck.parse_time_entries(cfg, cc.model_specs(cfg))
+    assert {k: v[1] for k, v in entries.items()} == {"s": [32, 32], "r": [64, 48]}
+    key = precheck.check_key(entries)
+    other = dict(cfg, dataset={"path": "/d"})
+    assert key == precheck.check_key(entries) != precheck.check_key(
+        precheck.parse_time_entries(other, cc.model_specs(other)))
+    # what the Snakefile imports to decide this does not load torch
+    import subprocess
+    import sys
+
+    code = ("import sys, cnnvis_pipeline.models.precheck, cnnvis_pipeline.config; "
+            "print(sorted({'torch', 'torchvision'} & set(sys.modules)))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
 
 
 @pytest.mark.slow  # two dry runs, each importing torch and torchvision: about 30 s

@@ -14,6 +14,7 @@ from cnnvis_pipeline import settings as cs
 from cnnvis_pipeline.data import digests
 from cnnvis_pipeline.errors import CnnvisError, check_size
 from cnnvis_pipeline.fileio import error_line
+from cnnvis_pipeline.models import precheck
 
 # `dataset` and `models` of a user's --configfile replace the default's entirely; the other
 # sections are merged key by key (Snakemake's own merge would mix datasets and models).
@@ -39,25 +40,15 @@ except CnnvisError as e:
     raise WorkflowError(f"invalid configuration: {e}") from None
 
 
-def _parse_time_checks():
-    """{config name: (spec, input size)} of the synthnet and torchvision models (a checkpoint
-    series once): their layers, units and weights names are checked now, on the architecture
-    built on the meta device (cnnvis_pipeline.models.check.check_architectures)."""
-    out = {}
-    for name, spec in MODELS.items():
-        if not spec.get("factory"):
-            out.setdefault(spec.get("series") or name, (spec, cc.model_input_size(config, spec)))
-    return out
-
-
-# Only in the main process (cluster jobs re-read the Snakefile), and torch is imported only when
-# such a model is configured and its check has not passed for the same entries, versions and
-# code (the key of the last pass is kept in results/digests/). A factory model is checked by its
-# check_model job instead.
-_CHECKS = _parse_time_checks()
+# The model check at parse time (cnnvis_pipeline.models.precheck): the layers, units and weights
+# names of every synthnet and torchvision entry, on the architecture without its weights. Only
+# in the main process (cluster jobs re-read the Snakefile); torch is imported only when such a
+# model is configured and no check passed for the same entries, versions and code (the key of
+# the last pass is kept in results/digests/). A factory model is checked by its jobs.
+_CHECKS = precheck.parse_time_entries(config, MODELS)
 _CHECK_PASSED = Path("results/digests/parse_check.key")
 if workflow.is_main_process and _CHECKS:
-    _key = cc.model_check_key(_CHECKS)
+    _key = precheck.check_key(_CHECKS)
     if not (_CHECK_PASSED.is_file() and _CHECK_PASSED.read_text() == _key):
         from cnnvis_pipeline.fileio import write_text
         from cnnvis_pipeline.models.check import check_architectures
@@ -68,7 +59,6 @@ if workflow.is_main_process and _CHECKS:
             raise WorkflowError(f"invalid configuration: {e}") from None
         _CHECK_PASSED.parent.mkdir(parents=True, exist_ok=True)
         write_text(_CHECK_PASSED, _key)
-
 
 # Quoted once here; every other value reaches the shell through `:q` in the rules.
 CNNVIS = shlex.join([sys.executable, "-m", "cnnvis_pipeline"])
