@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnnvis_pipeline.config import dataset_name, dataset_source_dir, spec_digest
+from cnnvis_pipeline.data.sources import size_estimate, source_kind
 from cnnvis_pipeline.errors import CnnvisError
 
 MB = 1 << 20
@@ -161,10 +162,13 @@ def _from_index(config: dict) -> DatasetSize | None:
 
 def dataset_size(config: dict) -> DatasetSize:
     """The dataset's images and sizes (prepared arrays, else index.csv, else the config)."""
-    found = _from_prepared(config) or _from_index(config)
+    ds = config["dataset"]
+    kind = source_kind(ds)
+    found = _from_prepared(config) or (None if kind else _from_index(config))
     if found is not None:
         return found
-    ds = config["dataset"]
+    if kind:  # read in place (data/sources/): counted from its folders, sizes from a header
+        return DatasetSize(*size_estimate(ds), f"config: dataset.{kind}")
     if "synth" in ds:
         s = ds["synth"] or {}
         n, side = int(s.get("images", 1000)), int(s.get("size", 64))

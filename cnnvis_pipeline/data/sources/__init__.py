@@ -18,6 +18,8 @@ mapping names them:
 - source_digest(dataset, manifests=DIR): the content digest (every file's path, size and
   sha256 through data/manifest.py, per role) with the preparation options: the key of its
   prepared entry.
+- size_estimate(dataset): images, sizes, planes and concepts without decoding (the resource
+  plan's figures).
 - write_source_digest(dataset, out, manifests=, name=): that digest as the workflow's digest file.
 - options_digest(content, options): a Broden directory's content digest with its options.
 """
@@ -201,6 +203,21 @@ def source_digest(dataset: dict, *, manifests: str | Path | None = None) -> dict
     record = {"source": _describe_entries(dataset), "content": parts, "options": options(dataset)}
     text = "cnnvis-source-v1\n" + json.dumps(record, sort_keys=True)
     return {"digest": hashlib.sha256(text.encode()).hexdigest(), "files": files, "bytes": total}
+
+
+def size_estimate(dataset: dict) -> tuple[int, tuple[int, int], tuple[int, int], int, int]:
+    """(images, image size, segmentation size, planes, concepts) of a source's prepared arrays,
+    without decoding: `size`, else the first image's header (what the resource plan needs)."""
+    from cnnvis_pipeline.data.sources.base import most_common_size
+
+    source = open_source(dataset)
+    size = options(dataset).get("size")
+    if size:
+        hw = (size, size)
+    else:
+        hw = most_common_size([source.image_path(0)]) if len(source) else (224, 224)
+    planes = sum(source.planes_per_category().values())
+    return len(source), hw, hw, max(planes, 1), len(source.concepts)
 
 
 def write_source_digest(dataset: dict, out: str | Path, *, manifests: str | Path | None,
