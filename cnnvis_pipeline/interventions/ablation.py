@@ -106,33 +106,49 @@ def at_layer_ok(model, x: torch.Tensor, layer: str, groups, layouts, model_name:
     return fast.shape == plain.shape and float((fast - plain).abs().max()) <= 1e-4 * scale
 
 
+def pass_shape(groups: int, batch_size: int, groups_per_pass: int,
+               at_layer: bool) -> tuple[int, int]:
+    """(images, groups) of one forward pass, at most batch_size x groups_per_pass rows after
+    the layer. Repeating the input: batch_size images x groups_per_pass groups. Repeating at the
+    layer: every group in one pass when the rows allow (the part before the layer then runs
+    once per image), with as many images as fit."""
+    if not at_layer:
+        return batch_size, groups_per_pass
+    rows = batch_size * groups_per_pass
+    per_pass = min(groups, rows)
+    return max(1, rows // per_pass), per_pass
+
+
 @torch.inference_mode()
 def ablation_scores(model, data: ClassData, layer: str, groups: list[Group], *, mean, std,
                     device: torch.device, metric: str = "accuracy", batch_size: int = 64,
                     groups_per_pass: int = 32, layouts: dict | None = None,
-                    model_name: str = "model") -> tuple[np.ndarray, np.ndarray]:
+                    model_name: str = "model",
+                    at_layer: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(before [P], after [G, P]): the score of every (image, class) pair of data.targets
     (pairs in row-major order of targets.nonzero()) without ablation and with each group
-    ablated. Images run `batch_size` at a time, `groups_per_pass` groups per forward pass
-    (repeated at the layer when that is verified to be right on the first images)."""
+    ablated. A forward pass carries at most batch_size x groups_per_pass rows (pass_shape),
+    repeated at the layer when that is verified to be right on the first images (`at_layer`
+    True or False chooses without the check)."""
     model.eval().to(device)
     outputs = torch.as_tensor(data.outputs, device=device)
     plan = [[]] + [list(g.units) for g in groups]  # plan[0]: the unablated model
+    if at_layer is None:
+        first = normalize(data.read(np.arange(min(4, len(data))), device), mean, std)
+        at_layer = at_layer_ok(model, first, layer, plan[: min(len(plan), 3)], layouts,
+                               model_name)
+        log.info("%s %s: ablations repeat the batch at %s", model_name, layer,
+                 "the layer" if at_layer else "the input")
+    images, per_pass = pass_shape(len(plan), batch_size, groups_per_pass, at_layer)
     before, after = [], []
-    at_layer = None
-    for start in range(0, len(data), batch_size):
-        rows = np.arange(start, min(start + batch_size, len(data)))
+    for start in range(0, len(data), images):
+        rows = np.arange(start, min(start + images, len(data)))
         x = normalize(data.read(rows, device), mean, std)
         pb, pk = np.nonzero(data.targets[rows])
         pb_t, pk_t = torch.as_tensor(pb, device=device), torch.as_tensor(pk, device=device)
-        if at_layer is None:
-            at_layer = at_layer_ok(model, x[:4], layer, plan[: min(len(plan), 3)], layouts,
-                                   model_name)
-            log.info("%s %s: ablations repeat the batch at %s", model_name, layer,
-                     "the layer" if at_layer else "the input")
         parts = []
-        for g0 in range(0, len(plan), groups_per_pass):
-            out = run_groups(model, x, layer, plan[g0 : g0 + groups_per_pass], layouts=layouts,
+        for g0 in range(0, len(plan), per_pass):
+            out = run_groups(model, x, layer, plan[g0 : g0 + per_pass], layouts=layouts,
                              model_name=model_name, at_layer=at_layer)
             s = class_scores(out, outputs, metric, data.multi_label)  # [g, B, K]
             parts.append(s[:, pb_t, pk_t].cpu())
