@@ -190,7 +190,8 @@ def adversarial_columns(model: str, layer: str, units: pd.DataFrame, ds: Prepare
     act_clean = clean.activation / max(clean.images, 1)
     detector = units["detector"].to_numpy(bool)
     u_cols: dict[str, list] = {}
-    c_cols: dict[str, list] = {}
+    c_cols: dict[str, list] = {k: [] for k in ("attack", "eps", "steps", "concept", "category",
+                                                "detectors", "detectors_lost")}
     for a in attacks:
         s = sums[a.name]
         iou_adv = s.tally.iou(ds.concept_category)[0][rows, concept]
@@ -214,11 +215,7 @@ def adversarial_columns(model: str, layer: str, units: pd.DataFrame, ds: Prepare
             for k, v in (("attack", a.name), ("eps", a.eps), ("steps", a.steps),
                          ("concept", name), ("category", cat), ("detectors", int(r["size"])),
                          ("detectors_lost", int(r["sum"]))):
-                c_cols.setdefault(k, []).append(v)
-    for cols, names in ((c_cols, ("attack", "eps", "steps", "concept", "category", "detectors",
-                                  "detectors_lost")),):
-        for k in names:
-            cols.setdefault(k, [])
+                c_cols[k].append(v)
     n = len(u_cols["unit"]) if u_cols else 0
     m = len(c_cols["concept"])
     return ({"model": [model] * n, "layer": [layer] * n, **u_cols},
