@@ -134,18 +134,17 @@ def test_an_error_written_after_a_progress_bar_is_found(tmp_path, quiet):
 
 @pytest.mark.slow
 def test_a_jobs_error_reaches_the_screen(tmp_path, workflow):
-    """A Linear layer of a factory model (checked by a job, not at parse time) is refused by a
-    job: its `error:` line is printed after the run, with and without `--quiet rules`."""
-    (tmp_path / "lib").mkdir()
-    (tmp_path / "lib" / "screen_factory.py").write_text(
-        "from cnnvis_pipeline.models.synthnet import SynthNet\n"
-        "def build():\n    return SynthNet(width=4)\n")
-    cfg = tiny_config(tiny={"factory": "screen_factory:build", "layers": ["classifier"]})
-    env = workflow.env(tmp_path / "lib")
-    want = re.compile(r"results/logs/tiny/\w+\.log: error: tiny: layer 'classifier' outputs "
-                      r"\(\d+, 9\), not a 4-D feature map")
+    """A job's refusal (a text file given as `checkpoint:`: layer problems are refused at
+    parse time, a checkpoint's content only by the job that loads it): its `error:` line is
+    printed after the run, with and without `--quiet rules`."""
+    ckpt = tmp_path / "notes.pt"
+    ckpt.write_text("trained for 3 epochs\n")
+    cfg = tiny_config(tiny={"arch": "synthnet", "kwargs": {"width": 4},
+                            "layers": ["features.relu3"], "checkpoint": str(ckpt)})
+    want = re.compile(r"results/logs/tiny/\w+\.log: error: " + re.escape(
+        f"{ckpt}: not a readable PyTorch checkpoint: not a zip or pickle file"))
     for args in (("--quiet", "rules"), ()):
-        proc = workflow.run(tmp_path, cfg, *args, timeout=600, env=env)
+        proc = workflow.run(tmp_path, cfg, *args, timeout=600)
         assert proc.returncode != 0
         screen = proc.stdout + proc.stderr
         assert want.search(screen), (args, screen[-3000:])
