@@ -355,3 +355,17 @@ def test_workflow_labels_a_folder_with_a_segmenter(masks, workflow, tmp_path, mo
     _, cls = layout(5)
     np.testing.assert_array_equal(ds.planes[5, 0], np.where(cls >= 2, cls, 0))
     assert not Path("results/segment").exists() or not any(Path("results/segment").iterdir())
+
+
+def test_masks_split_reads_its_subfolders(tmp_path):
+    spec = write_masks(tmp_path / "all", n=4)
+    for sub in ("images", "masks"):  # move the first two of each folder into train/
+        (tmp_path / "all" / sub / "train").mkdir()
+        for k in (0, 1):
+            f = next((tmp_path / "all" / sub).glob(f"img_{k}.*"))
+            f.rename(f.parent / "train" / f.name)
+    ds = prepare({"masks": spec, "split": "train"}, tmp_path / "p")
+    assert ds.meta["images"] == ["train/img_0.png", "train/img_1.png"]
+    assert ds.meta["splits"] == ["train", "train"]
+    _, cls = layout(1)
+    np.testing.assert_array_equal(ds.planes[1, 0], cls)
