@@ -16,6 +16,7 @@ from torch import nn
 
 from cnnvis_pipeline.cli import main
 from cnnvis_pipeline.dissection.pipeline import dissect
+from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.interventions import ablation as ab
 from cnnvis_pipeline.interventions import adversarial as adv
 from cnnvis_pipeline.interventions.classdata import ClassData, image_folder
@@ -280,3 +281,11 @@ def test_workflow_runs_the_interventions_only_when_configured(workflow, tmp_path
     assert len(attacked) == 2 * len(units)
     for name in ("ablation.png", "adversarial.png", "adversarial_concepts.parquet"):
         assert (layer / name).stat().st_size > 0
+
+
+def test_a_class_index_beyond_the_models_outputs_is_refused():
+    data = planted_data()
+    data.outputs = np.array([0, 1, 2, 9])
+    with pytest.raises(CnnvisError, match="class outputs up to 9"):
+        ab.ablation_scores(planted(), data, "0", ab.ablation_groups(planted_units()),
+                           mean=[0] * 3, std=[1] * 3, device=torch.device("cpu"))

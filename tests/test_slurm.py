@@ -30,7 +30,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
-GPU_RULES = {"extract_shard", "layer_tables", "train_synthnet", "visualize_layer", "segment_shard"}
+GPU_RULES = {"extract_shard", "layer_tables", "train_synthnet", "visualize_layer", "segment_shard",
+             "ablation_layer", "adversarial_layer"}
 # wall-clock bound of the snakemake run (each job takes ~15-20 s to turn around on the CI cluster)
 RUN_TIMEOUT_S = int(os.environ.get("CNNVIS_SLURM_TEST_TIMEOUT", "900"))
 # flags added to the profile for CI: quick first status check, no implicit workflow profile

@@ -150,6 +150,10 @@ def ablation_scores(model, data: ClassData, layer: str, groups: list[Group], *, 
         for g0 in range(0, len(plan), per_pass):
             out = run_groups(model, x, layer, plan[g0 : g0 + per_pass], layouts=layouts,
                              model_name=model_name, at_layer=at_layer)
+            if out.dim() != 3 or int(data.outputs.max()) >= out.shape[-1]:
+                raise CnnvisError(f"{model_name}: {data.source}: class outputs up to "
+                                  f"{int(data.outputs.max())}, but the model gives outputs of "
+                                  f"shape {tuple(out.shape[1:])} per image")
             s = class_scores(out, outputs, metric, data.multi_label)  # [g, B, K]
             parts.append(s[:, pb_t, pk_t].cpu())
         s = torch.cat(parts).double().numpy()
