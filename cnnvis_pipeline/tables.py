@@ -72,7 +72,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     ]),
     "inversion": pa.schema([
         ("model", S), ("layer", S), ("image_index", I64), ("image", S), ("error", F64),
-        ("normalized_error", F64),
+        ("normalized_error", F64), ("baseline", F64),
     ]),
     "ablation": pa.schema([
         ("model", S), ("layer", S), ("group", S), ("kind", S), ("unit", I32), ("units", S),
@@ -215,9 +215,11 @@ VIEW_ENTRIES: dict[str, dict] = {
     "inversion": {
         "layer": _obj({"images": _list(_obj({
             "image_index": _INT, "image": {"type": "string"}, "error": _NUM,
-            "normalized_error": _NUM, "original_file": _PNG, "reconstruction_file": _PNG})),
+            "normalized_error": _NUM, "original_file": _PNG, "reconstruction_file": _PNG},
+            {"baseline": _NUM})),
             "normalized_error_formula": {"type": "string"}},
-            {"weights": _obj({"relative_depth": _NUM, "lambda_tv": _NUM,
+            {"baseline_formula": {"type": "string"},
+             "weights": _obj({"relative_depth": _NUM, "lambda_tv": _NUM,
                               "lambda_alpha": _NUM})}),  # the weights used (none inverted: absent)
     },
 }

@@ -207,10 +207,18 @@ def test_inversion_table_and_normalisation(visualized, prepared_dir):
     spread = representation_spread(model, LAYER, spread_x, mean=spec["mean"], std=spec["std"])
     norm2 = layer_output(model, x).flatten(1).double().pow(2).sum(1).numpy()
     np.testing.assert_allclose(inv["normalized_error"], inv["error"] * norm2 / spread, rtol=1e-5)
-    # The paper's TV weight for the layer's depth (features.relu4: 14 of 16 leaf calls -> 1.2).
+    # baseline: the mean relative error of the other spread images (the image itself left out)
+    phi0 = layer_output(model, x).flatten(1).double()
+    phis = layer_output(model, spread_x).flatten(1).double()
+    for k, i in enumerate(inv["image_index"]):
+        others = phis[torch.from_numpy(cand[:64] != i)]
+        want = float(((others - phi0[k]) ** 2).sum(1).mean() / (phi0[k] ** 2).sum())
+        assert inv["baseline"][k] == pytest.approx(want, rel=1e-6)
+    # The TV weight for the layer's depth (features.relu4: 14 of 16 leaf calls -> last band).
     entry = manifest["views"]["inversion"]["layer"]
-    assert entry["weights"] == {"relative_depth": 14 / 16, "lambda_tv": 1.2,
+    assert entry["weights"] == {"relative_depth": 14 / 16, "lambda_tv": 0.025,
                                 "lambda_alpha": 1e-4}
+    assert [r["baseline"] for r in entry["images"]] == inv["baseline"].tolist()
     assert "1/n^2" in entry["normalized_error_formula"]
     assert [r["image_index"] for r in entry["images"]] == inv["image_index"].tolist()
     for r, err in zip(entry["images"], inv["error"], strict=True):
@@ -300,6 +308,11 @@ def test_report_html_is_self_contained(visualized, tmp_path):
     assert "<link" not in text and '<script src' not in text
     cards = re.findall(r'<article class="card" id="[^"]+" data-unit="(\d+)"', text)
     assert sorted(map(int, cards)) == sorted(c["unit"] for c in manifest["units"])
+    # every inversion error is shown with its unrelated-image baseline
+    shown = re.findall(r'class="baseline">unrelated-image baseline ([^<]+)<', text)
+    want = [r["baseline"] for r in manifest["views"]["inversion"]["layer"]["images"]]
+    assert len(shown) == len(want) and want
+    assert [float(v) for v in shown] == pytest.approx(want, rel=0.01)
     # the IoU figure written beside the page is the one the page embeds
     figure = base64.b64encode((page.parent / "iou_distribution.png").read_bytes()).decode()
     assert f'src="data:image/png;base64,{figure}" alt="tiny: IoU distribution' in text

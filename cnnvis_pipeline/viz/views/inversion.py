@@ -5,7 +5,9 @@ error = ||Phi(x*) - Phi0||^2 / ||Phi0||^2 (invert's), normalized_error = ||Phi(x
 spread, the spread being the mean over all n^2 ordered pairs (diagonal included) of the squared
 distances between the representations of the first SPREAD_IMAGES candidates
 (viz.representation_spread; the formula, viz.NORMALIZED_ERROR_FORMULA, is in the layer entry
-with the weights used). lambda_tv is the paper's for the layer's relative depth unless the
+with the weights used), baseline = the unrelated-image baseline of `error`: the mean over the
+same SPREAD_IMAGES candidates, the image itself left out, of ||Phi(x_j) - Phi0||^2 / ||Phi0||^2
+(inversion.unrelated_baseline; BASELINE_FORMULA in the layer entry). lambda_tv is the paper's for the layer's relative depth unless the
 settings give one (views.inversion.lambda_tv, .layers.<layer>.lambda_tv).
 """
 
@@ -67,10 +69,22 @@ def _spread(ctx: LayerContext, cand: np.ndarray) -> float:
                                            batch_size=ctx.job.resources.batch_size, **ctx.norm)
 
 
+def _baselines(ctx: LayerContext, cand: np.ndarray, chosen: list[int],
+               phi0: torch.Tensor) -> np.ndarray:
+    """Per chosen image, the mean relative error of the other SPREAD_IMAGES candidates."""
+    idx = cand[:SPREAD_IMAGES]
+    phi = inversion.layer_representation(ctx.model, ctx.layer, ctx.images(idx),
+                                         batch_size=ctx.job.resources.batch_size, **ctx.norm)
+    exclude = [np.flatnonzero(idx == i).tolist() for i in chosen]
+    return inversion.unrelated_baseline(phi0, phi, exclude).cpu().numpy()
+
+
 def _compute(ctx: LayerContext, _units: list[int], views: Views) -> ViewResult:
     inv = views.inversion
-    rows = columns("model", "layer", "image_index", "image", "error", "normalized_error")
-    entry = {"images": [], "normalized_error_formula": inversion.NORMALIZED_ERROR_FORMULA}
+    rows = columns("model", "layer", "image_index", "image", "error", "normalized_error",
+                   "baseline")
+    entry = {"images": [], "normalized_error_formula": inversion.NORMALIZED_ERROR_FORMULA,
+             "baseline_formula": inversion.BASELINE_FORMULA}
     out = ViewResult(layer=entry, tables={"inversion": rows})
     if inv.images <= 0:
         out.note = "no images inverted (views.inversion.images: 0)"
@@ -90,18 +104,20 @@ def _compute(ctx: LayerContext, _units: list[int], views: Views) -> ViewResult:
                                           **ctx.norm).flatten(1)
     norm2 = phi0.double().pow(2).sum(dim=1).cpu().numpy()
     spread = _spread(ctx, cand)
+    baselines = _baselines(ctx, cand, chosen, phi0)
     names = ctx.ds.meta["images"]
     for k, i in enumerate(chosen):
-        err = float(errors[k])
+        err, base = float(errors[k]), float(baselines[k])
         nerr = err * float(norm2[k]) / spread if spread > 0 else float("nan")
         orig, rec_f = f"inversion_{k}_original.png", f"inversion_{k}_reconstruction.png"
         im.save_png(x0[k], ctx.out / orig)
         im.save_png(recon[k], ctx.out / rec_f)
         entry["images"].append({"image_index": i, "image": names[i], "error": err,
                                 "normalized_error": nerr if nerr == nerr else None,
+                                "baseline": base if base == base else None,
                                 "original_file": orig, "reconstruction_file": rec_f})
         append(rows, model=ctx.name, layer=ctx.layer, image_index=i, image=names[i], error=err,
-               normalized_error=nerr)
+               normalized_error=nerr, baseline=base)
     return out
 
 
