@@ -289,3 +289,26 @@ def test_a_class_index_beyond_the_models_outputs_is_refused():
     with pytest.raises(CnnvisError, match="class outputs up to 9"):
         ab.ablation_scores(planted(), data, "0", ab.ablation_groups(planted_units()),
                            mean=[0] * 3, std=[1] * 3, device=torch.device("cpu"))
+
+
+def test_ablation_tables_are_deterministic_and_do_not_depend_on_the_passes(prepared_dir, dissected,
+                                                                           tmp_path):
+    import shutil
+
+    from cnnvis_pipeline.interventions.stages import run_ablation
+    from cnnvis_pipeline.models.registry import build_model
+
+    spec = tiny_spec(ablation={"limit": 4, "replicates": 30, "top_n": 2})
+    model, _ = build_model("tiny", dict(spec, kwargs={"width": 4, "num_classes": 9}))
+    tables = []
+    for k, per_pass in enumerate((32, 32, 1)):
+        d = tmp_path / str(k)
+        d.mkdir()
+        shutil.copy(dissected / LAYERS[0] / "units.parquet", d / "units.parquet")
+        s = dict(spec, ablation=dict(spec["ablation"], groups_per_pass=per_pass))
+        run_ablation(Job.from_spec(s), prepared_dir, LAYERS[0], d, model=model)
+        tables.append(d / "ablation.parquet")
+    assert tables[0].read_bytes() == tables[1].read_bytes()
+    a, b = (pq.read_table(t).to_pandas() for t in tables[1:])
+    np.testing.assert_allclose(a["change"], b["change"], atol=1e-9)
+    np.testing.assert_allclose(a["change_low"], b["change_low"], atol=1e-9)
