@@ -83,12 +83,14 @@ class Compositional:
     beam: int
     penalty: float
     units: Any  # "all" or a list of unit ids
+    null_replicates: int
 
     @classmethod
     def parse(cls, section: dict | None) -> Compositional:
         s = with_defaults("compositional", section)
         units = s["units"] if s["units"] == "all" else tuple(int(u) for u in s["units"])
-        return cls(int(s["max_length"]), int(s["beam"]), float(s["penalty"]), units)
+        return cls(int(s["max_length"]), int(s["beam"]), float(s["penalty"]), units,
+                   int(s["null_replicates"]))
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     "formulas": pa.schema([
         ("model", S), ("layer", S), ("unit", I32), ("formula", S), ("length", I32), ("iou", F64),
         ("intersection", I64), ("union", I64), ("single_concept", S), ("single_iou", F64),
+        ("iou_low", F64), ("iou_high", F64), ("p_value", F64), ("q_value", F64),
+        ("formula_detector", B),
     ]),
     "inversion": pa.schema([
         ("model", S), ("layer", S), ("image_index", I64), ("image", S), ("error", F64),

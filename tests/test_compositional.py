@@ -46,13 +46,14 @@ def dense_labels(broden_dir):
 
 
 def brute_force_length2(unit: np.ndarray, labels, annotated, category, names):
-    """{formula text: iou} of every formula of one or two distinct concepts with IoU > 0.
-    unit: bool [N, S]."""
+    """{formula text: iou} of every formula of one or two distinct concepts with IoU > 0, all
+    scored on the images annotated for any category (a label is absent where its category is
+    not annotated). unit: bool [N, S]."""
     n, c, _ = labels.shape
     out = {}
 
     def iou(mask, cats):
-        keep = annotated[:, sorted(cats)].all(1)
+        keep = annotated.any(1)
         inter = (unit[keep] & mask[keep]).sum()
         union = (unit[keep] | mask[keep]).sum()
         return inter / union if union else 0.0
@@ -253,8 +254,9 @@ def test_pruning_gives_the_unpruned_beam_and_skips_work(planted_data):
 
 def test_settings_are_checked():
     assert Compositional.parse(None) == Compositional(max_length=3, beam=5, penalty=1.0,
-                                                      units="all")
+                                                      units="all", null_replicates=100)
     for bad, key in (({"beam": 0}, "compositional.beam"),
+                     ({"null_replicates": 0}, "compositional.null_replicates"),
                      ({"max_length": 1.5}, "compositional.max_length"),
                      ({"penalty": 0}, "compositional.penalty"),
                      ({"units": [1, -2]}, "compositional.units"),
@@ -289,10 +291,13 @@ def _job(spec: dict, compositional: dict) -> Job:
     return Job.from_spec(dict(spec, compositional=compositional))
 
 
-def test_length_1_formulas_are_the_units_table(dissected, tmp_path):
+def test_length_1_formulas_are_the_best_concept_on_the_scored_images(dissected, planted_data,
+                                                                      tmp_path):
+    ds_dir, _ = planted_data
     spec, ds, root, extracts = dissected
     layer = "features.relu3"
-    out = cp.run_compositional(_job(spec, {"max_length": 1}), ds.path, extracts,
+    out = cp.run_compositional(_job(spec, {"max_length": 1, "null_replicates": 3}), ds.path,
+                               extracts,
                                root / layer / "thresholds.parquet", layer, 0, 1,
                                tmp_path / "f.parquet", progress=False)
     f = pq.read_table(out).to_pandas()
@@ -307,20 +312,40 @@ def test_length_1_formulas_are_the_units_table(dissected, tmp_path):
                                         c for c in ds.concepts if c["name"] == n
                                         and c["category"] == k))]
              for n, k in zip(units["concept"], units["category"], strict=True)]
-    assert f["formula"].tolist() == names
-    assert f["single_concept"].tolist() == units["concept"].tolist()
-    assert f["iou"].tolist() == units["iou"].tolist()  # exactly, as floats
-    assert f["single_iou"].tolist() == units["iou"].tolist()
-    top = iou.merge(units[["unit", "concept", "category"]], on=["unit", "concept", "category"])
-    top = top.sort_values("unit")
-    assert f["intersection"].tolist() == top["intersection"].tolist()
-    assert f["union"].tolist() == top["union"].tolist()
+    # Formulas are scored on every image annotated for any category (here: all images); a
+    # concept is absent where its category is not annotated, so its intersection is the tally's
+    # and its union that of the whole mask with its label.
+    labels, annotated, _ = dense_labels(ds_dir)
+    assert annotated.any(1).all()
+    area = labels.sum((0, 2))  # [C]
+    cells = len(ds) * int(np.prod(ds.seg_size))
+    mask_area = np.round(units["active_fraction"].to_numpy() * cells).astype(np.int64)
+    inter = np.stack([iou[(iou["concept"] == c["name"]) & (iou["category"] == c["category"])]
+                      .sort_values("unit")["intersection"].to_numpy() for c in ds.concepts], 1)
+    union = mask_area[:, None] + area[None, :] - inter
+    want = np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+    best = want.argmax(1)
+    texts = cp._concept_texts(*zip(*[(c["name"], c["category"]) for c in ds.concepts],
+                                   strict=True))
+    assert f["formula"].tolist() == [texts[b] for b in best]
+    assert f["iou"].tolist() == want[np.arange(len(best)), best].tolist()  # exactly, as floats
+    assert f["single_iou"].tolist() == f["iou"].tolist()
+    assert f["intersection"].tolist() == inter[np.arange(len(best)), best].tolist()
+    assert f["union"].tolist() == union[np.arange(len(best)), best].tolist()
+    # where the label's category is annotated on every image, it is the units table's label
+    full = np.isin(units["category"], [k for j, k in enumerate(ds.categories)
+                                       if annotated[:, j].all()])
+    assert full.sum() > 4 and (~full).sum() >= 1
+    assert f["formula"][full].tolist() == np.asarray(names)[full].tolist()
+    assert f["iou"][full].tolist() == units["iou"][full].tolist()
+    # elsewhere a concept's IoU can only fall (the same intersection, a larger union)
+    assert (f["iou"] <= units["iou"]).all()
 
 
 def test_unit_shards_merge_to_the_one_process_table(dissected, tmp_path):
     spec, ds, root, extracts = dissected
     layer = "features.relu3"
-    settings = {"max_length": 3, "beam": 3, "units": [0, 2, 3, 5, 7, 8, 11]}
+    settings = {"max_length": 3, "beam": 3, "units": [0, 2, 3, 5, 7, 8, 11], "null_replicates": 9}
     job = _job(spec, settings)
     one = cp.run_compositional(job, ds.path, extracts, root / layer / "thresholds.parquet",
                                layer, 0, 1, tmp_path / "one.parquet", progress=False)
@@ -335,6 +360,16 @@ def test_unit_shards_merge_to_the_one_process_table(dissected, tmp_path):
     assert f["unit"].tolist() == [0, 2, 3, 5, 7, 8, 11]
     assert (f["iou"] >= f["single_iou"]).all() and (f["length"] > 1).any()
     assert (f["iou"] == f["intersection"] / f["union"]).all()
+    # q-values over the merged table's units (numpy step-up BH), not over a shard's
+    p = f["p_value"].to_numpy()
+    assert ((p * 10) == np.round(p * 10)).all() and (p >= 0.1).all()  # multiples of 1/(R+1)
+    order = np.argsort(p, kind="stable")
+    q = np.minimum.accumulate((p[order] * len(p) / np.arange(1, len(p) + 1))[::-1])[::-1]
+    want = np.empty(len(p))
+    want[order] = np.minimum(q, 1)
+    np.testing.assert_allclose(f["q_value"], want, rtol=1e-12)
+    assert (f["formula_detector"] == (f["iou"] > 0.04) & (f["q_value"] < 0.05)).all()
+    assert ((f["iou_low"] <= f["iou"]) & (f["iou"] <= f["iou_high"])).all()
     prov = json.loads(pq.read_schema(merged).metadata[b"cnnvis.provenance"])
     assert json.loads(prov["compositional"])["beam"] == 3
     # overlapping shards are refused
@@ -400,7 +435,7 @@ def test_workflow_step_writes_formulas_and_shards_merge_as_one_process(tmp_path)
         "models": {"tiny": {"arch": "synthnet", "kwargs": {"width": 4},
                             "layers": ["features.relu4"]}},
         "resources": {"shards": 2, "batch_size": 8, "keep_activations": True},
-        "compositional": {"beam": 3, "max_length": 2},
+        "compositional": {"beam": 3, "max_length": 2, "null_replicates": 5},
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     layers = ("features.relu4",)
@@ -414,13 +449,14 @@ def test_workflow_step_writes_formulas_and_shards_merge_as_one_process(tmp_path)
         got = pq.read_table(tmp_path / f"results/tiny/{layer}/formulas.parquet").to_pandas()
         units = pq.read_table(tmp_path / f"results/tiny/{layer}/units.parquet").to_pandas()
         assert got["unit"].tolist() == units["unit"].tolist()
-        assert got["single_iou"].tolist() == units["iou"].tolist()
+        # scored on every annotated image: a concept's IoU is at most its tally IoU
+        assert (got["single_iou"] <= units["iou"]).all() and (got["single_iou"] > 0).any()
         assert set(got["length"]) <= {1, 2} and (got["iou"] >= got["single_iou"]).all()
         assert not list((tmp_path / "results/tiny/compositional").rglob("*.parquet"))  # temp
     prov = json.loads(pq.read_schema(tmp_path / f"results/tiny/{layers[0]}/formulas.parquet")
                       .metadata[b"cnnvis.provenance"])
     assert json.loads(prov["compositional"]) == {"beam": 3, "max_length": 2, "penalty": 1.0,
-                                                 "units": "all"}
+                                                 "units": "all", "null_replicates": 5}
     # the workflow's own command for a shard of relu4, run as one shard over all units
     line = next(ln for ln in (proc.stdout + proc.stderr).splitlines()
                 if " compositional " in ln and "--layer features.relu4" in ln)

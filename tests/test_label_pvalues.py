@@ -36,12 +36,13 @@ def _box(rng, lo=2, hi=7):
     return m
 
 
-def make(tmp_path, n, units, seed):
-    """(dataset, labels bool [n, C, H, W], present bool [n, 2], activations [n, U, H, W])."""
+def make(tmp_path, n, units, seed, material=0.5):
+    """(dataset, labels bool [n, C, H, W], present bool [n, 2], activations [n, U, H, W]);
+    `material`: the fraction of images annotated for material."""
     rng = np.random.default_rng(seed)
     planes = np.zeros((n, 2, H, W), np.uint16)
     present = np.ones((n, 2), bool)
-    present[:, 1] = rng.random(n) < 0.5
+    present[:, 1] = rng.random(n) < material
     for i in range(n):
         for c in rng.permutation(OBJ)[: rng.integers(1, 4)]:
             planes[i, 0][_box(rng)] = c + 1

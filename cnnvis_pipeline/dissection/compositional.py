@@ -7,14 +7,14 @@ is its number of concepts. Search (as the reference): the beam starts as the uni
 single concepts of IoU > 0; each step extends every beam formula of the longest length by every
 other concept and operator, and keeps the best `beam` of (old beam + new formulas) by score =
 IoU * penalty ** (length - 1). Ties are broken by length, then by the formula's canonical
-structure (concept indices), so a length-1 result is the units table's label (first maximum).
+structure (concept indices), so a length-1 result is the first maximum of the single IoUs.
 
-IoU of a formula, exactly as the single-concept IoU of the tally (same thresholds, masks at the
-segmentation size, label planes): ``IoU(k, F) = Σ |M_k ∩ L_F| / Σ |M_k ∪ L_F|`` with the sums over
-the images annotated for *every* category that F's concepts belong to (for one concept: the
-images annotated for its category, the project's rule; a formula is only defined where all its
-concepts' annotations exist, so e.g. `water[material] OR river[object]` counts images with both
-material and object annotations).
+IoU of a formula (same thresholds, masks at the segmentation size, label planes as the tally):
+``IoU(k, F) = Σ |M_k ∩ L_F| / Σ |M_k ∪ L_F|`` with the sums over one set of images for every
+formula: the images annotated for at least one category, a concept being absent where its
+category is not annotated (so adding a concept never changes which images count). Each best
+formula gets a bootstrap interval and a null p-value of the whole search (formula_stats.py);
+q-values and formula_detector are over the layer's explained units (run_formulas).
 
 How it is fast (and exact):
 - Concept masks and unit masks are bit-packed at the segmentation resolution (64 pixels per int64
@@ -58,6 +58,7 @@ from cnnvis_pipeline.dissection.bitmasks import (  # noqa: F401 (the composition
     unpack_rows,
     words_for,
 )
+from cnnvis_pipeline.dissection.formula_stats import fdr_columns, formula_statistics
 from cnnvis_pipeline.dissection.formulas import (  # noqa: F401 (the compositional API)
     Item,
     Searcher,
@@ -136,7 +137,8 @@ def select_units(units_setting, n_units: int, layer: str) -> np.ndarray:
 
 
 def formula_columns(model: str, layer: str, units: Sequence[int], results, cm: ConceptMasks,
-                    ) -> dict:
+                    stats: dict, fdr: float, iou_threshold: float) -> dict:
+    """The formulas table of the given units; `stats`: formula_stats.formula_statistics."""
     cols = {k: [] for k in ("model", "layer", "unit", "formula", "length", "iou", "intersection",
                             "union", "single_concept", "single_iou")}
     for unit, (beam, single) in zip(units, results, strict=True):
@@ -153,6 +155,8 @@ def formula_columns(model: str, layer: str, units: Sequence[int], results, cm: C
         cols["single_iou"].append(single.iou)
     cols["unit"] = np.asarray(cols["unit"], np.int32)
     cols["length"] = np.asarray(cols["length"], np.int32)
+    cols.update({k: np.asarray(stats[k], np.float64) for k in ("iou_low", "iou_high", "p_value")})
+    cols.update(fdr_columns(cols["p_value"], cols["iou"], fdr, iou_threshold))
     return cols
 
 
@@ -230,12 +234,16 @@ def run_compositional(job: Job, prepared: str | Path, extract_dirs: Sequence[str
         raise CnnvisError(f"{job.name}: extract shards cover {covered} of {len(ds)} images")
     results, stats = explain_units(cm, masks, s, progress=progress)
     t3 = time.perf_counter()
+    st = job.dissection.statistics
+    fstats = formula_statistics(cm, masks, results, s, st, ds.present, progress=progress)
+    t4 = time.perf_counter()
     log.info("%s %s shard %d/%d: %d units; concept masks %.2f s, unit masks %.2f s, search "
-             "%.2f s; %s", job.name, layer, shard, shards, len(units), t1 - t0, t2 - t1,
-             t3 - t2, stats)
+             "%.2f s, null and intervals %.2f s; %s", job.name, layer, shard, shards,
+             len(units), t1 - t0, t2 - t1, t3 - t2, t4 - t3, stats)
     ckpt = json.loads((Path(extract_dirs[0]) / "info.json").read_text())["checkpoint_sha256"]
-    return write_table("formulas", formula_columns(job.name, layer, units, results, cm),
-                       out, _provenance(job, ds, ckpt, s))
+    cols = formula_columns(job.name, layer, units, results, cm, fstats, st.fdr,
+                           job.dissection.iou_threshold)
+    return write_table("formulas", cols, out, _provenance(job, ds, ckpt, s))
 
 
 def _provenance(job: Job, ds: PreparedDataset, ckpt: str | None, s: Compositional) -> dict:
@@ -263,4 +271,8 @@ def run_formulas(parts: Sequence[str | Path], out: str | Path) -> Path:
     if len(np.unique(units)) != len(units):
         raise CnnvisError(f"{out}: the shards overlap (a unit appears twice)")
     cols = {name: table.column(name).to_pylist() for name in table.column_names}
+    if provs:  # q-values over all the layer's explained units
+        d = provs[0]["dissection"]
+        cols.update(fdr_columns(cols["p_value"], cols["iou"], d["statistics"]["fdr"],
+                                d["iou_threshold"]))
     return write_table("formulas", cols, out, provs[0] if provs else {})

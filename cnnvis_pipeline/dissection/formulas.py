@@ -139,6 +139,10 @@ class Searcher:
         self.cm = cm
         self.max_length, self.beam, self.penalty, self.prune = max_length, beam, penalty, prune
         self.factors = [penalty ** k for k in range(max_length)]
+        # Every formula is scored on the same images: those annotated for any category (an
+        # annotation group with at least one category); a concept is absent where its category
+        # is not annotated.
+        self.scored = cm.group_categories.any(1)  # bool [G]
         self.masks = _Cache(cache_bytes)
         self.overlaps = _Cache(cache_bytes // 2)
         self.stats = {"candidates": 0, "evaluated": 0, "overlaps": 0, "overlap_hits": 0}
@@ -185,8 +189,7 @@ class Searcher:
         cm = self.cm
         ctx = self.context(unit)
         u, uc = ctx.u, ctx.uc  # |M| per group [G], |M ∩ c| per concept and group [C, G]
-        cats = cm.concept_category
-        A = cm.category_groups[cats]  # [C, G]
+        A = np.broadcast_to(self.scored, (cm.concepts, cm.groups))  # [C, G]
         inter = (uc * A).sum(1)
         union = ((u[None, :] + cm.area - uc) * A).sum(1)
         iou = _iou(inter, union)
@@ -277,7 +280,7 @@ class Searcher:
         cm = self.cm
         u, uc, cc = ctx.u[None, :], ctx.uc, cm.area
         x = self.formula_overlap(parent)  # |F ∩ c| per group, [C, G]
-        groups = parent.groups[None, :] & cm.category_groups[cm.concept_category]  # [C, G]
+        groups = np.broadcast_to(self.scored, (cm.concepts, cm.groups))  # [C, G]
         f, uf = parent.area[None, :], parent.hit[None, :]
         # y = |M ∩ F ∩ c| per group lies in [lo, hi]; AND's IoU grows with y, the others' fall:
         # each operator's bound takes the favourable end.
@@ -306,7 +309,7 @@ class Searcher:
                y: np.ndarray, ctx: _UnitContext):
         """Exact per-group areas and hits, intersections, unions and IoUs of `parent op c`."""
         cm = self.cm
-        groups = parent.groups[None, :] & cm.category_groups[cm.concept_category[cs]]
+        groups = np.broadcast_to(self.scored, (len(cs), cm.groups))
         xs, ys, cc, uc = x[cs], y[cs], cm.area[cs], ctx.uc[cs]
         f, uf = parent.area[None, :], parent.hit[None, :]
         is_and, is_or = (ops == AND)[:, None], (ops == OR)[:, None]
