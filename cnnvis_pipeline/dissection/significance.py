@@ -6,7 +6,9 @@ docs/DEFINITIONS.md, "Significance".
 
 - significance(tally, stats, dataset, statistics, iou_threshold): for each unit's `top`
   concepts by IoU: the Poisson bootstrap interval, the block-permutation p-value, the
-  Benjamini-Hochberg q-value over the pairs of the layer, detector and detector_fdr.
+  Benjamini-Hochberg q-value over the pairs of the layer, detector and detector_fdr; for each
+  unit's label: the p-value of the label as selected (the max statistic over all the unit's
+  concepts in every null replicate), its q-value over the layer's units and detector_fdr.
 - bh_qvalues(p), top_pairs(iou, top).
 - significance_columns / unit_significance_columns / sweep_columns: the significance table, the
   units table's new columns and the threshold sweep (sweep_counts) of one layer.
@@ -155,18 +157,19 @@ class _Sums:
     def upper(self) -> np.ndarray:
         """[U, C]: Σ over images of the largest intersection of the unit's mask with the image's
         own or any partner's labels: no permutation of the blocks' labels gives more."""
-        a = self.a
-        N = 1 + int(max(a["inter_image"].max(initial=0), a["null_image"].max(initial=0)))
-        key = np.concatenate([(a["inter_unit"] * self.C + a["inter_concept"]) * N
-                              + a["inter_image"],
-                              (a["null_unit"] * self.C + a["null_concept"]) * N + a["null_image"]])
+        a, UC = self.a, self.U * self.C
+        # keys in the records' own order (image, unit, concept): a stable sort merges the
+        # D + 1 sorted runs
+        key = np.concatenate([(a[f"{g}_image"] * self.U + a[f"{g}_unit"]) * self.C
+                              + a[f"{g}_concept"] for g in ("inter", "null")])
         cnt = np.concatenate([a["inter_count"], a["null_count"]])
-        out = np.zeros(self.U * self.C)
+        out = np.zeros(UC)
         if len(key):
             order = np.argsort(key, kind="stable")
             key, cnt = key[order], cnt[order]
             first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-            np.add.at(out, key[first] // N, np.maximum.reduceat(cnt, first))
+            out = np.bincount(key[first] % UC, weights=np.maximum.reduceat(cnt, first),
+                              minlength=UC)
         return out.reshape(self.U, self.C)
 
 
