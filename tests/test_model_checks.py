@@ -140,6 +140,19 @@ def test_the_workflow_refuses_all_mistakes_at_a_dry_run(tmp_path, workflow):
                  "0..511)"):
         assert line in err, (line, err[-3000:])
     assert "Traceback" not in err and "results/r18" not in err
+    # A factory model's units, against the layer shapes measured at parse time.
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    (lib / "units_factory.py").write_text(
+        "from cnnvis_pipeline.models.synthnet import SynthNet\n"
+        "def build():\n    return SynthNet(width=4)\n")
+    cfg["models"] = {"f": {"factory": "units_factory:build", "layers": ["features.relu3"],
+                           "units": {"features.relu3": [2, 64]}}}
+    proc = workflow.run(tmp_path, cfg, "-n", timeout=600, env=workflow.env(lib))
+    err = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert ("invalid configuration: config: models.f.units.features.relu3: [64] out of range "
+            "(the layer has units 0..7)") in err, err[-3000:]
 
 
 # -- outputs that are not plausibly [N, C, H, W] ------------------------------------------------

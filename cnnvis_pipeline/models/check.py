@@ -25,6 +25,7 @@ import torch
 
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.models.input import images_to_input
+from cnnvis_pipeline.models.precheck import unit_problems
 from cnnvis_pipeline.models.probe import check_layers, layer_problems, probe_layers, unknown_layers
 from cnnvis_pipeline.models.registry import (
     build_architecture,
@@ -84,22 +85,6 @@ def check_built(model, spec: dict, ds) -> dict:
         raise CnnvisError(f"config: models.{name}." + f"; config: models.{name}.".join(problems))
     return {"model": name, "input_size": list(x.shape[-2:]),
             "layers": {k: {"feature_map": v} for k, v in shapes.items()}}
-
-
-def unit_problems(spec: dict, shapes: dict) -> list[str]:
-    """`units:` ids beyond their layer's channels, and `units:` layers that are not listed (a
-    listed layer without a shape has a problem of its own)."""
-    problems = []
-    for layer, units in sorted((spec.get("units") or {}).items()):
-        if layer not in shapes:
-            if layer not in spec.get("layers", []):
-                problems.append(f"units.{layer}: not among the model's layers")
-            continue
-        bad = [u for u in units if not 0 <= int(u) < shapes[layer][0]]
-        if bad:
-            problems.append(f"units.{layer}: {bad} out of range (the layer has units 0.."
-                            f"{shapes[layer][0] - 1})")
-    return problems
 
 
 # Up to this many parameters the check's forward runs on the CPU with zero weights (a

@@ -10,6 +10,8 @@ is checked, on which input size, and whether a check already passed, without imp
   (`broden1_224`); None when only the dataset's images tell.
 - parse_time_entries(cfg, models): {config name: (spec, input size)} of the entries checked at
   parse time (a checkpoint series once, under its own name).
+- unit_problems(spec, shapes): `units:` ids beyond their layer's channels ({layer: [C, H, W]});
+  also for a factory model at parse time, from the layer shapes the resource plan measured.
 - check_key(entries): sha256 of what such a check depends on (the entries, the torch and
   torchvision versions, the model room's source), so that a passed check is not rerun.
 """
@@ -55,3 +57,19 @@ def check_key(entries: dict) -> str:
                for f in sorted(Path(__file__).resolve().parent.glob("*.py"))}
     text = json.dumps([entries, versions, sources], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def unit_problems(spec: dict, shapes: dict) -> list[str]:
+    """`units:` ids beyond their layer's channels, and `units:` layers that are not listed (a
+    listed layer without a shape has a problem of its own)."""
+    problems = []
+    for layer, units in sorted((spec.get("units") or {}).items()):
+        if layer not in shapes:
+            if layer not in spec.get("layers", []):
+                problems.append(f"units.{layer}: not among the model's layers")
+            continue
+        bad = [u for u in units if not 0 <= int(u) < shapes[layer][0]]
+        if bad:
+            problems.append(f"units.{layer}: {bad} out of range (the layer has units 0.."
+                            f"{shapes[layer][0] - 1})")
+    return problems

@@ -174,6 +174,31 @@ PLAN = _plan()
 PLAN_GPU = str(config["resources"]["device"]).startswith("cuda")
 
 
+def _factory_unit_problems():
+    """`units:` of the factory models against the layer shapes the plan measured (cached: no
+    second build); their layer problems were refused by the plan already."""
+    if not workflow.is_main_process:
+        return []
+    size = None
+    problems = []
+    for name, spec in MODELS.items():
+        if spec.get("factory") and spec.get("units"):
+            size = size or cplan.dataset_size(config).image_size
+            shapes = cplan.model_shape(dict(spec, name=name), size).layers
+            problems += [f"config: models.{spec.get('series') or name}.{p}"
+                         for p in precheck.unit_problems(spec, shapes)]
+    return list(dict.fromkeys(problems))
+
+
+_problems = _factory_unit_problems()
+if _problems:
+    raise WorkflowError(
+        "invalid configuration: "
+        + (_problems[0] if len(_problems) == 1
+           else f"{len(_problems)} problems:\n" + "\n".join(f"  {m}" for m in _problems))
+    )
+
+
 def planned(rule):
     """A rule's resources from the plan: mem_mb, disk_mb and runtime (minutes; GPU times when
     resources.device is cuda, CPU times otherwise)."""
