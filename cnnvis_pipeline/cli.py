@@ -15,6 +15,7 @@ import sys
 from cnnvis_pipeline import __version__
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.fileio import all_or_none, error_line
+from cnnvis_pipeline.progress import status_handler
 
 COMMAND_MODULES = [
     "cnnvis_pipeline.data.commands",
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    status = status_handler(f"cnnvis {args.command}")  # the workflow's long jobs: console lines
+    if status is not None:
+        logging.getLogger().addHandler(status)
     try:
         with all_or_none():  # a command that fails leaves none of its outputs looking complete
             return int(args.func(args) or 0)

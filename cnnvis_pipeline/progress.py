@@ -8,11 +8,17 @@ instead, through the `logging` module (the CLI sends them to stderr):
 
 one when the work starts, then at most one every `every` seconds (10 by default), and one at the
 end with the total time. Follow a running job with `tail -f results/logs/<model>/<job>.log`.
+
+The console: a job started with the environment variable CNNVIS_STATUS_FD=<fd> (the workflow's
+long rules: `CNNVIS_STATUS_FD=3 python -m cnnvis_pipeline ... 3>&2 > log 2>&1`, fd 3 being
+Snakemake's own stderr) also writes its latest log line there once a minute
+(`status_handler`), so that Snakemake's default output shows where a long job is.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 log = logging.getLogger("cnnvis_pipeline.progress")
@@ -75,3 +81,40 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+STATUS_FD = "CNNVIS_STATUS_FD"
+STATUS_EVERY = 60.0  # seconds between two status lines on the console
+
+
+class StatusHandler(logging.Handler):
+    """Writes an INFO record to `stream` when `every` seconds have passed since the job started
+    or since its last status line (the records in between only go to the log)."""
+
+    def __init__(self, stream, job: str, every: float = STATUS_EVERY, clock=time.monotonic):
+        super().__init__(logging.INFO)
+        self.stream, self.job, self.every, self.clock = stream, job, every, clock
+        self.last = clock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        now = self.clock()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        try:
+            self.stream.write(f"[{time.strftime('%H:%M:%S')}] {self.job}: {record.getMessage()}\n")
+            self.stream.flush()
+        except (OSError, ValueError):  # the console went away: the log still has everything
+            self.every = float("inf")
+
+
+def status_handler(job: str) -> StatusHandler | None:
+    """The console's status handler when CNNVIS_STATUS_FD names an open file descriptor."""
+    fd = os.environ.get(STATUS_FD, "")
+    if not fd.isdigit():
+        return None
+    try:
+        stream = os.fdopen(int(fd), "w", buffering=1, closefd=False)
+    except OSError:
+        return None
+    return StatusHandler(stream, job, every=STATUS_EVERY)

@@ -12,6 +12,7 @@ weights, 8 activation-maximisation and 10 inversion steps (about a minute on 2 C
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -82,14 +83,19 @@ def manifest_files(entry) -> set[str]:
 
 def test_workflow_outputs_and_snakemake_report(run, snakemake):
     import base64
-    import re
 
     wd = run
     page = (wd / "results/tiny/report/index.html").read_text()
     for layer in LAYERS:
         viz = wd / f"results/tiny/{layer}/viz"
         manifest = json.loads((viz / "manifest.json").read_text())
-        units = [c["unit"] for c in manifest["units"]]
+        units = [c["unit"] for c in manifest["units"] if c["selected"]]
+        table = pq.read_table(wd / f"results/tiny/{layer}/units.parquet").to_pandas()
+        others = set(table.loc[table["detector"], "unit"]) - set(units)
+        # every other detector has a card with its top images only
+        assert {c["unit"] for c in manifest["units"] if not c["selected"]} == others
+        assert all(set(c["views"]) == {"top_images"} for c in manifest["units"]
+                   if not c["selected"])
         am = pd.read_parquet(wd / f"results/tiny/{layer}/activation_max.parquet")
         inv = pd.read_parquet(wd / f"results/tiny/{layer}/inversion.parquet")
         assert am["unit"].tolist() == units and len(inv) == 2
@@ -97,13 +103,15 @@ def test_workflow_outputs_and_snakemake_report(run, snakemake):
         assert len(units) == 4 + (layer == "features.relu4" and 7 not in units[:4])
         assert {p.name for p in viz.glob("*.png")} == manifest_files(manifest)
         section = page[page.index(f'id="layer-{layer.replace(".", "-")}"'):]
+        section = section[:section.index("</section>")]
         cards = re.findall(r'<article class="card" id="[^"]+" data-unit="(\d+)"', section)
-        assert sorted(map(int, cards[:len(units)])) == sorted(units)
+        assert sorted(map(int, cards)) == sorted(units + sorted(others))
     assert 7 in pd.read_parquet(wd / "results/tiny/features.relu4/activation_max.parquet")["unit"].tolist()
     figure = (wd / "results/tiny/report/iou_distribution.png").read_bytes()
     assert f'src="data:image/png;base64,{base64.b64encode(figure).decode()}"' in page
     summary = (wd / "results/summary/index.html").read_text()
     assert 'href="../tiny/report/index.html"' in summary
+    assert '<a class="summary-link" href="../../summary/index.html">' in page
     sizes = {p: (wd / p).stat().st_size for p in ("results/tiny/report/index.html",
                                                   "results/summary/index.html")}
     print("\nreport sizes (bytes):", sizes)
@@ -111,6 +119,36 @@ def test_workflow_outputs_and_snakemake_report(run, snakemake):
     assert proc.returncode == 0
     text = (wd / "report.html").read_text(errors="replace")
     assert "index.html" in text and "iou_distribution.png" in text
+
+
+def planned(snakemake, wd: Path, config: dict) -> dict[str, int]:
+    """rule -> jobs that a dry run with `config` plans on the finished run (cfg.yaml restored)."""
+    import yaml
+
+    cfg = wd / "cfg.yaml"
+    original = cfg.read_text()
+    try:
+        cfg.write_text(yaml.safe_dump(config))
+        proc = snakemake(wd, "--dry-run", timeout=300)
+    finally:
+        cfg.write_text(original)
+    assert proc.returncode == 0
+    jobs: dict[str, int] = {}
+    for rule in re.findall(r"^(?:local)?rule (\w+):", proc.stdout + proc.stderr, re.M):
+        jobs[rule] = jobs.get(rule, 0) + 1
+    return jobs
+
+
+def test_a_display_setting_reruns_the_pages_only(run, snakemake, workflow):
+    config = workflow.config("report")
+    assert planned(snakemake, run, config) == {}  # the run is complete
+    config["report"]["top_images"] = 3
+    assert planned(snakemake, run, config) == {"model_report": 1, "summary_page": 1}
+    # a view's own setting recomputes the views of every layer, nothing of the dissection
+    config = workflow.config("report")
+    config["views"]["activation_max"]["steps"] = 9
+    assert planned(snakemake, run, config) == {"visualize_layer": 2, "model_report": 1,
+                                               "summary_page": 1}
 
 
 def make_driver(profile: Path):
@@ -215,6 +253,10 @@ def test_report_in_headless_chromium(run, tmp_path):
         errors = [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
         assert not errors, errors
         check_methods_categories_and_flags(driver, wd)
+        check_units_table(driver, wd)
+        check_deconvnet_tiles(driver)
+        driver.find_element(By.CSS_SELECTOR, "a.summary-link").click()
+        assert driver.title == "cnnvis summary"
 
         open_page(driver, wd / "results/summary/index.html")
         print(f"screenshot: {screenshot(driver, SHOTS / 'summary.png')}")
@@ -314,3 +356,66 @@ def check_summary(driver, wd: Path) -> None:
     order = [r.get_attribute("data-layer") for r in visible(driver, "#models-categories tbody tr")]
     assert order == sorted(LAYERS, reverse=True)
     assert visible(driver, "a.table-link[href='detectors.parquet']")
+
+
+def check_units_table(driver, wd: Path) -> None:
+    """Every unit of units.parquet is a row of its layer's table with the table's values; every
+    detector has a visible card the row links to; the filters show what they say."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from cnnvis_pipeline.reports.format import fmt, fmt_t
+
+    for layer in LAYERS:
+        tid = "units-" + layer.replace(".", "-")
+        units = pq.read_table(wd / f"results/tiny/{layer}/units.parquet").to_pandas()
+        rows = driver.find_elements(By.CSS_SELECTOR, f"#{tid} tbody tr")
+        assert sorted(int(r.get_attribute("data-unit")) for r in rows) == sorted(units["unit"])
+        by_unit = {int(r.get_attribute("data-unit")): r for r in rows}
+        for u in units.itertuples():
+            cells = by_unit[u.unit].find_elements(By.CSS_SELECTOR, "td")
+            text = [c.get_attribute("textContent").strip() for c in cells]
+            assert text[:4] == [str(u.unit), u.concept, u.category, fmt(u.iou)], (layer, text)
+            assert text[-1] == fmt_t(u.threshold)
+            if u.detector:
+                link = cells[0].find_element(By.CSS_SELECTOR, "a").get_attribute("href")
+                card = f"{layer.replace('.', '-')}-unit-{u.unit}"
+                assert link.endswith(f"#{card}")
+                assert visible(driver, f"#{card}"), (layer, u.unit)
+        show = Select(driver.find_element(By.CSS_SELECTOR, f'select.units-show[data-table="{tid}"]'))
+        show.select_by_value("detector")
+        shown = [int(r.get_attribute("data-unit")) for r in visible(driver, f"#{tid} tbody tr")]
+        assert sorted(shown) == sorted(units.loc[units["detector"], "unit"]), layer
+        show.select_by_value("all")
+        concept = str(units["concept"].iloc[0])
+        box = driver.find_element(By.CSS_SELECTOR, f'input.units-filter[data-table="{tid}"]')
+        box.send_keys(concept)
+        shown = visible(driver, f"#{tid} tbody tr")
+        assert shown and all(concept in r.text for r in shown)
+        assert len(shown) >= int((units["concept"] == concept).sum())
+        box.clear()
+        box.send_keys(" ")  # an input event: every row again
+        assert len(visible(driver, f"#{tid} tbody tr")) == len(units)
+
+
+def check_deconvnet_tiles(driver) -> None:
+    """DeconvNet strips: tiles shown at 96 px or more, and the projections (bottom row) are not
+    uniform grey: the pixel standard deviation of the row as the browser draws it."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from selenium.webdriver.common.by import By
+
+    # a dead unit's projection is zero: grey is right there
+    strips = [img for card in visible(driver, ".card") if not card.find_elements(
+        By.CSS_SELECTOR, ".flag.dead") for img in card.find_elements(By.CSS_SELECTOR, "img.deconv")]
+    assert strips
+    for img in strips[:6]:
+        tile = int(img.get_attribute("data-tile"))
+        scale = img.size["height"] / img.get_property("naturalHeight")
+        assert tile * scale >= 96, (tile, scale)
+        driver.execute_script("arguments[0].scrollIntoView()", img)
+        shot = np.asarray(Image.open(io.BytesIO(img.screenshot_as_png)).convert("L"), np.float64)
+        bottom = shot[shot.shape[0] // 2 + 4:, : int(tile * scale)]  # the first projection tile
+        assert bottom.size and bottom.std() > 12, bottom.std()

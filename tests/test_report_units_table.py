@@ -1,12 +1,11 @@
 """The report's table of every unit, the cards of every detector, the link back to the summary,
 formulas on the summary page, the readable views (DeconvNet tile scale and contrast, one
-notation in the inversion caption), the figures' empty and all-zero cases, and progress lines.
+notation in the inversion caption) and the figures' empty and all-zero cases.
 The tables are synthetic (tests/test_report_html.py's layer of four units)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 
 import numpy as np
@@ -208,31 +207,6 @@ def test_sweep_fdr_lines_are_drawn_above_the_plain_ones(monkeypatch, tmp_path):
     plain = [ln for k, ln in lines.items() if not k.endswith("(FDR)")]
     assert len(fdr) == len(plain) == 2
     assert min(ln.get_zorder() for ln in fdr) > max(ln.get_zorder() for ln in plain)
-
-
-def test_progress_lines_say_done_total_rate_and_eta(caplog):
-    from cnnvis_pipeline.progress import Progress
-
-    now = [100.0]
-    with caplog.at_level(logging.INFO, logger="cnnvis_pipeline.progress"):
-        with Progress("extract m", 1000, every=10, clock=lambda: now[0]) as p:
-            for _ in range(10):
-                now[0] += 3
-                p.update(50)
-    lines = [r.getMessage() for r in caplog.records]
-    assert lines[0] == "extract m: 1000 images to do"
-    # every 10 s: after 12 s (200 done), 24 s (400), then the last line
-    assert lines[1] == "extract m: 200/1000 images (20%), 16.7 images/s, ETA 48 s"
-    assert lines[2] == "extract m: 400/1000 images (40%), 16.7 images/s, ETA 36 s"
-    assert lines[-1] == "extract m: 500/1000 images (50%), 16.7 images/s, ETA 30 s in 30 s"
-    assert len(lines) == 4
-
-
-@pytest.mark.parametrize("seconds,text", [(5, "5 s"), (185, "3 min 5 s"), (8040, "2 h 14 min")])
-def test_durations(seconds, text):
-    from cnnvis_pipeline.progress import duration
-
-    assert duration(seconds) == text
 
 
 def test_manifest_records_which_units_got_every_view(tmp_path, prepared):  # noqa: F811

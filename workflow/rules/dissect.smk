@@ -34,7 +34,8 @@ rule train_synthnet:
         cnnvis=CNNVIS,
         spec=job_json("resources"),
     shell:
-        "{params.cnnvis} train --prepared {input.prepared:q} --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
+        "CNNVIS_STATUS_FD=3 {params.cnnvis} train --prepared {input.prepared:q} --spec {params.spec:q}"
+        " --out {output:q} 3>&2 > {log:q} 2>&1"
 
 
 rule extract_shard:
@@ -57,8 +58,9 @@ rule extract_shard:
         spec=job_json("dissection", "resources"),
         shards=len(SHARDS),
     shell:
-        "{params.cnnvis} extract --prepared {input.prepared:q} --spec {params.spec:q}"
-        " --shard {wildcards.shard:q} --shards {params.shards:q} --out {output:q} > {log:q} 2>&1"
+        "CNNVIS_STATUS_FD=3 {params.cnnvis} extract --prepared {input.prepared:q} --spec {params.spec:q}"
+        " --shard {wildcards.shard:q} --shards {params.shards:q} --out {output:q}"
+        " 3>&2 > {log:q} 2>&1"
 
 
 # Thresholds, tally and tables of a layer in one job (`cnnvis tables` without --tallies): the
@@ -107,9 +109,9 @@ rule layer_tables:
         cnnvis=CNNVIS,
         spec=job_json("dissection", "resources"),
     shell:
-        "{params.cnnvis} tables --prepared {input.prepared:q} --spec {params.spec:q}"
+        "CNNVIS_STATUS_FD=3 {params.cnnvis} tables --prepared {input.prepared:q} --spec {params.spec:q}"
         " --layers {wildcards.layer:q} --extracts {input.extracts:q}"
-        " --out-dir results/{wildcards.model:q} > {log:q} 2>&1"
+        " --out-dir results/{wildcards.model:q} 3>&2 > {log:q} 2>&1"
 
 
 rule summary:

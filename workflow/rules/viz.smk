@@ -22,6 +22,6 @@ rule visualize_layer:
         cnnvis=CNNVIS,
         spec=job_json("views", "resources"),
     shell:
-        "{params.cnnvis} visualize --prepared {input.prepared:q} --spec {params.spec:q}"
+        "CNNVIS_STATUS_FD=3 {params.cnnvis} visualize --prepared {input.prepared:q} --spec {params.spec:q}"
         " --layer {wildcards.layer:q} --layer-dir results/{wildcards.model:q}/{wildcards.layer:q}"
-        " --threads {threads:q} > {log:q} 2>&1"
+        " --threads {threads:q} 3>&2 > {log:q} 2>&1"
