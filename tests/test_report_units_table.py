@@ -215,3 +215,14 @@ def test_manifest_records_which_units_got_every_view(tmp_path, prepared):  # noq
     del m["units"][0]["selected"]
     with pytest.raises(Exception, match="'selected' is a required property"):
         write_manifest(tmp_path / "m.json", m)
+
+
+def test_the_formulas_permutation_count_is_stated(tmp_path, prepared):  # noqa: F811
+    _, _, out = report(tmp_path, prepared, extras=True)
+    d = tmp_path / "results" / "tiny" / LAYER
+    f = pq.read_table(d / "formulas.parquet").to_pandas()
+    prov = dict(PROV, compositional=json.dumps({"beam_size": 5, "null_replicates": 100}))
+    write(d / "formulas.parquet", f.to_dict("list"), prov)
+    build_model_report("tiny", {LAYER: d}, out, top_images=3, prepared=prepared)
+    assert ("A formula's p-value comes from the same search on 100 label permutations, so it is "
+            "never below 1/101.") in Page(out.read_text()).all_text()

@@ -19,7 +19,12 @@ import pyarrow.parquet as pq
 
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.reports.format import png_size, slug
-from cnnvis_pipeline.reports.units_table import formulas_with_stats, runner_ups, unit_rows
+from cnnvis_pipeline.reports.units_table import (
+    formula_replicates,
+    formulas_with_stats,
+    runner_ups,
+    unit_rows,
+)
 from cnnvis_pipeline.tables import read_manifest, unique_detectors
 
 MIN_TILE_PX = 96  # dataset images are shown at an integer scale of at least this width
@@ -138,6 +143,7 @@ def layer_section(layer: str, layer_dir: Path, out_dir: Path, *, colors: dict,
     viz = layer_dir / "viz"
     manifest = read_manifest(viz / "manifest.json")
     formula_by_unit, formula_note = formulas_with_stats(_optional(layer_dir / "formulas.parquet"))
+    replicates = formula_replicates(layer_dir / "formulas.parquet") if formula_by_unit else None
     rows = {int(r["unit"]): r for r in units.to_dict("records")}
     scale = max(1, -(-MIN_TILE_PX // int(image_size[1]))) if image_size else None
     cards = [_card(c, rows[int(c["unit"])], formula_by_unit.get(int(c["unit"])), viz, scale,
@@ -154,6 +160,7 @@ def layer_section(layer: str, layer_dir: Path, out_dir: Path, *, colors: dict,
     return {
         "name": layer, "slug": slug(layer), "counts": _per_category(units, categories, colors),
         "cards": cards, "units_table": table, "formula_note": formula_note,
+        "formula_replicates": replicates,
         "selected": sum(c["selected"] for c in cards),
         "detectors_png": figure["detectors"], "sweep_png": figure["sweep"],
         "tables": {name: f"{rel}/{name}.parquet" for name in TABLES

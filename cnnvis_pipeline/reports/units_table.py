@@ -10,7 +10,12 @@ columns are not shown (the layer says why).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
+
+from cnnvis_pipeline.tables import read_provenance
 
 FORMULA_STATS = ("iou_low", "iou_high", "p_value", "q_value", "formula_detector")
 
@@ -59,6 +64,19 @@ def formulas_with_stats(formulas: pd.DataFrame | None) -> tuple[dict[int, dict],
             "single_concept": str(r["single_concept"]) if "single_concept" in r else None,
             "single_iou": _num(r.get("single_iou"))}
     return out, None
+
+
+def formula_replicates(path: Path) -> int | None:
+    """R, the label permutations behind the formulas' p-values (their provenance's
+    `compositional` settings), when recorded."""
+    settings = read_provenance(path).get("compositional")
+    if isinstance(settings, str):
+        try:
+            settings = json.loads(settings)
+        except ValueError:
+            return None
+    value = settings.get("null_replicates") if isinstance(settings, dict) else None
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def unit_rows(units: pd.DataFrame, runners: dict[int, list[dict]], formulas: dict[int, dict],
