@@ -226,3 +226,18 @@ def test_the_formulas_permutation_count_is_stated(tmp_path, prepared):  # noqa: 
     build_model_report("tiny", {LAYER: d}, out, top_images=3, prepared=prepared)
     assert ("A formula's p-value comes from the same search on 100 label permutations, so it is "
             "never below 1/101.") in Page(out.read_text()).all_text()
+
+
+def test_methods_say_when_the_labels_are_a_segmenters_predictions(tmp_path, prepared):  # noqa: F811
+    meta = json.loads((prepared / "meta.json").read_text())
+    words = report(tmp_path / "a", prepared, extras=False)[1].all_text()
+    assert "predictions" not in words  # human annotations: nothing said
+    meta.update(labels="predictions", source_info={
+        "kind": "colour", "labels": "predictions",
+        "base": {"kind": "segmenter", "labels": "predictions", "factory": "segs:build",
+                 "checkpoint_sha256": "5eed" * 16}})
+    (prepared / "meta.json").write_text(json.dumps(meta))
+    words = report(tmp_path / "b", prepared, extras=False)[1].all_text()
+    assert ("labels a segmentation model's predictions, not human annotations (segmenter "
+            "segs:build, checkpoint sha256 5eed5eed5eed5eed): an IoU here measures agreement "
+            "with that model's masks") in words

@@ -43,7 +43,7 @@ def dataset_info(prepared: str | Path | None, name: str | None, categories: list
     """What the Methods section says about the dataset: from the prepared dataset's meta.json
     when given, else what the tables show (the categories and concepts of the iou table)."""
     info = {"name": name, "digest": digest, "images": None, "splits": {}, "concepts": concepts,
-            "labels": None, "image_size": None, "seg_size": None,
+            "labels": None, "image_size": None, "seg_size": None, "predicted": None,
             "categories": [{"name": c, "kind": None, "concepts": None} for c in categories]}
     if prepared is None:
         return info
@@ -58,10 +58,21 @@ def dataset_info(prepared: str | Path | None, name: str | None, categories: list
         images=int(meta["n_images"]), splits=dict(sorted(splits.items())),
         concepts=len(meta["concepts"]), labels=len({c["label"] for c in meta["concepts"]}),
         image_size=meta.get("image_size"), seg_size=meta.get("seg_size"),
-        digest=meta.get("digest") or digest,
+        digest=meta.get("digest") or digest, predicted=_predicted(meta),
         categories=[{"name": c["name"], "kind": c["kind"], "concepts": per_cat.get(c["name"], 0)}
                     for c in meta["categories"]])
     return info
+
+
+def _predicted(meta: dict) -> dict | None:
+    """What labelled the dataset when its labels are a segmenter's predictions (meta.json
+    `labels: predictions`; `source_info` names the segmenter), else None."""
+    if meta.get("labels") != "predictions":
+        return None
+    info = meta.get("source_info") or {}
+    while isinstance(info.get("base"), dict) and "factory" not in info:  # a derived source
+        info = info["base"]
+    return {"factory": info.get("factory"), "checkpoint_sha256": info.get("checkpoint_sha256")}
 
 
 def _model_source(spec: dict | None, prov: dict) -> str:
