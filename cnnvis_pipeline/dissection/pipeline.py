@@ -75,8 +75,9 @@ def table_provenance(job: Job, ds: PreparedDataset, info: dict | None = None) ->
     """Every dissection table's provenance, with the dissection settings it was made with (the
     report reads them there)."""
     extra = {"model": job.name, "dissection": dataclasses.asdict(job.dissection)}
-    if (info or {}).get("precision"):  # the precision the extraction actually used
-        extra["precision"] = info["precision"]
+    for key in ("precision", "device"):  # what the extraction actually used
+        if (info or {}).get(key):
+            extra[key] = info[key]
     return provenance(config_digest=config_digest(job), dataset_digest=ds.digest,
                       checkpoint_sha256=(info or {}).get("checkpoint_sha256"), extra=extra)
 
@@ -197,7 +198,7 @@ def run_extract(job: Job, prepared: str | Path, shard: int, shards: int, out: st
         (tmp / "info.json").write_text(json.dumps({
             "shard": shard, "shards": shards, "start": int(idx[0]) if len(idx) else 0,
             "stop": int(idx[-1]) + 1 if len(idx) else 0, "checkpoint_sha256": info["checkpoint_sha256"],
-            "precision": used,
+            "precision": used, "device": str(device),
             "shapes": {k: list(v.shape) for k, v in stores.items()},
         }, indent=1, sort_keys=True))
         del stores
@@ -255,7 +256,7 @@ def dissect(job: Job, prepared: str | Path | PreparedDataset, out_dir: str | Pat
     if model is None:
         model, info = build_model(job.name, spec)
     device = pick_device(job.resources.device)
-    info = dict(info, precision=set_precision(job.dissection.precision, device))
+    info = dict(info, precision=set_precision(job.dissection.precision, device), device=str(device))
     idx = np.arange(len(ds), dtype=np.int64)
     if not keep_on_device:
         Path(scratch).mkdir(parents=True, exist_ok=True)
