@@ -241,3 +241,16 @@ def test_methods_say_when_the_labels_are_a_segmenters_predictions(tmp_path, prep
     assert ("labels a segmentation model's predictions, not human annotations (segmenter "
             "segs:build, checkpoint sha256 5eed5eed5eed5eed): an IoU here measures agreement "
             "with that model's masks") in words
+
+
+def test_thumbnails_of_the_other_detectors_fit_96_px():
+    from cnnvis_pipeline.viz.images import fit
+    from cnnvis_pipeline.viz.views.top_images import THUMB_PX
+
+    a = np.zeros((160, 224, 3), np.uint8)
+    a[:, 112:] = 200  # right half bright: the area average keeps it
+    t = fit(a, THUMB_PX)
+    assert t.shape == (69, 96, 3) and t.dtype == np.uint8
+    assert (t[:, :47] == 0).all() and (t[:, 49:] == 200).all()
+    small = np.ones((64, 64, 3), np.uint8)
+    assert fit(small, THUMB_PX) is small

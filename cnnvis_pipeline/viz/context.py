@@ -47,6 +47,7 @@ class LayerContext:
     units: pd.DataFrame  # units.parquet, by unit
     top: pd.DataFrame  # top_images.parquet
     thresholds: np.ndarray  # T_k per unit
+    selected: list[int] = field(default_factory=list)  # the units that get every view
 
     @property
     def name(self) -> str:

@@ -69,3 +69,14 @@ def pad_to(tile: np.ndarray, h: int, w: int, fill: int = 128) -> np.ndarray:
     out[y : y + th, x : x + tw] = tile[:th, :tw]
     return out
 
+
+
+def fit(a: np.ndarray, side: int) -> np.ndarray:
+    """uint8 [H, W, 3] scaled down (area average) to fit within side x side; unchanged when it
+    already fits."""
+    h, w = a.shape[:2]
+    if max(h, w) <= side:
+        return a
+    k = side / max(h, w)
+    size = (max(1, round(w * k)), max(1, round(h * k)))
+    return np.asarray(Image.fromarray(to_uint8(a)).resize(size, Image.Resampling.BOX))

@@ -92,6 +92,7 @@ def _run_views(ctx: LayerContext, selected: list[int], requested: set[int]) -> t
     """The manifest and the views' tables (name -> columns). Every view runs for the selected
     units; a view with `every_detector` also for the layer's other detectors."""
     clock = Clock(ctx.device)
+    ctx.selected = list(selected)
     others = other_detectors(ctx.units, selected)
     cards = {u: _card(ctx, u, requested, True) for u in selected}
     cards.update({u: _card(ctx, u, requested, False) for u in others})
