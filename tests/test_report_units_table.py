@@ -241,6 +241,14 @@ def test_methods_say_when_the_labels_are_a_segmenters_predictions(tmp_path, prep
     assert ("labels a segmentation model's predictions, not human annotations (segmenter "
             "segs:build, checkpoint sha256 5eed5eed5eed5eed): an IoU here measures agreement "
             "with that model's masks") in words
+    assert "source colour (docs/DATA_SOURCES.md)" in words
+    meta.update(labels="annotations", source_info={
+        "kind": "concepts", "labels": "annotations", "base": {"kind": "ade20k"},
+        "extras": [{"kind": "colour", "labels": "computed", "rule": "nearest of 11 prototypes"}]})
+    (prepared / "meta.json").write_text(json.dumps(meta))
+    words = report(tmp_path / "c", prepared, extras=False)[1].all_text()
+    assert ("source concepts (docs/DATA_SOURCES.md); colour concepts computed from the pixels: "
+            "nearest of 11 prototypes") in words and "predictions" not in words
 
 
 def test_thumbnails_of_the_other_detectors_fit_96_px():

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.fileio import write_text
-from cnnvis_pipeline.reports import figures
+from cnnvis_pipeline.reports import figures, interventions
 from cnnvis_pipeline.reports.format import data_uri, fmt, fmt_t, pct, slug
 from cnnvis_pipeline.reports.layer import layer_section, read
 from cnnvis_pipeline.reports.methods import dataset_info, dissection_settings, method_info
@@ -152,6 +152,17 @@ def _formula_counts(formulas: list[str | Path] | None) -> dict[tuple[str, str], 
     return out
 
 
+def _interventions(units: list[str | Path] | None) -> list[dict]:
+    """Per layer with ablation or adversarial tables (beside its units table): the summary's
+    comparison (reports.interventions.summary_row), by model and layer."""
+    rows = []
+    for path in sorted(map(Path, units or [])):
+        row = interventions.summary_row(path.parent)
+        if row is not None:
+            rows.append(dict(row, model=path.parent.parent.name, layer=path.parent.name))
+    return rows
+
+
 def _summary_rows(counts: pd.DataFrame, categories: list[str], links: dict,
                   extra: list[str], formulas: dict | None = None) -> list[dict]:
     rows = []
@@ -195,11 +206,12 @@ def build_summary_page(reports: dict[str, str | Path], detectors: str | Path,
              if c in counts.columns and counts[c].notna().any()]
     method = method_info(prov=prov, dataset=dataset, dissection=dissection, spec=False)
     formula_counts = _formula_counts(formulas)
+    compared = _interventions(units)
     for v in formula_counts.values():
         v["path"] = _relative(v["path"], out.parent)
     html = render("summary.html", title="cnnvis summary", method=method,
                   rows=_summary_rows(counts, categories, links, extra, formula_counts),
-                  formulas=bool(formula_counts), categories=categories,
+                  formulas=bool(formula_counts), categories=categories, interventions=compared,
                   colors=colors, extra=extra, figure=Path(figure),
                   series={k: Path(v) for k, v in sorted((series or {}).items())},
                   links=links, table=_relative(detectors, out.parent))

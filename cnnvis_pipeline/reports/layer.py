@@ -18,6 +18,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.reports import interventions
 from cnnvis_pipeline.reports.format import png_size, slug
 from cnnvis_pipeline.reports.units_table import (
     formula_replicates,
@@ -29,7 +30,7 @@ from cnnvis_pipeline.tables import read_manifest, unique_detectors
 
 MIN_TILE_PX = 96  # dataset images are shown at an integer scale of at least this width
 TABLES = ("units", "iou", "thresholds", "top_images", "activation_max", "inversion", "formulas",
-          "significance", "sweep")
+          "significance", "sweep", "ablation", "adversarial", "adversarial_concepts")
 
 
 def layer_counts(units: pd.DataFrame) -> dict:
@@ -149,6 +150,10 @@ def layer_section(layer: str, layer_dir: Path, out_dir: Path, *, colors: dict,
     cards = [_card(c, rows[int(c["unit"])], formula_by_unit.get(int(c["unit"])), viz, scale,
                    colors, iou_threshold) for c in manifest["units"]]
     cards.sort(key=lambda c: (-c["iou"], c["unit"]))
+    abl, adv = interventions.ablation(layer_dir), interventions.adversarial(layer_dir)
+    for c in cards:
+        c["ablation"] = abl["per_unit"].get(c["unit"], []) if abl else None
+        c["adversarial"] = adv["per_unit"].get(c["unit"], []) if adv else None
     by_unit = {int(c["unit"]): c for c in manifest["units"]}
     card_ids = {c["unit"]: f"{slug(layer)}-unit-{c['unit']}" for c in cards}
     table = unit_rows(units, runner_ups(_optional(layer_dir / "significance.parquet")),
@@ -160,7 +165,7 @@ def layer_section(layer: str, layer_dir: Path, out_dir: Path, *, colors: dict,
     return {
         "name": layer, "slug": slug(layer), "counts": _per_category(units, categories, colors),
         "cards": cards, "units_table": table, "formula_note": formula_note,
-        "formula_replicates": replicates,
+        "formula_replicates": replicates, "ablation": abl, "adversarial": adv,
         "selected": sum(c["selected"] for c in cards),
         "detectors_png": figure["detectors"], "sweep_png": figure["sweep"],
         "tables": {name: f"{rel}/{name}.parquet" for name in TABLES

@@ -44,6 +44,7 @@ def dataset_info(prepared: str | Path | None, name: str | None, categories: list
     when given, else what the tables show (the categories and concepts of the iou table)."""
     info = {"name": name, "digest": digest, "images": None, "splits": {}, "concepts": concepts,
             "labels": None, "image_size": None, "seg_size": None, "predicted": None,
+            "source_kind": None, "computed": [],
             "categories": [{"name": c, "kind": None, "concepts": None} for c in categories]}
     if prepared is None:
         return info
@@ -59,6 +60,7 @@ def dataset_info(prepared: str | Path | None, name: str | None, categories: list
         concepts=len(meta["concepts"]), labels=len({c["label"] for c in meta["concepts"]}),
         image_size=meta.get("image_size"), seg_size=meta.get("seg_size"),
         digest=meta.get("digest") or digest, predicted=_predicted(meta),
+        source_kind=(meta.get("source_info") or {}).get("kind"), computed=_computed(meta),
         categories=[{"name": c["name"], "kind": c["kind"], "concepts": per_cat.get(c["name"], 0)}
                     for c in meta["categories"]])
     return info
@@ -73,6 +75,13 @@ def _predicted(meta: dict) -> dict | None:
     while isinstance(info.get("base"), dict) and "factory" not in info:  # a derived source
         info = info["base"]
     return {"factory": info.get("factory"), "checkpoint_sha256": info.get("checkpoint_sha256")}
+
+
+def _computed(meta: dict) -> list[str]:
+    """The rules of concepts computed from the pixels (a merged set's colour extra)."""
+    extras = (meta.get("source_info") or {}).get("extras") or []
+    return [str(e.get("rule") or "computed") for e in extras
+            if isinstance(e, dict) and e.get("labels") == "computed"]
 
 
 def _model_source(spec: dict | None, prov: dict) -> str:

@@ -2,6 +2,16 @@
 # visualise stage's images, workflow/rules/viz.smk), and the summary page linking them all.
 
 
+def interventions_input(wildcards):
+    """A model's ablation and adversarial tables and figures, when configured (the report
+    shows them; workflow/rules/interventions.smk)."""
+    return [
+        f
+        for f in ablation_targets() + adversarial_targets()
+        if f.startswith(f"results/{wildcards.model}/")
+    ]
+
+
 rule model_report:
     input:
         prepared=PREPARED,
@@ -29,6 +39,7 @@ rule model_report:
             for layer in MODELS[wc.model]["layers"]
         ],
         formulas=formulas_input,
+        interventions=interventions_input,
     output:
         html=report(
             "results/{model}/report/index.html",
@@ -66,6 +77,7 @@ rule summary_page:
         prepared=PREPARED,
         units=layer_outputs("units.parquet"),
         formulas=compositional_targets(),
+        interventions=ablation_targets() + adversarial_targets(),
     output:
         report(
             "results/summary/index.html",
