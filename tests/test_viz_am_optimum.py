@@ -1,7 +1,8 @@
 """Activation maximisation reaches the optimum where it is known, checked with numpy code that
 shares nothing with the package: linear colour units (1x1 convolution on the normalised image,
 ReLU, global average or max pooling) against the best uniform frame (the corner of the colour
-cube), and oriented-edge units (a Gabor filter) against the best grating of a small search."""
+cube), oriented-edge units (a Gabor filter) against the best grating of a small search, and a
+trained model's units against the best image of its dataset."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
 from cnnvis_pipeline.settings import Views
 from cnnvis_pipeline.viz import activation_maximization as _activation_maximization
+from cnnvis_pipeline.viz._common import layer_forward
 
 AM = dataclasses.asdict(Views.parse(None).activation_max)  # the library's defaults
 MEAN = np.array([0.485, 0.456, 0.406])
@@ -166,3 +169,50 @@ def test_oriented_edge_units_make_gratings_of_their_orientation():
         pixels = mx[u].permute(1, 2, 0).double().numpy()
         ratio = gabor_value(theta, pixels, "max") / best_grating(theta, "max")
         assert ratio >= 0.95, (theta, ratio)
+
+
+# --- a trained model: beyond the best natural image, at the dataset's size and at twice it --------
+
+GREY = {"mean": [0.5] * 3, "std": [0.25] * 3}
+
+
+def activation_maximization(*args, **kw):
+    return _activation_maximization(*args, **{**AM, **kw})
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(prepared_dir):
+    from cnnvis_pipeline.data.prepared import PreparedDataset
+    from cnnvis_pipeline.models.synthnet import train_synthnet
+
+    torch.set_num_threads(1)
+    ds = PreparedDataset(prepared_dir)
+    model, _history, _names = train_synthnet(ds, epochs=3, width=8, progress=False, **GREY)
+    images = torch.from_numpy(np.array(ds.images)).permute(0, 3, 1, 2).float() / 255
+    return model.eval(), images
+
+
+def test_am_beats_the_best_natural_image_of_a_trained_model(trained_tiny):
+    model, images = trained_tiny
+    layer = "features.relu3"
+    with torch.no_grad():
+        acts = layer_forward(model, layer, (images - 0.5) / 0.25)
+    dataset_top = acts.amax(dim=(0, 2, 3))  # per unit: max over images and positions
+    units = [u for u in range(acts.shape[1]) if dataset_top[u] > 0]
+    assert len(units) >= 8
+    size = images.shape[-1]
+    am, _ = activation_maximization(model, layer, units, steps=48, size=size, preset="default",
+                                   **GREY)
+    with torch.no_grad():
+        a = layer_forward(model, layer, (am - 0.5) / 0.25)
+    achieved = a[torch.arange(len(units)), torch.tensor(units)].amax(dim=(1, 2))
+    ratio = achieved / dataset_top[units]
+    assert (ratio >= 1.0).all(), ratio
+    # At twice the size, fed at the dataset's input size, it still does.
+    big, _ = activation_maximization(model, layer, units[:4], steps=48, size=2 * size,
+                                     input_size=size, **GREY)
+    with torch.no_grad():
+        x = F.interpolate(big, size=(size, size), mode="bilinear", align_corners=False)
+        a = layer_forward(model, layer, (x - 0.5) / 0.25)
+    achieved = a[torch.arange(4), torch.tensor(units[:4])].amax(dim=(1, 2))
+    assert (achieved >= dataset_top[units[:4]]).all()
