@@ -55,3 +55,22 @@ def test_docstrings_point_at_the_projects_documents():
     assert "docs/DATA_SOURCES.md" in broden.split('"""')[1]
     exact = (REPO / "tests/test_dissection_exact.py").read_text()
     assert "docs/DEFINITIONS.md" in exact.split('"""')[1]
+
+
+def test_the_captions_of_snakemakes_report_name_existing_config_keys():
+    """Every ``section.key`` a caption (workflow/report/*.rst) names is a key of the schema
+    (file names such as ``sweep.parquet`` aside)."""
+    import yaml
+
+    schema = yaml.safe_load((REPO / "workflow/schemas/config.schema.yaml").read_text())
+    named = {}
+    for rst in sorted((REPO / "workflow" / "report").glob("*.rst")):
+        for key in re.findall(r"``([a-z_]+(?:\.[a-z_]+)+)``", rst.read_text()):
+            if key.rsplit(".", 1)[1] not in {"parquet", "png", "html", "json", "csv", "pt"}:
+                named.setdefault(key, rst.name)
+    assert "views.units" in named and named["views.units"] == "model_report.rst"
+    for key, where in named.items():
+        node = schema
+        for part in key.split("."):
+            assert part in node.get("properties", {}), f"{where}: ``{key}`` is not a config key"
+            node = node["properties"][part]
