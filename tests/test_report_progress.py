@@ -94,3 +94,20 @@ def test_training_logs_each_epoch_with_its_time(prepared_dir, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch")]
     assert [ln.split(":")[0] for ln in lines] == ["epoch 1/2", "epoch 2/2"]
     assert all("s, ETA" in ln for ln in lines) and lines[-1].endswith("ETA 0 s)")
+
+
+def test_activation_maximisation_logs_its_steps(caplog):
+    import contextlib
+
+    import torch
+
+    from cnnvis_pipeline.viz.activation_max import _ascend
+
+    p = torch.zeros(3, requires_grad=True)
+    with caplog.at_level(logging.INFO, logger="cnnvis_pipeline.progress"):
+        _ascend([p], lambda: p, lambda x: x.sum(), 0.1, range(5),
+                lambda step: contextlib.nullcontext(), lambda x: x)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "activation maximisation: 5 steps to do"
+    assert lines[-1].startswith("activation maximisation: 5/5 steps (100%)")
+    assert float(p.detach()[0]) > 0  # the ascent itself still ran

@@ -52,6 +52,7 @@ from torch import nn
 
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.models.hooks import find_module
+from cnnvis_pipeline.progress import Progress
 from cnnvis_pipeline.viz._common import (
     check_mean_std,
     frozen_eval,
@@ -211,12 +212,15 @@ def _ascend(params, image_f, objective: Objective, lr: float, steps: range, over
             forward) -> None:
     """Adam on `params` for `steps`, maximising objective(forward(image_f()))."""
     opt = torch.optim.Adam(params, lr=lr)
+    lines = Progress("activation maximisation", len(steps), "steps")  # the job's log
     for step in steps:
         with override(step):
             loss = -objective(forward(image_f()))
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
+        lines.update()
+    lines.close()
 
 
 def activation_maximization(

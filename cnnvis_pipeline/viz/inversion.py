@@ -56,6 +56,7 @@ import torch
 from torch import nn
 
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.progress import Progress
 from cnnvis_pipeline.viz._common import (
     check_images,
     check_mean_std,
@@ -267,7 +268,9 @@ def invert(
         noise = torch.randn(images.shape, generator=gen).to(dev)
         x = (centre + 0.05 * noise).clamp(0.0, 1.0).requires_grad_(True)
         velocity = torch.zeros_like(x)
+        lines = Progress(f"inversion of {n} images", steps, "steps")  # the job's log
         for step in range(steps):
+            lines.update()
             phi = layer_forward(model, layer, preprocess(x, mean, std), model_name=model_name,
                                 layouts=layouts)
             energy = (_relative_error(phi, phi0)
@@ -278,6 +281,7 @@ def invert(
                 rms = grad.reshape(n, -1).pow(2).mean(dim=1).sqrt().clamp(min=1e-20)
                 velocity.mul_(momentum).sub_(_lr_at(step, steps, lr) * grad / rms.view(n, 1, 1, 1))
                 x.add_(velocity).clamp_(0.0, 1.0)
+        lines.close()
 
         with torch.no_grad():
             recon = x.detach().clone()
