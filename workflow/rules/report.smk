@@ -2,16 +2,6 @@
 # visualise stage's images, workflow/rules/viz.smk), and the summary page linking them all.
 
 
-def interventions_input(wildcards):
-    """A model's ablation and adversarial tables and figures, when configured (the report
-    shows them; workflow/rules/interventions.smk)."""
-    return [
-        f
-        for f in ablation_targets() + adversarial_targets()
-        if f.startswith(f"results/{wildcards.model}/")
-    ]
-
-
 rule model_report:
     input:
         prepared=PREPARED,
@@ -39,7 +29,12 @@ rule model_report:
             for layer in MODELS[wc.model]["layers"]
         ],
         formulas=formulas_input,
-        interventions=interventions_input,
+        # the model's ablation and adversarial tables and figures, when configured
+        interventions=lambda wc: [
+            f
+            for f in ablation_targets() + adversarial_targets()
+            if f.startswith(f"results/{wc.model}/")
+        ],
     output:
         html=report(
             "results/{model}/report/index.html",
