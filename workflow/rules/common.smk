@@ -13,7 +13,7 @@ from cnnvis_pipeline import plan as cplan
 from cnnvis_pipeline import settings as cs
 from cnnvis_pipeline.data import digests
 from cnnvis_pipeline.errors import CnnvisError, check_size
-from cnnvis_pipeline.fileio import error_line
+from cnnvis_pipeline.fileio import error_line, write_error, write_text
 from cnnvis_pipeline.models import precheck
 
 # `dataset` and `models` of a user's --configfile replace the default's entirely; the other
@@ -39,6 +39,26 @@ try:
 except CnnvisError as e:
     raise WorkflowError(f"invalid configuration: {e}") from None
 
+
+def check_writable(where="results"):
+    """A read-only, full or forbidden results/ is one line at start, before anything writes
+    there (the plan, the digest files): a probe file is written and removed."""
+    import os
+
+    if not workflow.is_main_process:
+        return
+    probe = f"{where}/.cnnvis-probe-{os.getpid()}"
+    try:
+        write_text(probe, "")
+        os.unlink(probe)
+    except OSError as e:
+        line = error_line(write_error(e, where) or e)
+        if line is None:
+            raise
+        raise WorkflowError(f"cannot write the run's files: {line}") from None
+
+
+check_writable()
 
 # The model check at parse time (cnnvis_pipeline.models.precheck): the layers, units and weights
 # names of every synthnet and torchvision entry, on the architecture without its weights. Only
