@@ -10,6 +10,7 @@ from snakemake.utils import validate
 
 from cnnvis_pipeline import config as cc
 from cnnvis_pipeline import plan as cplan
+from cnnvis_pipeline import runlock
 from cnnvis_pipeline import settings as cs
 from cnnvis_pipeline.data import digests
 from cnnvis_pipeline.errors import CnnvisError, check_size
@@ -304,88 +305,20 @@ def all_targets():
     )
 
 
-# Snakemake's lock (.snakemake/locks) does not say whose it is: onstart records the run that
-# holds it, so that a run finding it can say whether that run is still going or was killed.
-RUN_RECORD = ".snakemake/cnnvis_run.json"
-
-
-def _running(record):
-    import os
-    import socket
-
-    if record.get("host") != socket.gethostname():
-        return True  # another machine's run: cannot tell, so assume it is going
-    try:
-        os.kill(int(record["pid"]), 0)
-        with open(f"/proc/{int(record['pid'])}/cmdline", "rb") as f:
-            return b"snakemake" in f.read()
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-def lock_note():
-    """At parse time, when .snakemake/locks holds a lock: whether its run is still going (two
-    runs in one working directory) or was killed (a stale lock: --unlock)."""
-    import os
-    from pathlib import Path
-
-    locks = Path(".snakemake/locks")
-    if not workflow.is_main_process or "--unlock" in sys.argv:
-        return
-    try:
-        if not (locks.is_dir() and any(locks.iterdir())):
-            return
-        record = json.loads(Path(RUN_RECORD).read_text())
-    except (OSError, ValueError):
-        record = {}
-    where = os.getcwd()
-    if record and not _running(record):
-        print(f"cnnvis: {where}: the lock in .snakemake/locks was left by a run that was killed "
-              f"(pid {record['pid']}, started {record.get('started', '?')}, is no longer "
-              "running): run the same command once with --unlock, then run it again",
-              file=sys.stderr)
-    elif record:
-        print(f"cnnvis: {where}: another run is using this working directory (pid "
-              f"{record['pid']} on {record.get('host')}, started {record.get('started', '?')}): "
-              "two runs in one working directory would write the same files; wait for it to "
-              "finish, or give this run its own --directory", file=sys.stderr)
-    else:
-        print(f"cnnvis: {where}: .snakemake/locks holds the lock of another run (running, or "
-              "killed): if none is running here, run the same command once with --unlock",
-              file=sys.stderr)
-
-
-def _record_run():
-    import os
-    import socket
-    import time
-
-    try:
-        with open(RUN_RECORD, "w") as f:
-            json.dump({"pid": os.getpid(), "host": socket.gethostname(),
-                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}, f)
-    except OSError:
-        pass
-
-
-def _forget_run():
-    import os
-
-    try:
-        os.unlink(RUN_RECORD)
-    except OSError:
-        pass
-
-
-lock_note()
+# Whose is a Snakemake lock found at start: a run still going, or one that was killed
+# (cnnvis_pipeline.runlock; onstart records the run that holds the lock).
+if workflow.is_main_process and "--unlock" not in sys.argv:
+    _note = runlock.lock_note()
+    if _note:
+        print(_note, file=sys.stderr)
 
 
 onstart:
-    _record_run()
+    runlock.record_run()
 
 
 onsuccess:
-    _forget_run()
+    runlock.forget_run()
 
 
 # A progress bar (tqdm) redraws its line with "\r" and no newline, so whatever a job prints next
@@ -523,6 +456,6 @@ def failed_job_errors(snakemake_logs):
 
 
 onerror:
-    _forget_run()
+    runlock.forget_run()
     for _line in failed_job_errors(log):
         print(_line, file=sys.stderr)
