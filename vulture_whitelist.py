@@ -10,6 +10,9 @@ _ = Whitelist()
 # workflow/rules/common.smk
 _.refresh_digests
 _.model_digest_file
+_.lock_note
+_.record_run
+_.forget_run
 
 # a Resources field, filled from the config's resources section by settings._build (the
 # workflow reads the config key: workflow/rules/dissect.smk)

@@ -399,7 +399,9 @@ def _log_error_lines(text):
     """A job log's `error:` line(s), else its traceback's exception line, else its last line
     that is not a progress bar."""
     text = _ANSI.sub("", text.replace("\r", "\n"))
-    found = [m.group(1).strip() for m in re.finditer(_BAR_END + r"(error: .*)$", text, re.M)]
+    found = [
+        m.group(1).strip() for m in re.finditer(_BAR_END + r"(error: .*)$", text, re.M)
+    ]
     found = list(dict.fromkeys(found))
     if not found and "Traceback (most recent call last):" in text:
         tb = text.rsplit("Traceback (most recent call last):", 1)[1].splitlines()
@@ -407,7 +409,9 @@ def _log_error_lines(text):
         found = [ln for ln in tb if exception.match(ln)][:1]
     if not found:
         bar = re.compile(r"\d+%\|.*\|")
-        found = [ln.strip() for ln in text.splitlines() if ln.strip() and not bar.search(ln)][-1:]
+        found = [
+            ln.strip() for ln in text.splitlines() if ln.strip() and not bar.search(ln)
+        ][-1:]
     return found
 
 
@@ -423,8 +427,10 @@ def _disk_note():
         return []
     if free >= 64 * 1024:
         return []
-    return [f"{os.getcwd()}: no space left on device ({free} bytes free): free space and run "
-            "again (outputs of the failed jobs were removed or never completed)"]
+    return [
+        f"{os.getcwd()}: no space left on device ({free} bytes free): free space and run "
+        "again (outputs of the failed jobs were removed or never completed)"
+    ]
 
 
 def failed_job_errors(snakemake_logs):
