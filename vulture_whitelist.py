@@ -49,3 +49,6 @@ _.binary_location
 
 # read by the workflow's rules (workflow/rules/common.smk planned())
 _.runtime_min
+
+# read by the workflow's rules (workflow/rules/interventions.smk)
+_.applies_to

@@ -18,7 +18,6 @@ from cnnvis_pipeline.data.prepared import PreparedDataset
 
 AND, OR, AND_NOT = 0, 1, 2
 OPS = (AND, OR, AND_NOT)
-OP_TEXT = {AND: "AND", OR: "OR", AND_NOT: "AND NOT"}
 
 _ENTRY_CHUNK_BYTES = {"cuda": 1 << 30}
 _ENTRY_CHUNK_DEFAULT = 1 << 25
@@ -150,7 +149,6 @@ class ConceptMasks:
         self.image_group = self.image_group.reshape(-1).astype(np.int64)
         self.group_categories = patterns.astype(bool)  # [G, K]
         self.groups = G = len(patterns)
-        self.group_images = np.bincount(self.image_group, minlength=G).astype(np.int64)
 
         slots = np.asarray(ds.slots)
         valid = slots >= 0
@@ -198,8 +196,6 @@ class ConceptMasks:
         entry_area = popcount_rows(self.rows).cpu().numpy()
         self.area = np.bincount(self.entry_concept * G + self.entry_group, weights=entry_area,
                                 minlength=C * G).round().astype(np.int64).reshape(C, G)
-        # category k is annotated in group g
-        self.category_groups = self.group_categories.T.copy()  # [K, G]
         self._t_entry_concept = torch.as_tensor(self.entry_concept, device=self.device)
         self._t_entry_group = torch.as_tensor(self.entry_group, device=self.device)
         self.chunk_bytes = _ENTRY_CHUNK_BYTES.get(self.device.type, _ENTRY_CHUNK_DEFAULT)
