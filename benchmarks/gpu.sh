@@ -6,11 +6,13 @@
 # $OUT as it goes, so a run cut short still leaves what it measured. Environment:
 #   N        images of the full-scale run (default 63305, broden1_224's count; the script falls back
 #            to 20000 when the small run projects generation + preparation above GEN_LIMIT s)
-#   BUDGET   seconds the whole script may take (default 520); later steps get what is left
+#   BUDGET   seconds the whole script may take (default 470: under 8 minutes with start-up);
+#            later steps get what is left
 #   SMALL    images of the first, insurance run (default 8000; 0 skips it and the projection)
 #   VERIFY   images on which the layer3 + layer4 run also checks device tally == CPU tally
 #            from the same activations (default 2048; 0 skips it)
 #   BS2      batch size of an extra layer4 run at the end, if time is left (default 512; 0 skips)
+#   R50      1 (default): a ResNet-50 layer4 run at N images (its peak GPU memory); 0 skips it
 #   CPU_N    images of the CPU comparison run on the same machine (default 500; 0 skips it)
 #   WORKFLOW 1 (default): the full-scale layer4 run also runs the dissection through the real
 #            Snakemake workflow (bench --workflow; needs snakemake, pyyaml, jsonschema, matplotlib,
@@ -29,7 +31,8 @@ SMALL=${SMALL:-8000}
 CPU_N=${CPU_N:-500}
 VERIFY=${VERIFY:-2048}
 BS2=${BS2:-512}
-BUDGET=${BUDGET:-520}
+BUDGET=${BUDGET:-470}
+R50=${R50:-1}
 GEN_LIMIT=${GEN_LIMIT:-230}
 DEV=${DEV:-cuda}
 SIZE=${SIZE:-224}
@@ -114,8 +117,13 @@ fi
 # 2. Full scale: layer4 (the headline; with the workflow beside it), then layer3 + layer4.
 bench "${DEV}_${N}_layer4" "$(( $(left) - 100 ))" --images "$N" --device "$DEV" --layers layer4 \
   "${WF_ARGS[@]}"
-bench "${DEV}_${N}_layer3_layer4" "$(( $(left) - 70 ))" --images "$N" --device "$DEV" \
+bench "${DEV}_${N}_layer3_layer4" "$(( $(left) - 130 ))" --images "$N" --device "$DEV" \
   --layers layer3 layer4 --verify "$VERIFY"
+# ResNet-50 layer4 (2,048 units, statistics on): its peak GPU and resident memory.
+if [ "$R50" = 1 ]; then
+  bench "${DEV}_${N}_resnet50_layer4" "$(( $(left) - 70 ))" --images "$N" --device "$DEV" \
+    --arch resnet50 --layers layer4 --no-forward
+fi
 if [ "$BS2" -gt 0 ]; then
   bench "${DEV}_${N}_layer4_bs${BS2}" "$(( $(left) - 60 ))" --images "$N" --device "$DEV" \
     --layers layer4 --batch-size "$BS2"

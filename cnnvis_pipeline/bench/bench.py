@@ -99,9 +99,9 @@ def _setup(args) -> _Bench:
     batch_size = args.batch_size or (512 if cuda else 64)
     ds = PreparedDataset(data["prepared"])
     torch.manual_seed(args.seed)
-    model = torchvision.models.resnet18(weights=None).eval()
+    model = torchvision.models.get_model(args.arch, weights=None).eval()
     common = {"input_size": None, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "device": device,
-              "batch_size": batch_size, "precision": precision, "model_name": "resnet18"}
+              "batch_size": batch_size, "precision": precision, "model_name": args.arch}
     b = _Bench(args, cache, data, device, ds, model, list(args.layers), batch_size, precision,
                common, np.arange(len(ds), dtype=np.int64))
     _log(f"device {device} ({device_name(device)}), {b.n} images, layers {b.layers}, "
@@ -143,7 +143,7 @@ def _time_forward(b: _Bench) -> tuple[float, float]:
 def _dissect_spec(b: _Bench, statistics: bool) -> dict:
     from cnnvis_pipeline.models import IMAGENET_MEAN, IMAGENET_STD
 
-    return {"name": "resnet18", "layers": b.layers, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
+    return {"name": b.args.arch, "layers": b.layers, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
             "input_size": None,
             "resources": {"batch_size": b.batch_size, "device": str(b.device)},
             "dissection": {"precision": b.precision, "quantile": b.args.quantile,
@@ -350,6 +350,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--cache", default=None, help=f"dataset cache (default {DEFAULT_CACHE})")
     p.add_argument("--layers", nargs="+", default=["layer3", "layer4"])
+    p.add_argument("--arch", default="resnet18",
+                   help="torchvision architecture, seeded random weights (not with --workflow)")
     p.add_argument("--batch-size", type=int, default=None, help="default 64 (cpu), 512 (cuda)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="default bf16 on cuda, fp32 on cpu")

@@ -6,9 +6,11 @@
 On the benchmark's broden-big dataset (generated and prepared once, cached as for
 `python -m cnnvis_pipeline.bench`), runs the commands of the workflow's jobs as separate
 processes: `cnnvis extract` for each shard, then `cnnvis tables` for the layer once per
-`--statistics` setting, and reads each child's peak resident set size from the kernel
+`--statistics` setting (`--workdir`: the extraction kept and reused), and reads each child's peak resident set size from the kernel
 (`os.wait4`'s ru_maxrss: the child's own high-water mark, start-up and imports included, what a
-SLURM job's memory limit sees). `--records` also tallies the layer in this process and prints
+SLURM job's memory limit sees). `--tile K` measures the tables jobs of a dataset K times larger
+on the extraction's activations repeated K times (the tally and statistics of K x images
+without K forward passes). `--records` also tallies the layer in this process and prints
 the per-image records of the statistics (rows and bytes per group).
 Prints one JSON object per job, and the load average at the start and end of each.
 """
@@ -92,6 +94,33 @@ def record_sizes(prepared: str, spec: dict, extracts: list[Path], layer: str) ->
     return out
 
 
+def tile_extraction(src: Path, dst: Path, layer: str, k: int) -> Path:
+    """A one-shard extraction of k times as many images: the activations and per-image maxima
+    of `src` repeated k times, the histogram's counts times k (the same thresholds). What the
+    tables job of a k-times larger dataset reads, without its forward pass (the labels of the
+    larger dataset's images differ; their activations repeat)."""
+    import numpy as np
+
+    dst.mkdir(parents=True, exist_ok=True)
+    acts = np.load(src / f"acts_{layer}.npy", mmap_mode="r")
+    out = np.lib.format.open_memmap(dst / f"acts_{layer}.npy", mode="w+", dtype=acts.dtype,
+                                    shape=(len(acts) * k, *acts.shape[1:]))
+    for i in range(k):
+        out[i * len(acts):(i + 1) * len(acts)] = acts
+    out.flush()
+    del out
+    (dst / f"acts_{layer}.affine.npz").write_bytes((src / f"acts_{layer}.affine.npz").read_bytes())
+    with np.load(src / f"hist_{layer}.npz") as z:
+        hist = dict(z)
+    hist["count"] = hist["count"] * k
+    np.savez(dst / f"hist_{layer}.npz", **hist)
+    np.save(dst / f"maxima_{layer}.npy", np.tile(np.load(src / f"maxima_{layer}.npy"), (k, 1)))
+    info = json.loads((src / "info.json").read_text())
+    info.update(start=0, stop=len(acts) * k, shapes={layer: [len(acts) * k, *acts.shape[1:]]})
+    (dst / "info.json").write_text(json.dumps(info))
+    return dst
+
+
 def measure(args) -> list[dict]:
     data = ensure_dataset(Path(args.cache), args.images, args.size, args.seed, None)
     prepared = data["prepared"]
@@ -99,9 +128,12 @@ def measure(args) -> list[dict]:
     with tempfile.TemporaryDirectory(dir=args.scratch) as tmp:
         extracts = []
         spec = json.dumps(job_spec(args.arch, args.layer, True, args.batch_size))
+        work = Path(args.workdir) if args.workdir else Path(tmp)
         for shard in range(args.shards):
-            out = Path(tmp) / "extract" / str(shard)
+            out = work / "extract" / str(shard)
             extracts.append(out)
+            if args.workdir and (out / "info.json").is_file():
+                continue  # extracted by an earlier run with the same --workdir
             load = _load()
             r = run_measured(_cnnvis("extract", "--prepared", prepared, "--spec", spec,
                                      "--shard", str(shard), "--shards", str(args.shards),
@@ -109,6 +141,13 @@ def measure(args) -> list[dict]:
             rows.append(dict(job="extract_shard", shard=shard, shards=args.shards, **r,
                              load_before=load, load_after=_load()))
             log(json.dumps(rows[-1]))
+        if args.tile > 1:  # the tables jobs of a dataset args.tile times larger
+            if args.shards != 1:
+                raise SystemExit("--tile takes one shard")
+            prepared = ensure_dataset(Path(args.cache), args.images * args.tile, args.size,
+                                      args.seed, None)["prepared"]
+            extracts = [tile_extraction(extracts[0], Path(tmp) / "tiled" / "0", args.layer,
+                                        args.tile)]
         for stats in args.statistics:
             spec = json.dumps(job_spec(args.arch, args.layer, stats == "on", args.batch_size))
             load = _load()
@@ -123,7 +162,8 @@ def measure(args) -> list[dict]:
                 prepared, job_spec(args.arch, args.layer, True, args.batch_size), extracts,
                 args.layer)})
             log(json.dumps(rows[-1]))
-    common = {"images": args.images, "arch": args.arch, "layer": args.layer,
+    common = {"images": args.images * args.tile, "arch": args.arch, "layer": args.layer,
+              "tiled_from": args.images if args.tile > 1 else None,
               "cpus": os.cpu_count()}
     return [dict(common, **r) for r in rows]
 
@@ -138,10 +178,16 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--statistics", nargs="+", choices=["on", "off"], default=["on", "off"])
+    p.add_argument("--tile", type=int, default=1,
+                   help="measure the tables jobs on a dataset this many times larger, with the "
+                        "extraction's activations repeated (no forward pass of its own)")
     p.add_argument("--records", action="store_true",
                    help="also count the per-image records of the statistics (in process)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--scratch", default=None, help="directory for the activations")
+    p.add_argument("--workdir", default=None,
+                   help="keep the extraction here and reuse it when it is there (measure the "
+                        "tables jobs of another version of the code on the same activations)")
     return p.parse_args(argv)
 
 

@@ -121,19 +121,21 @@ def dissect_layer(job: Job, ds: PreparedDataset, layer: str, hist: StoredHistogr
     if len(maxima) != len(ds):
         raise CnnvisError(f"{job.name}: shards cover {len(maxima)} of {len(ds)} images")
     t0 = time.perf_counter()
-    parts = []
+    tally = stats = None
     for k, (opened, idx) in enumerate(shards):
         part_stats = records.new_stats(ds, d.statistics)
         with opened as store:
-            parts.append((tally_shard(ds, idx, store, thresholds, device=device,
-                                      batch_size=job.resources.batch_size, progress=progress,
-                                      desc=f"tally {job.name} {layer} shard {k}",
-                                      stats=part_stats), part_stats))
-    tally, stats = parts[0]
-    for part, part_stats in parts[1:]:  # int64 sums and records, merged in shard order
+            part = tally_shard(ds, idx, store, thresholds, device=device,
+                               batch_size=job.resources.batch_size, progress=progress,
+                               desc=f"tally {job.name} {layer} shard {k}", stats=part_stats)
+        if tally is None:
+            tally, stats = part, part_stats
+            continue
+        # int64 sums and records merged in shard order, each shard's records freed once merged
         tally.merge(part)
         if stats is not None:
             stats.merge(part_stats)
+        del part, part_stats
     sync()
     t1 = time.perf_counter()
     sig = None if stats is None else significance.significance(

@@ -7,8 +7,11 @@ into the statistics when the tables are written. Definitions: docs/DEFINITIONS.m
 - ImageStats: for the images of one shard and one layer: the mask area of every (image, unit),
   the intersection of every (image, unit, concept), the same with the labels of each partner
   image, and every concept's label area per image. Partners' label planes are read from the
-  prepared arrays (every shard sees them). `merge` concatenates; records are kept sorted, so the
-  merged records do not depend on the sharding.
+  prepared arrays (every shard sees them). Records are compact numpy columns (DTYPES), moved
+  off the device batch by batch; `merge` concatenates; records are kept sorted, so the merged
+  records do not depend on the sharding. `upper`, the bound of the label null
+  (significance._null_counts), is summed batch by batch, so no step needs all records at once
+  in a wider form.
 - partner_indices(present, seed, partners) / null_choices(...): the null's blocks of
   `partners + 1` images annotated alike, and the permutation of each block's labels in each null
   replicate; poisson_weights(...): the bootstrap's per-image weights. All are a hash
@@ -115,12 +118,22 @@ def null_choices(seed: int, replicates: int, present: np.ndarray, partners: int,
     return out
 
 
+# The records' columns are stored compactly (numpy, moved off the device batch by batch): images,
+# units, concepts and counts int32 (< 2^31 of each; keys combining them are made in int64),
+# partners int8 (at most 15).
+DTYPES = {"image": np.int32, "unit": np.int32, "concept": np.int32, "count": np.int32,
+          "partner": np.int8}
+
+
 class ImageStats:
     """Per-image records of one layer's tally (see the module docstring).
 
-    Arrays (numpy after `finish`/`from_state`): mask_{image,unit,count}; inter_{image,unit,
-    concept,count}; null_{partner,image,unit,concept,count} (partner 1..D, the labels of partner
-    d of the image); area_{image,concept,count}. Images are global dataset indices.
+    Arrays (numpy after `finish`/`from_state`, dtypes DTYPES): mask_{image,unit,count};
+    inter_{image,unit,concept,count}; null_{partner,image,unit,concept,count} (partner 1..D, the
+    labels of partner d of the image); area_{image,concept,count}. Images are global dataset
+    indices. `upper` [U, C] int64: per (unit, concept), the sum over images of the largest
+    intersection of the unit's mask with the image's own or any partner's labels (summed batch
+    by batch: an image's records all come from its batch).
     """
 
     GROUPS = {
@@ -133,8 +146,11 @@ class ImageStats:
     def __init__(self, partners: np.ndarray | None = None):
         self.partners = partners  # [D, N] global partner table (pass time only)
         self._reader = None
-        self._parts: dict[str, list[tuple]] = {g: [] for g in self.GROUPS}
+        # per group and column, the batches' compact numpy chunks
+        self._parts = {g: {n: [] for n in names} for g, names in self.GROUPS.items()}
+        self._batch_start = {"inter": 0, "null": 0}
         self.arrays: dict[str, np.ndarray] | None = None
+        self.upper: np.ndarray | None = None
 
     # -- pass time (called by the tally) --------------------------------------------------------
 
@@ -161,6 +177,7 @@ class ImageStats:
         its partners (torch [D, B, P', sh, sw] on the tally's device, numpy [D, B, J])."""
         self._idx = torch.as_tensor(np.asarray(indices, np.int64))
         self._pplanes, self._pslots = partner_planes, partner_slots
+        self._batch_start = {g: len(self._parts[g]["image"]) for g in self._batch_start}
         # The concepts present in the batch or its partners (from the prepared slots): counts
         # are kept in this compressed concept space, index Cb = none.
         present = np.unique(np.concatenate([np.asarray(slots).ravel(),
@@ -171,6 +188,7 @@ class ImageStats:
                lookup, pixel_concepts) -> None:
         """The batch's concepts per pixel (conc [B, P, S], C = none) and image-level labels."""
         C, S = lookup.C, lookup.seg[0] * lookup.seg[1]
+        self._C = C
         dev = lookup.device
         self._idx_dev = self._idx.to(dev)
         B = len(self._idx)
@@ -236,9 +254,30 @@ class ImageStats:
                 self._add("inter", *vals)
             else:
                 self._add("null", torch.full_like(vals[0], d), *vals)
+        self._add_upper(count.shape[1])
 
     def _add(self, group: str, *cols) -> None:
-        self._parts[group].append(tuple(c.to(torch.int64) for c in cols))
+        for n, c in zip(self.GROUPS[group], cols, strict=True):
+            self._parts[group][n].append(c.cpu().numpy().astype(DTYPES[n], copy=False))
+
+    def _add_upper(self, units: int) -> None:
+        """Add the batch's largest intersection per (image, unit, concept) over the image's own
+        and its partners' labels to `upper` (every record of an image comes from its batch)."""
+        if self.upper is None:
+            self.upper = np.zeros((units, self._C), np.int64)
+        unit, concept, image, count = (
+            np.concatenate([c for g in ("inter", "null")
+                            for c in self._parts[g][name][self._batch_start[g]:]]
+                           or [np.zeros(0, np.int64)]).astype(np.int64, copy=False)
+            for name in ("unit", "concept", "image", "count"))
+        if not len(unit):
+            return
+        n = int(image.max()) + 1
+        key = (unit * self._C + concept) * n + image
+        order = np.argsort(key, kind="stable")
+        key, count = key[order], count[order]
+        first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        np.add.at(self.upper.reshape(-1), key[first] // n, np.maximum.reduceat(count, first))
 
     # -- results ----------------------------------------------------------------------------
 
@@ -249,20 +288,30 @@ class ImageStats:
             self._reader = None
         arrays = {}
         for g, names in self.GROUPS.items():
-            parts = self._parts[g]
-            for k, name in enumerate(names):
-                arrays[f"{g}_{name}"] = (torch.cat([p[k] for p in parts]).cpu().numpy()
-                                         if parts else np.zeros(0, np.int64))
-        self._parts = {g: [] for g in self.GROUPS}
+            for name in names:  # each column's chunks freed once concatenated
+                chunks = self._parts[g].pop(name) or [np.zeros(0, DTYPES[name])]
+                arrays[f"{g}_{name}"] = np.concatenate(chunks)
+                del chunks
+            self._parts[g] = {n: [] for n in names}
         self.arrays = _canonical(arrays)
+        if self.upper is None:  # no batch
+            self.upper = np.zeros((0, 0), np.int64)
         return self
 
     def merge(self, other: ImageStats) -> None:
+        """Add `other`'s records and bound (its records are moved here: `other` is emptied)."""
         a, b = self.arrays, other.arrays
-        self.arrays = _canonical({k: np.concatenate([a[k], b[k]]) for k in a})
+        self.arrays = other.arrays = None
+        merged = {}
+        for k in list(a):  # column by column, each part freed once concatenated
+            merged[k] = np.concatenate([a.pop(k), b.pop(k)])
+        self.arrays = _canonical(merged)
+        if not other.upper.size:
+            return
+        self.upper = other.upper.copy() if not self.upper.size else self.upper + other.upper
 
     def state(self, prefix: str = "img_") -> dict[str, np.ndarray]:
-        return {prefix + k: v for k, v in self.arrays.items()}
+        return {**{prefix + k: v for k, v in self.arrays.items()}, prefix + "upper": self.upper}
 
     @classmethod
     def from_state(cls, state, prefix: str = "img_") -> ImageStats:
@@ -274,20 +323,22 @@ class ImageStats:
                 if key not in state:
                     raise CnnvisError(f"tally has no per-image statistics ({key}); "
                                       "it was written with dissection.statistics disabled")
-                arrays[f"{g}_{name}"] = np.asarray(state[key], np.int64)
+                arrays[f"{g}_{name}"] = np.asarray(state[key], DTYPES[name])
         self.arrays = _canonical(arrays)
+        self.upper = np.asarray(state.get(f"{prefix}upper", np.zeros((0, 0))), np.int64)
         return self
 
 
 def _canonical(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Each group's records sorted by all its key columns (the count last)."""
-    out = {}
+    """Each group's records sorted by all its key columns (the count last), in place of the
+    given columns (one column reordered at a time)."""
     for g, names in ImageStats.GROUPS.items():
-        cols = [arrays[f"{g}_{n}"] for n in names]
-        order = np.lexsort(cols[:-1][::-1]) if len(cols[0]) else np.zeros(0, np.int64)
-        for n, c in zip(names, cols, strict=True):
-            out[f"{g}_{n}"] = np.ascontiguousarray(c[order])
-    return out
+        keys = [arrays[f"{g}_{n}"] for n in names[:-1]]
+        order = np.lexsort(keys[::-1]) if len(keys[0]) else np.zeros(0, np.int64)
+        del keys
+        for n in names:
+            arrays[f"{g}_{n}"] = arrays[f"{g}_{n}"][order]
+    return arrays
 
 
 def new_stats(dataset, statistics: Statistics) -> ImageStats | None:

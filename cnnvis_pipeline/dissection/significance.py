@@ -80,7 +80,7 @@ def significance(tally, stats: ImageStats, dataset, statistics: Statistics,
     iou, inter_t, _ = tally.iou(cat)
     U, C = iou.shape
     unit, rank, concept = top_pairs(iou, statistics.top)
-    sums = _Sums(stats.arrays, U, C, np.asarray(dataset.present, bool), cat)
+    sums = _Sums(stats.arrays, U, C, np.asarray(dataset.present, bool), cat, stats.upper)
     T = len(unit)
     sums.pairs(unit, concept)
     w = torch.from_numpy(poisson_weights(statistics.seed, R, np.arange(n)).T
@@ -125,52 +125,45 @@ class _Sums:
     (unit, concept) pairs: intersections with the own labels or a partner's, mask areas per
     (unit, category), label areas per concept."""
 
-    def __init__(self, arrays, U, C, present, cat):
+    def __init__(self, arrays, U, C, present, cat, upper):
         self.a, self.U, self.C, self.present, self.cat = arrays, U, C, present, cat
         self.G = present.shape[1]
+        self.bound = upper
 
     def pairs(self, unit, concept) -> None:
         self.pair_of = np.full((self.U, self.C), -1, np.int64)
         self.pair_of[unit, concept] = np.arange(len(unit))
         self.n_pairs = len(unit)
+        self._kept = {}  # (group, partner) -> the records of the current pairs only
 
     def inter(self, weights, group="inter", partner=None):
-        a = self.a
-        names = [f"{group}_{k}" for k in ("image", "unit", "concept", "count")]
-        img, u_, c_, cnt = (a[k] for k in names)
-        if partner is not None:
-            sel = a["null_partner"] == partner
-            img, u_, c_, cnt = img[sel], u_[sel], c_[sel], cnt[sel]
-        t = self.pair_of[u_, c_]
-        keep = t >= 0
-        return _sums(t[keep], img[keep], cnt[keep], self.n_pairs, weights)
+        key = (group, partner)
+        if key not in self._kept:  # filtered once per set of pairs, not once per replicate
+            a = self.a
+            img, u_, c_, cnt = (a[f"{group}_{k}"] for k in ("image", "unit", "concept", "count"))
+            t = self.pair_of[u_, c_]
+            keep = t >= 0
+            if partner is not None:
+                keep &= a["null_partner"] == partner
+            self._kept[key] = (t[keep], img[keep], cnt[keep])
+        return _sums(*self._kept[key], self.n_pairs, weights)
 
     def all(self, weights, unit, concept):
         """(intersection, mask area, label area) [pairs, R] of the current pairs."""
         a, G = self.a, self.G
         img, u_, cnt = a["mask_image"], a["mask_unit"], a["mask_count"]
-        x, g = np.nonzero(self.present[img])
-        masks = _sums(u_[x] * G + g, img[x], cnt[x], self.U * G, weights)
+        masks = np.zeros((self.U * G, weights.shape[1]))
+        for g in range(G):  # one category at a time (sums of integers: exact in any order)
+            x = np.flatnonzero(self.present[img, g])
+            masks += _sums(u_[x].astype(np.int64) * G + g, img[x], cnt[x], self.U * G, weights)
         areas = _sums(a["area_concept"], a["area_image"], a["area_count"], self.C, weights)
         return (self.inter(weights), masks[unit * G + self.cat[concept]], areas[concept])
 
     def upper(self) -> np.ndarray:
         """[U, C]: Σ over images of the largest intersection of the unit's mask with the image's
-        own or any partner's labels: no permutation of the blocks' labels gives more."""
-        a, UC = self.a, self.U * self.C
-        # keys in the records' own order (image, unit, concept): a stable sort merges the
-        # D + 1 sorted runs
-        key = np.concatenate([(a[f"{g}_image"] * self.U + a[f"{g}_unit"]) * self.C
-                              + a[f"{g}_concept"] for g in ("inter", "null")])
-        cnt = np.concatenate([a["inter_count"], a["null_count"]])
-        out = np.zeros(UC)
-        if len(key):
-            order = np.argsort(key, kind="stable")
-            key, cnt = key[order], cnt[order]
-            first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-            out = np.bincount(key[first] % UC, weights=np.maximum.reduceat(cnt, first),
-                              minlength=UC)
-        return out.reshape(self.U, self.C)
+        own or any partner's labels: no permutation of the blocks' labels gives more (summed
+        batch by batch during the tally: records.ImageStats.upper)."""
+        return self.bound
 
 
 def _null_counts(tally, sums: _Sums, statistics: Statistics, iou, unit, concept, obs_iou):
@@ -211,7 +204,8 @@ def _null_counts(tally, sums: _Sums, statistics: Statistics, iou, unit, concept,
     exceed = np.zeros(T, np.int64)
     label_exceed = np.where(label_iou > 0, 0, statistics.null_replicates).astype(np.int64)
     Rn, D, seed = statistics.null_replicates, statistics.partners, statistics.seed
-    block = int(np.clip(_NULL_CELLS // max(len(pu), 1), 1, _NULL_BLOCK))
+    block = int(np.clip(min(_NULL_CELLS // max(len(pu), 1),
+                            _NULL_IMAGE_CELLS // max(len(sums.present), 1)), 1, _NULL_BLOCK))
     for r0 in range(0, Rn, block):  # blocks of replicates bound the memory
         choice = null_choices(seed, min(block, Rn - r0), sums.present, D, r0)
         In = np.repeat(I0[:, None], len(choice), 1)
@@ -229,6 +223,9 @@ def _null_counts(tally, sums: _Sums, statistics: Statistics, iou, unit, concept,
 
 _NULL_BLOCK = 250
 _NULL_CELLS = 1 << 23  # pairs x replicates of one block of null replicates
+# images x replicates of one block: its draws (records.null_choices) and indicators take about
+# 48 bytes per cell (the draws of a replicate do not depend on the block it is in)
+_NULL_IMAGE_CELLS = 1 << 21
 
 
 def significance_columns(model: str, layer: str, sig: dict | None, dataset) -> dict:
