@@ -150,13 +150,14 @@ def test_waiting_run_finds_the_entry_complete(tmp_path, caplog):
     # ... and finishes: here, the entry appears while the lock is held
     entries.ensure_synth(tmp_path / "made", images=4, size=16, seed=0)
     shutil.copytree(tmp_path / "made", out)
+    made = (tmp_path / "made" / "index.csv").read_bytes()
     with caplog.at_level("INFO"):
         got = entries.ensure_synth(out, images=4, size=16, seed=0)  # waits, then success
     holder.wait()
     assert got == out and "waiting for it" in caplog.text and "already complete" in caplog.text
     with pytest.raises(CnnvisError, match="holds another dataset"):
         entries.ensure_synth(out, images=4, size=16, seed=1)
-    assert (out / "index.csv").is_file()  # refused, not deleted
+    assert (out / "index.csv").read_bytes() == made  # refused, neither deleted nor rewritten
 
 
 def test_complete_entry_is_success_and_other_content_is_refused(synth_dir, tmp_path):

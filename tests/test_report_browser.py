@@ -118,7 +118,10 @@ def test_workflow_outputs_and_snakemake_report(run, snakemake):
     proc = snakemake(wd, "--report", str(wd / "report.html"), timeout=300)
     assert proc.returncode == 0
     text = (wd / "report.html").read_text(errors="replace")
-    assert "index.html" in text and "iou_distribution.png" in text
+    # every figure of the report is there with the label its rule gives it
+    for label in ("detectors per concept", "detectors against the IoU threshold",
+                  "IoU per category", "unit visualisations", "unique detectors per category"):
+        assert label in text, label
 
 
 def planned(snakemake, wd: Path, config: dict) -> dict[str, int]:
