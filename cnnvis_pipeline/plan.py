@@ -47,17 +47,20 @@ TALLY_BUFFERS_MB = 80
 # concatenated, and the top images' selection): ResNet-18 layer4, 1,070.6 MB at 3,000 images,
 # 1,281.7 MB at 21,000.
 MAXIMA_BYTES_PER_IMAGE_UNIT = 23.0
-# Statistics: the per-image records are 45 bytes per (image, unit) once finished (ResNet-18
-# layer4, broden-big, 3,000 images: 222,652 mask, 859,675 intersection, 882,853 partner and
-# 41,238 area records, 69 MB); layer_tables holds about twice that at its peak (the records of
-# the batches and their concatenation). Partners' label planes and per-pixel concepts of a batch
-# are 12 bytes per (image, plane, pixel) for each of the image and its partners.
-RECORD_BYTES_PER_IMAGE_UNIT = 45.0
-RECORD_PEAK_FACTOR = 2.0
+# Statistics: the per-image records take 20.8 bytes per (image, unit) in their compact dtypes
+# (records.DTYPES; ResNet-18 layer4, broden-big, 3,000 images: 222,652 mask, 859,675 intersection,
+# 882,853 partner and 41,238 area records); layer_tables holds them about once (each column's
+# batches freed once concatenated, the shards merged as they are tallied): with statistics it
+# peaks 102 MB above the run without them at 3,000 images, 308 MB at 21,000. Partners' label
+# planes and per-pixel concepts of a batch are 12 bytes per (image, plane, pixel) for each of the
+# image and its partners.
+RECORD_BYTES_PER_IMAGE_UNIT = 20.8
+RECORD_PEAK_FACTOR = 1.1
 PARTNER_BYTES_PER_PIXEL = 12
-# Significance work arrays: bootstrap weights [images, replicates] float64 and a block of null
-# replicates (choices int64 + indicator float64, 250 replicates).
-NULL_BLOCK = 250
+# Significance work arrays: bootstrap weights [images, replicates] (int64 drawn, float64 used),
+# and a block of null replicates (significance._NULL_IMAGE_CELLS images x replicates, about 48
+# bytes each).
+NULL_BLOCK_MB = (1 << 21) * 48 / MB
 # Throughput: CPU GFLOP/s per thread of the forward pass (ResNet-18, 224 px, fp32, 2 threads:
 # 3,000 images in 201 s for 3.6 GFLOP each), GPU GFLOP/s (H200, bf16, ResNet-18 to layer4 at
 # 33,622 images/s).
@@ -276,7 +279,7 @@ def tables_job(model: str, layer: str, shape: ModelShape, ds: DatasetSize, batch
         reps, partners = int(statistics.get("replicates", 200)), int(statistics.get("partners", 1))
         parts["records"] = n * units * RECORD_BYTES_PER_IMAGE_UNIT * RECORD_PEAK_FACTOR / MB
         parts["partners"] = batch * (partners + 1) * ds.planes * seg * PARTNER_BYTES_PER_PIXEL / MB
-        parts["significance"] = n * (reps * 8 + NULL_BLOCK * 16) / MB
+        parts["significance"] = n * reps * 12 / MB + min(NULL_BLOCK_MB, n * 250 * 48 / MB)
         tally_cpu *= RECORD_TIME_FACTOR
         stats_s = n * units * TALLY_S_PER_IMAGE_UNIT_CPU / 4  # intervals and p-values (CPU)
     disk = units * (ds.concepts + 1) * 64 / MB + 5
