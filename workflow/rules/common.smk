@@ -155,7 +155,7 @@ def layer_threads(model):
 
 
 # The resource plan (cnnvis_pipeline/plan.py, as `cnnvis plan` prints it): every dissection job's
-# memory, disk and time, which its rule requests (`resources:`), so SLURM jobs ask for what they
+# memory, disk and time, which the rules request as resources, so SLURM jobs ask for what they
 # need. A job over `resources.max_mem_mb` or Snakemake's `--resources mem_mb=` is refused here,
 # at `snakemake -n`, with its estimate and what to change. Layer shapes are cached in
 # results/plan/ (torch is imported only when the cache misses).
