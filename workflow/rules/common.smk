@@ -184,7 +184,9 @@ def _plan():
     problems = [
         line for limit, where in limits for line in cplan.over_limit(jobs, limit, where)
     ]
-    if problems:
+    # refused by the main process only: a cluster job re-reads the Snakefile once the dataset is
+    # prepared, and its own estimate (from the prepared arrays) must not stop it
+    if problems and workflow.is_main_process:
         raise WorkflowError(
             "jobs that would not fit in memory:\n" + "\n".join(problems)
         )
