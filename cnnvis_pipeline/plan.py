@@ -58,17 +58,14 @@ RECORD_BYTES_PER_IMAGE_UNIT = 20.8
 RECORD_PEAK_FACTOR = 1.1
 PARTNER_BYTES_PER_PIXEL = 12
 # Significance work arrays: bootstrap weights [images, replicates] (int64 drawn, float64 used),
-# and a block of null replicates (significance._NULL_IMAGE_CELLS images x replicates, about 48
-# bytes each).
+# a block of null replicates (significance._NULL_IMAGE_CELLS images x replicates, ~48 B each).
 NULL_BLOCK_MB = (1 << 21) * 48 / MB
 # Throughput: CPU GFLOP/s per thread of the forward pass (ResNet-18, 224 px, fp32, 2 threads:
-# 3,000 images in 201 s for 3.6 GFLOP each), GPU GFLOP/s (H200, bf16, ResNet-18 to layer4 at
-# 33,622 images/s).
+# 3,000 images in 201 s, 3.6 GFLOP each), GPU GFLOP/s (H200, bf16, ResNet-18: 33,622 images/s).
 CPU_GFLOPS_PER_THREAD = 27.0
 GPU_GFLOPS = 60_000.0
 # The tally's seconds per (image, unit) on one CPU thread (3,000 images x 512 units in 23-30 s on
-# 2 threads) and on the GPU (H200: 63,305 images x 512 units in 1.74 s); with statistics the CPU
-# tally takes RECORD_TIME_FACTOR times longer.
+# 2 threads) and on the GPU (H200: 63,305 x 512 in 1.74 s); statistics: RECORD_TIME_FACTOR x.
 TALLY_S_PER_IMAGE_UNIT_CPU = 3.5e-5
 TALLY_S_PER_IMAGE_UNIT_GPU = 5.4e-8
 RECORD_TIME_FACTOR = 1.5
