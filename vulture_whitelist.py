@@ -50,5 +50,7 @@ _.binary_location
 # read by the workflow's rules (workflow/rules/common.smk planned())
 _.runtime_min
 
-# read by the workflow's rules (workflow/rules/interventions.smk)
-_.applies_to
+# called by the workflow's rules (workflow/rules/common.smk, through `itargets`)
+_.ablation_models
+_.adversarial_models
+_.class_index

@@ -93,15 +93,10 @@ def test_workflow_lists_every_config_problem(tmp_path, workflow):
 
 
 def failed_job_errors():
-    """common.smk's failed_job_errors (and its helpers), run outside Snakemake."""
-    import re
-    import shlex
+    """The workflow's onerror helper (cnnvis_pipeline.joblogs), run outside Snakemake."""
+    from cnnvis_pipeline.joblogs import failed_job_errors as found
 
-    text = (REPO / "workflow" / "rules" / "common.smk").read_text()
-    code = text[text.index("# A progress bar (tqdm)"):text.index("\nonerror:")]
-    ns = {"re": re, "shlex": shlex}
-    exec(compile(code, "common.smk", "exec"), ns)
-    return ns["failed_job_errors"]
+    return found
 
 
 @pytest.mark.parametrize("quiet", [True, False])

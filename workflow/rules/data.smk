@@ -9,7 +9,10 @@
 _ds = config["dataset"]
 # A source read in place (ade20k, coco_panoptic, masks, concepts: data/sources/), and whether
 # preparation goes through `cnnvis source-prepare` (those, or Broden with size/split/limit).
-from cnnvis_pipeline.data.sources import OPTIONS as _OPTIONS, source_kind as _source_kind
+from cnnvis_pipeline.data.sources import (
+    OPTIONS as _OPTIONS,
+    source_kind as _source_kind,
+)
 
 _kind = _source_kind(_ds)
 _by_source = bool(_kind) or any(_ds.get(k) is not None for k in _OPTIONS)
@@ -153,6 +156,7 @@ else:
 # Every later job waits for the data stage, so its rules take all the cores (`--set-threads` or
 # a profile's set-threads gives them some on a cluster, where the default is 1).
 if _kind == "segmenter":
+
     # A segmentation model labels the images, a shard per job (on the GPU, like extraction);
     # the shards' labels are temporary: the prepared arrays keep them.
     rule segment_shard:
@@ -185,8 +189,11 @@ if _by_source:
         input:
             digest=DATASET_DIGEST,
             validated=VALIDATED,
-            predictions=(expand("results/segment/{shard}", shard=SHARDS)
-                         if _kind == "segmenter" else []),
+            predictions=(
+                expand("results/segment/{shard}", shard=SHARDS)
+                if _kind == "segmenter"
+                else []
+            ),
         output:
             PREPARED,
         log:

@@ -6,58 +6,6 @@
 # adversarial.png. Both read the layer's dissection tables (cnnvis_pipeline.interventions).
 
 
-def ablation_models():
-    if config.get("ablation") is None:
-        return []
-    try:
-        a = cs.Ablation.parse(config["ablation"], config.get("seed", 0))
-        unknown = sorted(set(a.models or {}) - set(MODELS))
-        if unknown:
-            raise CnnvisError(f"config: ablation.models: {unknown} are not among the models")
-        return [m for m in MODELS if a.data_for(model_spec(m)) is not None]
-    except CnnvisError as e:
-        raise WorkflowError(f"invalid configuration: {e}") from None
-
-
-def adversarial_models():
-    if config.get("adversarial") is None:
-        return []
-    a = cs.Adversarial.parse(config["adversarial"], config.get("seed", 0))
-    unknown = sorted(set(a.models or ()) - set(MODELS))
-    if unknown:
-        raise WorkflowError(
-            f"invalid configuration: config: adversarial.models: {unknown} are not among the models"
-        )
-    return [m for m in MODELS if a.applies_to(model_spec(m))]
-
-
-def _model_layer_files(models, names):
-    return [
-        f"results/{model}/{layer}/{name}"
-        for model in models
-        for layer in MODELS[model]["layers"]
-        for name in names
-    ]
-
-
-def ablation_targets():
-    return _model_layer_files(ablation_models(), ["ablation.parquet", "ablation.png"])
-
-
-def adversarial_targets():
-    return _model_layer_files(
-        adversarial_models(),
-        ["adversarial.parquet", "adversarial_concepts.parquet", "adversarial.png"],
-    )
-
-
-def ablation_class_index(wildcards):
-    """The class-index file of a model's ImageFolder data (its content is an input)."""
-    models = (config.get("ablation") or {}).get("models") or {}
-    classes = (models.get(wildcards.model) or {}).get("classes")
-    return [classes] if classes else []
-
-
 rule ablation_layer:
     input:
         prepared=PREPARED,
