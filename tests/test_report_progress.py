@@ -111,3 +111,50 @@ def test_activation_maximisation_logs_its_steps(caplog):
     assert lines[0] == "activation maximisation: 5 steps to do"
     assert lines[-1].startswith("activation maximisation: 5/5 steps (100%)")
     assert float(p.detach()[0]) > 0  # the ascent itself still ran
+
+
+def _progress_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "cnnvis_pipeline.progress"]
+
+
+def test_preparation_and_validation_log_their_progress(synth_dir, tmp_path, caplog, monkeypatch):
+    from cnnvis_pipeline.data import validate
+    from cnnvis_pipeline.data.prepared import prepare_dataset
+
+    monkeypatch.setattr(validate, "PROGRESS_MIN_FILES", 1)
+    with caplog.at_level(logging.INFO, logger="cnnvis_pipeline.progress"):
+        prepare_dataset(synth_dir, tmp_path / "p", progress=True)
+        validate.validation_report(synth_dir, progress=True)
+    lines = _progress_lines(caplog)
+    assert lines[0] == "prepare: 48 images to do"
+    assert lines[1].startswith("prepare: 48/48 images (100%)")
+    assert lines[2] == f"validate {synth_dir.name}: 48 rows to do"
+    assert lines[3].startswith(f"validate {synth_dir.name}: 48/48 rows (100%)")
+
+
+def test_the_formula_search_logs_its_units(caplog):
+    import numpy as np
+
+    from cnnvis_pipeline.dissection import compositional as cp
+
+    class Searcher:  # what explain_units drives: one explain per unit mask
+        stats: dict = {}
+
+        def __init__(self, *a, **k):
+            pass
+
+        def explain(self, mask):
+            return mask
+
+    from cnnvis_pipeline.settings import Compositional
+
+    masks = list(np.arange(3))
+    with caplog.at_level(logging.INFO, logger="cnnvis_pipeline.progress"):
+        orig, cp.Searcher = cp.Searcher, Searcher
+        try:
+            results, _ = cp.explain_units(None, masks, Compositional.parse({}), progress=True)
+        finally:
+            cp.Searcher = orig
+    assert results == masks
+    lines = _progress_lines(caplog)
+    assert lines[0] == "formulas: 3 units to do" and lines[-1].startswith("formulas: 3/3 units")

@@ -42,6 +42,7 @@ from cnnvis_pipeline.data.receipts import read_receipt
 from cnnvis_pipeline.data.sources.base import Source
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.fileio import atomic_dir
+from cnnvis_pipeline.progress import Progress
 
 FORMAT_VERSION = 1  # (`digest` is the content digest, data/manifest.py; the arrays are unchanged)
 
@@ -163,10 +164,13 @@ def _run_chunks(plan: _Plan, n: int, out_dir: Path, workers: int, progress: bool
         with tqdm(total=n, desc="prepare", unit="img", disable=not progress,
                   mininterval=2) as bar:
             # The first error raised is the first bad row's, with 1 worker or many.
+            lines = Progress("prepare", n, enabled=progress)
             for (lo, hi), (pres, sl) in zip(chunks, results, strict=True):
                 present_parts.append(pres)
                 slots.extend(sl)
                 bar.update(hi - lo)
+                lines.update(hi - lo)
+            lines.close()
     except BrokenProcessPool as e:
         raise CnnvisError(
             f"{out_dir}: a preparation worker process died ({e}; killed for memory?); "

@@ -13,7 +13,7 @@ and decodes; segmentations are 8-bit RGB or RGBA PNGs; PNG label numbers and ima
 exist in label.csv; a category column holds either PNGs or label numbers; index.csv has no
 column that category.csv does not list; duplicate rows; an empty dataset. CSVs may start with
 a UTF-8 byte-order mark. index.csv is read a chunk of rows at a time and the chunk's files are
-decoded on a thread pool, with a progress bar for large datasets; problems are listed up to a
+decoded on a thread pool, with progress lines in the log for large datasets; problems are listed up to a
 limit per kind, then counted (data/problems.py), and a dataset whose rows mostly name missing
 files stops early, so time and memory stay bounded.
 """
@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from cnnvis_pipeline.data.broden import (
     INDEX_FIXED,
@@ -42,9 +40,10 @@ from cnnvis_pipeline.data.broden import (
 from cnnvis_pipeline.data.decode import decode_label_png, known_label_table, read_rgb
 from cnnvis_pipeline.data.problems import Problems, count_rows, missing_where
 from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.progress import Progress
 
 SPLITS = ("train", "val")
-PROGRESS_MIN_FILES = 2000  # show a progress bar from this many rows on
+PROGRESS_MIN_FILES = 2000  # progress lines from this many rows on
 CHUNK_ROWS = 1000  # rows whose files are checked together (memory stays flat)
 EARLY_ROWS = 1000  # from this many rows checked on, a mostly missing dataset stops early
 EARLY_MISSING = 0.9  # ... when at least this share of the rows checked name missing files
@@ -253,10 +252,9 @@ class _IndexCheck:
                        duplicates=True)
         self.total_rows = count_rows(self.index_path)
         self.known = known_label_table(self.label_numbers)
-        bar = tqdm(total=self.total_rows, unit="row", desc=f"validate {self.root.name}",
-                   disable=not progress or self.total_rows < PROGRESS_MIN_FILES,
-                   file=sys.stderr, leave=False)
-        with bar, ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        lines = Progress(f"validate {self.root.name}", self.total_rows, "rows",
+                         enabled=progress and self.total_rows >= PROGRESS_MIN_FILES)
+        with lines, ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
             chunk = 0
             for n, row in rows:
                 if not report.images and self.categories:
@@ -269,11 +267,12 @@ class _IndexCheck:
                 chunk += 1
                 if chunk == CHUNK_ROWS:
                     self._check_files(pool, chunk)
-                    bar.update(chunk)
+                    lines.update(chunk)
                     chunk = 0
                     if self.stopped:
                         return True
             self._check_files(pool, chunk)
+            lines.update(chunk)
         if rows.failed and not report.images:
             return False
         if not report.images:

@@ -166,8 +166,13 @@ def explain_units(cm: ConceptMasks, masks: Sequence[Mask], settings: Composition
 
     searcher = Searcher(cm, max_length=settings.max_length, beam=settings.beam,
                         penalty=settings.penalty, prune=prune)
-    results = [searcher.explain(m) for m in tqdm(masks, desc="formulas", disable=not progress,
-                                                 mininterval=2)]
+    from cnnvis_pipeline.progress import Progress
+
+    results = []
+    with Progress("formulas", len(masks), "units", enabled=progress) as lines:
+        for m in tqdm(masks, desc="formulas", disable=not progress, mininterval=2):
+            results.append(searcher.explain(m))
+            lines.update()
     return results, searcher.stats
 
 

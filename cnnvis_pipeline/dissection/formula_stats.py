@@ -25,6 +25,7 @@ from cnnvis_pipeline.dissection.bitmasks import AND, ConceptMasks, Mask, combine
 from cnnvis_pipeline.dissection.formulas import Searcher
 from cnnvis_pipeline.dissection.records import null_choices, partner_indices, poisson_weights
 from cnnvis_pipeline.dissection.significance import bh_qvalues
+from cnnvis_pipeline.progress import Progress
 from cnnvis_pipeline.settings import Compositional, Statistics
 
 
@@ -84,6 +85,7 @@ def formula_statistics(cm: ConceptMasks, masks: Sequence[Mask], results,
     R = settings.null_replicates
     sources = null_sources(present, statistics, R)
     out = {k: np.zeros(len(masks)) for k in ("iou_low", "iou_high", "p_value")}
+    lines = Progress(f"formula null ({R} replicates)", len(masks), "units", enabled=progress)
     for j, (mask, (beam, _)) in enumerate(tqdm(list(zip(masks, results, strict=True)),
                                                desc="formula null", disable=not progress,
                                                mininterval=2)):
@@ -93,6 +95,8 @@ def formula_statistics(cm: ConceptMasks, masks: Sequence[Mask], results,
         exceed = sum(searcher.explain(permuted(mask, sources[r]))[0][0].score >= best.score
                      for r in range(R))
         out["p_value"][j] = (1.0 + exceed) / (R + 1.0)
+        lines.update()
+    lines.close()
     return out
 
 

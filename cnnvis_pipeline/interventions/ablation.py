@@ -34,6 +34,7 @@ from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.interventions.classdata import ClassData
 from cnnvis_pipeline.models.edits import run_groups
 from cnnvis_pipeline.models.input import normalize
+from cnnvis_pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 METRICS = ("accuracy", "probability", "logit")
@@ -141,6 +142,7 @@ def ablation_scores(model, data: ClassData, layer: str, groups: list[Group], *, 
                  "the layer" if at_layer else "the input")
     images, per_pass = pass_shape(len(plan), batch_size, groups_per_pass, at_layer)
     before, after = [], []
+    lines = Progress(f"ablate {model_name} {layer} ({len(groups)} ablations)", len(data))
     for start in range(0, len(data), images):
         rows = np.arange(start, min(start + images, len(data)))
         x = normalize(data.read(rows, device), mean, std)
@@ -159,6 +161,8 @@ def ablation_scores(model, data: ClassData, layer: str, groups: list[Group], *, 
         s = torch.cat(parts).double().numpy()
         before.append(s[0])
         after.append(s[1:])
+        lines.update(len(rows))
+    lines.close()
     return np.concatenate(before), np.concatenate(after, axis=1)
 
 

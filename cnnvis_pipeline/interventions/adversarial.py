@@ -35,6 +35,7 @@ from cnnvis_pipeline.dissection.tally import ConceptTally, TallyLookup
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.models.hooks import LayerRecorder
 from cnnvis_pipeline.models.input import normalize, to_unit_float
+from cnnvis_pipeline.progress import Progress
 
 ATTACKS = ("fgsm", "pgd")
 Loss = Callable[[torch.Tensor], torch.Tensor]
@@ -139,7 +140,8 @@ def attack_layer(model, ds: PreparedDataset, layer: str, thresholds: np.ndarray,
     lookup = TallyLookup(ds, device)
     t = torch.as_tensor(np.asarray(thresholds, np.float32), device=device)
     sums: dict[str, LayerUnderAttack] = {}
-    with LayerRecorder(model, [layer], model_name=model_name, layouts=layouts) as rec:
+    lines = Progress(f"attack {model_name} {layer} ({len(attacks)} attacks)", len(indices))
+    with lines, LayerRecorder(model, [layer], model_name=model_name, layouts=layouts) as rec:
         for b in load_batches(ds, indices, batch_size, ("images", "planes", "slots", "present"),
                               device):
             x = to_unit_float(b.images, input_size, device)
@@ -166,6 +168,7 @@ def attack_layer(model, ds: PreparedDataset, layer: str, thresholds: np.ndarray,
                 s.tally.add(fmap, t, planes, b.slots, b.present, lookup)
                 s.flips += 0 if name == "clean" else _changed(out, clean_out, multi_label)
                 s.images += len(b.indices)
+            lines.update(len(b.indices))
     return sums
 
 
