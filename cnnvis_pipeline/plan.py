@@ -6,7 +6,7 @@ layer_tables per layer, compositional_shard per layer and part, visualize_layer,
   index.csv, else the config (broden-synth's `images` and `size`) or the known datasets' sizes;
 - the layers' shapes, known without data: the model built on PyTorch's meta device (no weights,
   no memory) and run on a meta input of the dataset's size; cached by the model's spec in
-  `results/plan/` (torch is imported only when the cache misses, so `snakemake -n` stays fast);
+  `.snakemake/cnnvis/plan/` (torch is imported only when the cache misses, so `snakemake -n` stays fast);
 - the per-unit and per-image costs below, measured on the development VM (`python -m
   cnnvis_pipeline.bench.memory`, each job a child process, peak RSS from os.wait4; AMD EPYC,
   2 threads, torch 2.14 CPU; benchmarks/README.md, "Memory of the jobs").
@@ -155,13 +155,18 @@ def _from_index(config: dict) -> DatasetSize | None:
         first = next(rows, None)
         n = 1 + sum(1 for _ in rows) if first is not None else 0
     if first is None:
-        raise CnnvisError(f"{index}: no images")
+        raise SizeUnknown(f"{index}: no images")
     cats = [k for k in first if k not in ("image", "split", "ih", "iw", "sh", "sw")]
     labels = Path(dataset_source_dir(config)) / "label.csv"
     concepts = max(1, sum(1 for _ in open(labels)) - 1) if labels.is_file() else 1000
     size = (int(first.get("ih") or 224), int(first.get("iw") or 224))
     seg = (int(first.get("sh") or size[0] // 2), int(first.get("sw") or size[1] // 2))
     return DatasetSize(n, size, seg, max(1, len(cats)), concepts, str(index))
+
+
+class SizeUnknown(CnnvisError):
+    """The dataset's size cannot be known before a job makes it (a `url:` archive not yet
+    downloaded, an index.csv that is missing or empty: the data stage reports those)."""
 
 
 def dataset_size(config: dict) -> DatasetSize:
@@ -180,7 +185,7 @@ def dataset_size(config: dict) -> DatasetSize:
                            "config: dataset.synth")
     known = KNOWN_DATASETS.get(ds.get("download") or "")
     if known is None:
-        raise CnnvisError(f"config: dataset: no index.csv at {dataset_source_dir(config)} and not "
+        raise SizeUnknown(f"config: dataset: no index.csv at {dataset_source_dir(config)} and not "
                           f"a known dataset ({', '.join(KNOWN_DATASETS)}): its size is unknown")
     n, side, seg, planes, concepts = known
     return DatasetSize(n, (side, side), (seg, seg), planes, concepts,
@@ -225,7 +230,7 @@ def measure_shape(spec: dict, size) -> ModelShape:
                       max(outs), {k: [int(d) for d in v] for k, v in shapes.items()})
 
 
-def model_shape(spec: dict, size, cache_dir: str | Path | None = "results/plan") -> ModelShape:
+def model_shape(spec: dict, size, cache_dir: str | Path | None = ".snakemake/cnnvis/plan") -> ModelShape:
     """measure_shape, cached in `cache_dir` by the spec (None: not cached)."""
     path = Path(cache_dir) / f"shape-{_shape_key(spec, size)}.json" if cache_dir else None
     if path is not None and path.is_file():
@@ -311,7 +316,7 @@ def visualize_job(model: str, layer: str, shape: ModelShape, views: dict) -> Job
 
 
 def workflow_plan(config: dict, models: dict, *, cores: int = 1,
-                  cache_dir: str | Path | None = "results/plan") -> list[JobPlan]:
+                  cache_dir: str | Path | None = ".snakemake/cnnvis/plan") -> list[JobPlan]:
     """Every per-model job of the workflow, planned (memory, disk, time)."""
     res = config.get("resources") or {}
     shards, batch = int(res.get("shards", 2)), int(res.get("batch_size", 64))

@@ -28,19 +28,23 @@ from pathlib import Path
 
 from cnnvis_pipeline.bench.common import DEFAULT_CACHE, ensure_dataset, log
 
+# The job is started by a small launcher process, not by the caller: a child forked (or
+# vforked) from a large process (a test session of 1.7 GB) carries that process's high-water mark
+# in its ru_maxrss across exec, so the job's own peak would be lost under the caller's. The
+# launcher's own child starts from a 10 MB interpreter, and the launcher reports its ru_maxrss.
+_LAUNCH = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:], "
+           "stdout=subprocess.DEVNULL); _, status, usage = os.wait4(p.pid, 0); "
+           "print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, file=sys.stdout)")
+
 
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     """Run `cmd` as a child process; its exit status, wall seconds and peak RSS (MB)."""
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # wait4 reports this child's own resource usage (RUSAGE_CHILDREN would be the maximum over
-    # every child waited for so far)
-    _, status, usage = os.wait4(proc.pid, 0)
-    err = proc.stderr.read().decode(errors="replace")
-    proc.stderr.close()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": proc.returncode, "wall_s": round(time.perf_counter() - t, 1),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "stderr_tail": err[-2000:]}
+    proc = subprocess.run([sys.executable, "-c", _LAUNCH, *cmd], env=env, capture_output=True,
+                          text=True)
+    rc, maxrss = (int(x) for x in proc.stdout.split())
+    return {"rc": rc, "wall_s": round(time.perf_counter() - t, 1),
+            "peak_rss_mb": round(maxrss / 1024, 1), "stderr_tail": proc.stderr[-2000:]}
 
 
 def job_spec(arch: str, layer: str, statistics: bool, batch_size: int) -> dict:

@@ -140,7 +140,7 @@ def register(sub) -> None:
             spec=False, prepared=False)
     p.add_argument("--configfile", required=True, help="the run's config (as for snakemake)")
     p.add_argument("--cores", type=int, default=1, help="cores of the run (CPU time)")
-    p.add_argument("--cache", default="results/plan", help="where layer shapes are cached")
+    p.add_argument("--cache", default=".snakemake/cnnvis/plan", help="where layer shapes are cached")
 
     p = add("compositional", "compositional explanations (formulas of concepts) of one shard of "
             "a layer's units",

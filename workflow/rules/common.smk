@@ -44,15 +44,19 @@ except CnnvisError as e:
 
 def check_writable(where="results"):
     """A read-only, full or forbidden results/ is one line at start, before anything writes
-    there (the plan, the digest files): a probe file is written and removed."""
+    there (the plan, the digest files): a probe file is written and removed (and results/ too
+    when the probe made it, so that a config refused later leaves nothing behind)."""
     import os
 
     if not workflow.is_main_process:
         return
     probe = f"{where}/.cnnvis-probe-{os.getpid()}"
+    made = not os.path.exists(where)
     try:
         write_text(probe, "")
         os.unlink(probe)
+        if made:
+            os.rmdir(where)
     except OSError as e:
         line = error_line(write_error(e, where) or e)
         if line is None:
@@ -66,9 +70,9 @@ check_writable()
 # names of every synthnet and torchvision entry, on the architecture without its weights. Only
 # in the main process (cluster jobs re-read the Snakefile); torch is imported only when such a
 # model is configured and no check passed for the same entries, versions and code (the key of
-# the last pass is kept in results/digests/). A factory model is checked by its jobs.
+# the last pass is kept in .snakemake/cnnvis/, a cache). A factory model is checked by its jobs.
 _CHECKS = precheck.parse_time_entries(config, MODELS)
-_CHECK_PASSED = Path("results/digests/parse_check.key")
+_CHECK_PASSED = Path(".snakemake/cnnvis/parse_check.key")
 if workflow.is_main_process and _CHECKS:
     _key = precheck.check_key(_CHECKS)
     if not (_CHECK_PASSED.is_file() and _CHECK_PASSED.read_text() == _key):
@@ -159,7 +163,7 @@ def layer_threads(model):
 # memory, disk and time, which the rules request as resources, so SLURM jobs ask for what they
 # need. A job over `resources.max_mem_mb` or Snakemake's `--resources mem_mb=` is refused here,
 # at `snakemake -n`, with its estimate and what to change. Layer shapes are cached in
-# results/plan/ (torch is imported only when the cache misses).
+# .snakemake/cnnvis/plan/ (a cache, not a result: torch is imported only when it misses).
 def _global_mem_mb():
     try:
         value = workflow.global_resources["mem_mb"]
@@ -176,6 +180,11 @@ def _plan():
         cores = 1
     try:
         jobs = cplan.workflow_plan(config, MODELS, cores=cores)
+    except cplan.SizeUnknown as e:
+        # e.g. a url: archive not downloaded yet: the jobs run with the profile's resources
+        if workflow.is_main_process:
+            print(f"resource plan: none yet ({e})", file=sys.stderr)
+        return {}
     except CnnvisError as e:
         raise WorkflowError(f"resource plan: {e}") from None
     limits = [
@@ -232,6 +241,9 @@ if _problems:
 def planned(rule):
     """A rule's resources from the plan: mem_mb, disk_mb and runtime (minutes; GPU times when
     resources.device is cuda, CPU times otherwise)."""
+
+    if not PLAN:
+        return {}
 
     def job(wc):
         part = wc.get("shard", wc.get("part", ""))
