@@ -193,6 +193,15 @@ def ensure_prepared(dataset: str | Path, out: str | Path, *, digest: str,
     error; a complete entry is never removed."""
     from cnnvis_pipeline.data.prepared import prepare_dataset
 
+    return ensure_prepared_entry(out, digest, lambda: prepare_dataset(
+        dataset, out, image_size=image_size, progress=progress, digest=digest, workers=workers))
+
+
+def ensure_prepared_entry(out: str | Path, digest: str, make) -> Path:
+    """The shared prepared entry `out` for content `digest`, under its lock: found complete for
+    the same digest (success), or made by `make()` (writing `out`) when absent. A complete
+    entry of another content, or a directory without meta.json, is an error and is left as it
+    is; stale temporaries of killed attempts are removed first."""
     out = Path(out)
     with entry_lock(out, what="the prepared arrays of this dataset"):
         meta = out / "meta.json"
@@ -213,6 +222,5 @@ def ensure_prepared(dataset: str | Path, out: str | Path, *, digest: str,
                 f"{out}: exists but is not a prepared dataset (no meta.json); remove it"
             )
         remove_stale_temporaries(out)
-        prepare_dataset(dataset, out, image_size=image_size, progress=progress, digest=digest,
-                        workers=workers)
+        make()
     return out

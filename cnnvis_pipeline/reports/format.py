@@ -75,3 +75,12 @@ def png_size(path: str | Path) -> tuple[int, int]:
 
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "x"
+
+
+def number_or_none(x) -> float | None:
+    """x as a float, or None when it is missing, not a number or NaN (a table's null)."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return None if v != v else v

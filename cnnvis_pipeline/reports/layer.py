@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.reports import interventions
+from cnnvis_pipeline.reports.format import number_or_none as _num
 from cnnvis_pipeline.reports.format import png_size, slug
 from cnnvis_pipeline.reports.units_table import (
     formula_replicates,
@@ -44,13 +45,6 @@ def read(path: Path, what: str) -> pd.DataFrame:
         raise CnnvisError(f"{path}: missing; the {what} table is needed for the report")
     return pq.read_table(path).to_pandas()
 
-
-def _num(x) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if v != v else v
 
 
 def _activity(row: dict, card: dict | None) -> str | None:

@@ -15,17 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from cnnvis_pipeline.reports.format import number_or_none as _num
 from cnnvis_pipeline.tables import read_provenance
 
 FORMULA_STATS = ("iou_low", "iou_high", "p_value", "q_value", "formula_detector")
 
-
-def _num(x) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if v != v else v
 
 
 def _flag(x) -> bool | None:

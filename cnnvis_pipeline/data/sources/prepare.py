@@ -13,13 +13,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from cnnvis_pipeline.data.entries import entry_lock, entry_name, remove_stale_temporaries
+from cnnvis_pipeline.data.entries import ensure_prepared_entry, entry_lock, entry_name
 from cnnvis_pipeline.data.manifest import write_if_changed
 from cnnvis_pipeline.data.sources import (
     open_source,
@@ -111,24 +110,7 @@ def ensure_source_prepared(dataset: dict, out: str | Path, *, digest: str, worke
     """`out` holds the prepared arrays of `dataset` (content and options: `digest`)."""
     from cnnvis_pipeline.data.prepared import write_prepared
 
-    out = Path(out)
-    with entry_lock(out, what="the prepared arrays of this dataset"):
-        meta = out / "meta.json"
-        if meta.is_file():
-            try:
-                have = json.loads(meta.read_text(encoding="utf-8")).get("digest")
-            except (OSError, ValueError, AttributeError):
-                have = None
-            if have == digest:
-                log.info("%s: already prepared (digest %s)", out, digest[:16])
-                return out
-            raise CnnvisError(f"{out}: holds the prepared arrays of other content (digest "
-                              f"{str(have)[:16]}, not {digest[:16]}); choose another output, "
-                              "or remove it")
-        if out.exists():
-            raise CnnvisError(f"{out}: exists but is not a prepared dataset (no meta.json); "
-                              "remove it")
-        remove_stale_temporaries(out)
+    def make():
         source = open_any(dataset, directory=directory, predictions=predictions)
         if source.kind == "segmenter" and source.predicted is None:
             raise CnnvisError("source-prepare: a segmenter's dataset needs --predictions "
@@ -138,4 +120,5 @@ def ensure_source_prepared(dataset: dict, out: str | Path, *, digest: str, worke
                   else str(Path(dataset.get("path") or directory).resolve()))
         write_prepared(source, out, size=options(dataset).get("size"), digest=digest,
                        workers=workers, progress=progress, origin=origin)
-    return out
+
+    return ensure_prepared_entry(out, digest, make)
