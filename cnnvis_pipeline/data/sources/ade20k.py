@@ -20,6 +20,7 @@ import numpy as np
 
 from cnnvis_pipeline.data.sources.base import (
     Source,
+    check_split,
     images_by_stem,
     make_concepts,
     read_classes_csv,
@@ -88,8 +89,7 @@ class Ade20kSource(Source):
         problems = [] if problems is None else problems
         if not self.root.is_dir():
             raise CnnvisError(f"{self.root}: ADE20K directory does not exist")
-        if split is not None and split not in SPLIT_DIRS:
-            raise CnnvisError(f"{self.root}: split {split!r} is not one of train, val")
+        check_split(split, self.root)
         classes = _object_classes(self.root / OBJECTS, problems)
         scenes = _scenes(self.root / SCENES, problems)
         items = []

@@ -74,6 +74,15 @@ class Source:
         return {"kind": self.kind, "labels": self.labels}
 
 
+SPLITS = ("train", "val")
+
+
+def check_split(split: str | None, where) -> None:
+    """A source's `split:` is one of SPLITS (or absent); anything else names the source."""
+    if split is not None and split not in SPLITS:
+        raise CnnvisError(f"{where}: split {split!r} is not one of {', '.join(SPLITS)}")
+
+
 def make_concepts(pairs) -> list[Concept]:
     """Concepts from (label, name, category) triples, in the given order."""
     return [Concept(i, int(lab), str(name), str(cat)) for i, (lab, name, cat) in enumerate(pairs)]

@@ -24,6 +24,7 @@ import numpy as np
 
 from cnnvis_pipeline.data.sources.base import (
     Source,
+    check_split,
     make_concepts,
     open_image,
     read_rgb_checked,
@@ -107,8 +108,7 @@ class CocoPanopticSource(Source):
         super().__init__()
         strict = problems is None
         problems = [] if problems is None else problems
-        if split is not None and split not in ("train", "val"):
-            raise CnnvisError(f"{annotations}: split {split!r} is not one of train, val")
+        check_split(split, annotations)
         self.images_dir, self.json, self.masks_dir = Path(images), Path(annotations), Path(masks)
         for d, what in ((self.images_dir, "image"), (self.masks_dir, "mask")):
             if not d.is_dir():

@@ -20,6 +20,7 @@ import numpy as np
 
 from cnnvis_pipeline.data.sources.base import (
     Source,
+    check_split,
     images_by_stem,
     make_concepts,
     read_classes_csv,
@@ -102,8 +103,7 @@ class MasksSource(Source):
         super().__init__()
         strict = problems is None
         problems = [] if problems is None else problems
-        if split is not None and split not in ("train", "val"):
-            raise CnnvisError(f"{images}: split {split!r} is not one of train, val")
+        check_split(split, images)
         self.images_dir, self.masks_dir = Path(images), Path(masks)
         self.table = MaskTable(Path(classes), problems)
         sub = split or ""
