@@ -37,7 +37,7 @@ COMMANDS = {
        for c in ("source-digest", "source-validate", "source-prepare")},
     "layers": "cnnvis_pipeline.models.commands",
     **{c: "cnnvis_pipeline.dissection.commands"
-       for c in ("train", "check-model", "extract", "tables", "summary",
+       for c in ("train", "check-model", "extract", "tables", "layer-units", "summary",
                  "dissect", "compositional", "formulas", "segment", "plan")},
     **{c: "cnnvis_pipeline.interventions.commands" for c in ("ablate", "attack")},
     "visualize": "cnnvis_pipeline.viz.commands",

@@ -70,24 +70,15 @@ def _load() -> float:
 
 def record_sizes(prepared: str, spec: dict, extracts: list[Path], layer: str) -> dict:
     """Rows and bytes of each group of per-image records of the layer's tally (in process)."""
-    from contextlib import closing
-
-    import numpy as np
     import torch
 
     from cnnvis_pipeline.data.prepared import PreparedDataset
     from cnnvis_pipeline.dissection import pipeline
-    from cnnvis_pipeline.dissection.stores import ActivationStore
     from cnnvis_pipeline.settings import Job
 
     job = Job.from_spec(spec)
     ds = PreparedDataset(prepared)
-    infos = [json.loads((d / "info.json").read_text()) for d in extracts]
-    shards = [(closing(ActivationStore.open(d / f"acts_{layer}.npy")),
-               np.arange(i["start"], i["stop"], dtype=np.int64))
-              for d, i in zip(extracts, infos, strict=True)]
-    maxima = np.concatenate([np.load(d / f"maxima_{layer}.npy") for d in extracts])
-    hist = pipeline._merged_histogram(job, layer, extracts)
+    hist, shards, maxima = pipeline.layer_inputs(job, layer, *pipeline.extractions(extracts))
     res = pipeline.dissect_layer(job, ds, layer, hist, shards, maxima,
                                  device=torch.device("cpu"), progress=False)
     out = {}

@@ -1,5 +1,6 @@
 """CLI commands of the dissection stage: train (synthnet), check-model, extract, tables (a
-layer's thresholds, tally and tables from every shard), summary, dissect (one process),
+layer's thresholds, tally and tables from every shard, or from its unit parts), layer-units
+(one part of a layer's units), summary, dissect (one process),
 compositional (formulas of one shard of a layer's units), formulas (their merge), segment (a
 segmentation model's labels of one shard of a `segmenter:` dataset) and plan (the resources of
 every job of a run).
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from cnnvis_pipeline.dissection import compositional, pipeline
+from cnnvis_pipeline.dissection import compositional, parts, pipeline
 from cnnvis_pipeline.fileio import atomic_file
 from cnnvis_pipeline.settings import Job
 
@@ -68,6 +69,15 @@ def _check(args) -> int:
     return 0
 
 
+def _tables(args) -> int:
+    if args.extracts:
+        pipeline.run_layers(_job(args), args.prepared, args.extracts, args.out_dir, args.layers,
+                            progress=not args.quiet)
+    else:
+        parts.run_merge(_job(args), args.prepared, args.parts, args.out_dir)
+    return 0
+
+
 def _plan(args) -> int:
     from cnnvis_pipeline import plan
     from cnnvis_pipeline.config import model_specs
@@ -109,12 +119,23 @@ def register(sub) -> None:
     p.add_argument("--shards", type=int, required=True)
     p.add_argument("--out", required=True, help="shard directory to write")
 
-    p = add("tables", "a layer's thresholds, tally and tables from every shard's extraction",
-            lambda a: pipeline.run_layers(_job(a), a.prepared, a.extracts, a.out_dir, a.layers,
-                                          progress=not a.quiet) or 0)
+    p = add("tables", "a layer's thresholds, tally and tables from every shard's extraction "
+            "(--extracts), or from its unit parts (--parts, of layer-units)", _tables)
     p.add_argument("--layers", nargs="+", default=None, help="only these layers")
-    p.add_argument("--extracts", nargs="+", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--extracts", nargs="+", help="every shard's extract directory")
+    source.add_argument("--parts", nargs="+", help="every unit part of one layer (layer-units)")
     p.add_argument("--out-dir", required=True, help="results/<model>")
+
+    p = add("layer-units", "one part of a layer's units: thresholds, tally, significance and top "
+            "images of those units only, for `tables --parts`",
+            lambda a: parts.run_unit_part(_job(a), a.prepared, a.extracts, a.layer, a.part,
+                                          a.parts, a.out, progress=not a.quiet) and 0)
+    p.add_argument("--layer", required=True)
+    p.add_argument("--extracts", nargs="+", required=True, help="every shard's extract directory")
+    p.add_argument("--part", type=int, required=True, help="which part of the units")
+    p.add_argument("--parts", type=int, required=True, help="parts the units are split into")
+    p.add_argument("--out", required=True, help="the part's .npz to write")
 
     p = add("summary", "detectors per model, layer and category over all models",
             lambda a: pipeline.run_summary(a.units, a.out, a.figure,

@@ -3,10 +3,15 @@
 `dissect_layer(job, dataset, layer, histogram, shards, maxima)` turns a layer's merged
 histogram and its stored activations (one or more shards, in image order) into its tables:
 thresholds T_k, the tally (int64 sums, the same integers whatever the sharding), the significance
-of the tested pairs and the tables and figures. Both ways of running call it:
+of the tested pairs and the tables and figures. It is `dissect_units` (a range of the layer's
+units, everything that depends on those units only) then `finish_layer` (what needs all the
+layer's units, from the parts in unit order, and the tables): the same bytes in any number of
+unit parts. Both ways of running call it:
 
 - the workflow: `run_extract` (job `extract_shard`: one shard's float16 activations, histograms
-  and per-image maxima on disk), then `run_layers` (job `layer_tables`: every shard of a layer);
+  and per-image maxima on disk), then `run_layers` (job `layer_tables`: every shard of a layer),
+  or for a layer in unit parts parts.py's `run_unit_part` (job `layer_units`) per part and
+  `run_merge` (job `layer_tables`);
 - in one process: `dissect(job, dataset)`, what the benchmark, the tests and users without
   Snakemake call (activations on the device or in scratch files).
 
@@ -48,10 +53,12 @@ from cnnvis_pipeline.dissection.results import (
     detector_counts,
     iou_columns,
     log_activity,
-    top_image_columns,
+    top_image_table,
+    top_images,
     unit_columns,
 )
-from cnnvis_pipeline.dissection.stores import ActivationStore
+from cnnvis_pipeline.dissection.stats import unit_state
+from cnnvis_pipeline.dissection.stores import ActivationStore, read_columns
 from cnnvis_pipeline.dissection.tally import ConceptTally, tally_shard
 from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.fileio import atomic_dir
@@ -97,11 +104,26 @@ def _only_layers(job: Job, layers: list | None) -> Job:
 class LayerResult:
     thresholds: np.ndarray
     tally: ConceptTally
-    stats: records.ImageStats | None
+    stats: records.ImageStats | None  # (the per-image records of a layer done in one part)
     significance: dict | None
     units: pd.DataFrame | None  # the units table (when tables were written)
     tally_s: float
     statistics_s: float
+
+
+@dataclass
+class UnitPart:
+    """What a range of a layer's units gives before the layer-wide steps: units first..first +
+    len(thresholds) - 1, their tally and records, significance.unit_part, top images (parts.py
+    saves and loads it)."""
+    first: int
+    thresholds: np.ndarray
+    tally: ConceptTally
+    stats: records.ImageStats | None
+    significance: dict | None
+    top_images: tuple[np.ndarray, np.ndarray]  # results.top_images of the part's units
+    tally_s: float = 0.0
+    statistics_s: float = 0.0
 
 
 # A shard of a layer's stored activations: (a context manager giving its store, the image
@@ -114,7 +136,19 @@ def dissect_layer(job: Job, ds: PreparedDataset, layer: str, hist: StoredHistogr
                   shards: list[Shard], maxima: np.ndarray, *, device: torch.device,
                   out_dir: str | Path | None = None, prov: dict | None = None,
                   progress: bool = True) -> LayerResult:
-    """A layer's thresholds, tally, significance and (with `out_dir`) tables and figures."""
+    """A layer's thresholds, tally, significance and (with `out_dir`) tables and figures: its
+    units in one part (dissect_units), then the layer-wide steps (finish_layer)."""
+    part = dissect_units(job, ds, layer, hist, shards, maxima, device=device, progress=progress)
+    return finish_layer(job, ds, layer, [part], out_dir=out_dir, prov=prov)
+
+
+def dissect_units(job: Job, ds: PreparedDataset, layer: str, hist: StoredHistogram,
+                  shards: list[Shard], maxima: np.ndarray, *, first: int = 0,
+                  device: torch.device, progress: bool = True) -> UnitPart:
+    """Units first..first + hist.units - 1 of a layer: their thresholds (from `hist`, the
+    merged histogram of those units), the tally of every shard in order (reading only their
+    activations), their per-image records and significance.unit_part, and their top images
+    (`maxima`: [images, those units])."""
     d = job.dissection
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     thresholds = unit_thresholds(hist, d.quantile)
@@ -122,10 +156,11 @@ def dissect_layer(job: Job, ds: PreparedDataset, layer: str, hist: StoredHistogr
         raise CnnvisError(f"{job.name}: shards cover {len(maxima)} of {len(ds)} images")
     t0 = time.perf_counter()
     tally = stats = None
+    stop = first + hist.units
     for k, (opened, idx) in enumerate(shards):
         part_stats = records.new_stats(ds, d.statistics)
-        with opened as store:
-            part = tally_shard(ds, idx, store, thresholds, device=device,
+        with opened as store, closing(store.unit_range(first, stop)) as units:
+            part = tally_shard(ds, idx, units, thresholds, device=device,
                                batch_size=job.resources.batch_size, progress=progress,
                                desc=f"tally {job.name} {layer} shard {k}", stats=part_stats)
         if tally is None:
@@ -138,17 +173,42 @@ def dissect_layer(job: Job, ds: PreparedDataset, layer: str, hist: StoredHistogr
         del part, part_stats
     sync()
     t1 = time.perf_counter()
-    sig = None if stats is None else significance.significance(
-        tally, stats, ds, d.statistics, d.iou_threshold)
+    sig = None if stats is None else significance.unit_part(
+        tally, stats, ds, d.statistics, d.iou_threshold, first)
     t2 = time.perf_counter()
+    return UnitPart(first, thresholds, tally, stats, sig, top_images(maxima, d.top_k),
+                    t1 - t0, t2 - t1)
+
+
+def finish_layer(job: Job, ds: PreparedDataset, layer: str, parts: list[UnitPart], *,
+                 out_dir: str | Path | None = None, prov: dict | None = None) -> LayerResult:
+    """The layer from its unit parts (in unit order, together every unit once): what needs
+    every unit (the BH q-values and detector_fdr over the layer, the sweep, the figures), and
+    (with `out_dir`) the tables, the same bytes whatever the parts."""
+    at = 0
+    for p in parts:
+        if p.first != at:
+            raise CnnvisError(f"{job.name} {layer}: the unit parts start at {p.first}, not {at}")
+        at += len(p.thresholds)
+    tally = ConceptTally.concat([p.tally for p in parts])
+    t0 = time.perf_counter()
+    sig = None
+    if parts[0].significance is not None:
+        sig = significance.finish_layer([p.significance for p in parts],
+                                        job.dissection.statistics)
+    t1 = time.perf_counter()
+    thresholds = np.concatenate([p.thresholds for p in parts])
+    top = tuple(np.concatenate([p.top_images[i] for p in parts]) for i in (0, 1))
     units = None
     if out_dir is not None:
-        units = _write_layer_tables(job, ds, layer, tally, thresholds, maxima,
+        units = _write_layer_tables(job, ds, layer, tally, thresholds, top,
                                     Path(out_dir) / layer, prov, sig)
-    return LayerResult(thresholds, tally, stats, sig, units, t1 - t0, t2 - t1)
+    return LayerResult(thresholds, tally, parts[0].stats if len(parts) == 1 else None, sig,
+                       units, sum(p.tally_s for p in parts),
+                       sum(p.statistics_s for p in parts) + t1 - t0)
 
 
-def _write_layer_tables(job: Job, ds, layer, tally, thresholds, maxima, layer_dir: Path, prov,
+def _write_layer_tables(job: Job, ds, layer, tally, thresholds, top, layer_dir: Path, prov,
                         sig) -> pd.DataFrame:
     d, name, n = job.dissection, job.name, len(thresholds)
     write_table("thresholds", {
@@ -166,7 +226,7 @@ def _write_layer_tables(job: Job, ds, layer, tally, thresholds, maxima, layer_di
                                        d.statistics.fdr)
     write_table("sweep", sweep, layer_dir / "sweep.parquet", prov)
     plot_sweep(pd.DataFrame(sweep), layer_dir / "sweep.png", f"{name} {layer}", d.iou_threshold)
-    write_table("top_images", top_image_columns(name, layer, maxima, ds, d.top_k),
+    write_table("top_images", top_image_table(name, layer, *top, ds),
                 layer_dir / "top_images.parquet", prov)
     units_df = pd.DataFrame(units)
     plot_layer_detectors(units_df, layer_dir / "detectors.png", f"{name} {layer}", ds.categories)
@@ -207,10 +267,22 @@ def run_extract(job: Job, prepared: str | Path, shard: int, shards: int, out: st
     return out
 
 
-def _merged_histogram(job: Job, layer: str, extract_dirs: list[Path]) -> StoredHistogram:
+def extractions(extract_dirs: list) -> tuple[list[Path], list[dict]]:
+    """The shards' extraction directories in image order, and their info.json."""
+    dirs = sorted((Path(d) for d in extract_dirs),
+                  key=lambda d: json.loads((d / "info.json").read_text())["start"])
+    return dirs, [json.loads((d / "info.json").read_text()) for d in dirs]
+
+
+def layer_inputs(job: Job, layer: str, dirs: list[Path], infos: list[dict], first: int = 0,
+                 stop: int | None = None) -> tuple[StoredHistogram, list[Shard], np.ndarray]:
+    """What dissect_units reads of units first..stop-1 (default: all) of a layer from every
+    shard's extraction: their merged histogram, the shards' stores, their per-image maxima.
+    Each read takes only those units (histograms and maxima a bounded chunk at a time)."""
+    stop = infos[0]["shapes"][layer][1] if stop is None else stop
     merged = None
-    for d in extract_dirs:
-        h = StoredHistogram.load(d / f"hist_{layer}.npz")
+    for d in dirs:
+        h = StoredHistogram.from_state(unit_state(d / f"hist_{layer}.npz", first, stop))
         if merged is None:
             merged = h
             continue
@@ -218,27 +290,27 @@ def _merged_histogram(job: Job, layer: str, extract_dirs: list[Path]) -> StoredH
             merged.merge(h)
         except CnnvisError as e:
             raise CnnvisError(f"{job.name} {layer}: {d}: {e}") from None
-    return merged
+    shards = [(closing(ActivationStore.open(d / f"acts_{layer}.npy")),
+               np.arange(info["start"], info["stop"], dtype=np.int64))
+              for d, info in zip(dirs, infos, strict=True)]
+    maxima = np.concatenate([read_columns(d / f"maxima_{layer}.npy", first, stop) for d in dirs])
+    return merged, shards, maxima
 
 
 def run_layers(job: Job, prepared: str | Path, extract_dirs: list, out_dir: str | Path,
                layers: list | None = None, *, progress: bool = True) -> None:
     """The tables of each layer (`layers`, default all) from every shard's extraction: what the
-    workflow's `layer_tables` job runs (one read of the layer's activations, in shard order)."""
+    workflow's `layer_tables` job runs for a layer in one part (one read of the layer's
+    activations, in shard order). A layer in unit parts: parts.py."""
     digest_job, job = job, _only_layers(job, layers)
     ds = PreparedDataset(prepared)
     device = pick_device(job.resources.device)
-    dirs = sorted((Path(d) for d in extract_dirs),
-                  key=lambda d: json.loads((d / "info.json").read_text())["start"])
-    infos = [json.loads((d / "info.json").read_text()) for d in dirs]
+    dirs, infos = extractions(extract_dirs)
     prov = table_provenance(digest_job, ds, infos[0])
     for layer in job.model["layers"]:
-        shards = [(closing(ActivationStore.open(d / f"acts_{layer}.npy")),
-                   np.arange(info["start"], info["stop"], dtype=np.int64))
-                  for d, info in zip(dirs, infos, strict=True)]
-        maxima = np.concatenate([np.load(d / f"maxima_{layer}.npy") for d in dirs])
-        dissect_layer(job, ds, layer, _merged_histogram(job, layer, dirs), shards, maxima,
-                      device=device, out_dir=out_dir, prov=prov, progress=progress)
+        hist, shards, maxima = layer_inputs(job, layer, dirs, infos)
+        dissect_layer(job, ds, layer, hist, shards, maxima, device=device, out_dir=out_dir,
+                      prov=prov, progress=progress)
 
 
 # -- in one process ---------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 - iou_columns / unit_columns: the iou and units tables of one layer from a ConceptTally.
 - unit_activity(tally, ds, thresholds): active_fraction and activity ("ok", "sparse", "dead");
   log_activity warns about sparse and dead units.
-- top_image_columns: per unit the k images with the highest maximum activation.
+- top_image_columns: per unit the k images with the highest maximum activation (top_images: the
+  images and values of some units, a part of a layer's units; top_image_table: their columns).
 - detector_counts(units_df): per (model, layer, category) the detectors and unique detectors
   (tables.unique_detectors, the paper's counting rule).
 - series_counts(counts, name, models): the rows of one checkpoint series, in checkpoint order.
@@ -92,11 +93,25 @@ def log_activity(model: str, layer: str, activity) -> None:
 def top_image_columns(model: str, layer: str, maxima: np.ndarray, ds: PreparedDataset,
                       k: int) -> dict:
     """maxima: float [N, U] each image's maximum activation per unit (image order)."""
+    return top_image_table(model, layer, *top_images(maxima, k), ds)
+
+
+def top_images(maxima: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(image index int64 [U, k], maximum float64 [U, k]): each unit's k images with the highest
+    maximum, highest first, ties broken by the lower image index (each unit on its own)."""
     n, u = maxima.shape
     k = min(k, n)
     vals = maxima.astype(np.float64)
     # Highest first; ties broken by the lower image index (lexsort is stable).
     order = np.stack([np.lexsort((np.arange(n), -vals[:, j]))[:k] for j in range(u)])
+    order = order.reshape(u, k).astype(np.int64)
+    return order, np.take_along_axis(vals.T, order, axis=1)
+
+
+def top_image_table(model: str, layer: str, order: np.ndarray, values: np.ndarray,
+                    ds: PreparedDataset) -> dict:
+    """The top_images table of a layer from top_images of all its units (in unit order)."""
+    u, k = order.shape
     names = ds.meta["images"]
     return {
         "model": [model] * (u * k),
@@ -105,7 +120,7 @@ def top_image_columns(model: str, layer: str, maxima: np.ndarray, ds: PreparedDa
         "rank": np.tile(np.arange(k, dtype=np.int32), u),
         "image_index": order.reshape(-1).astype(np.int64),
         "image": [names[i] for i in order.reshape(-1)],
-        "max_activation": np.take_along_axis(vals.T, order, axis=1).reshape(-1),
+        "max_activation": values.reshape(-1),
     }
 
 

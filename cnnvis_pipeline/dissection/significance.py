@@ -9,6 +9,9 @@ docs/DEFINITIONS.md, "Significance".
   Benjamini-Hochberg q-value over the pairs of the layer, detector and detector_fdr; for each
   unit's label: the p-value of the label as selected (the max statistic over all the unit's
   concepts in every null replicate), its q-value over the layer's units and detector_fdr.
+  It is finish_layer of one unit_part: `unit_part` computes everything of a range of units
+  (from their tally and records only), `finish_layer` what needs all the layer's units (the
+  q-values and detector_fdr) from the parts in unit order.
 - bh_qvalues(p), top_pairs(iou, top).
 - significance_columns / unit_significance_columns / sweep_columns: the significance table, the
   units table's new columns and the threshold sweep (sweep_counts) of one layer.
@@ -73,7 +76,19 @@ def significance(tally, stats: ImageStats, dataset, statistics: Statistics,
     p_value, q_value, detector, detector_fdr (numpy arrays, in unit then rank order); and per
     unit (arrays of length U, keys `label_*`): the selection-adjusted p-value of its label
     (label_p_value, the max statistic over all its concepts), its BH q-value over the layer's
-    units (label_q_value) and label_detector_fdr."""
+    units (label_q_value) and label_detector_fdr. The layer's units at once: finish_layer of
+    one unit_part."""
+    return finish_layer([unit_part(tally, stats, dataset, statistics, iou_threshold)],
+                        statistics)
+
+
+def unit_part(tally, stats: ImageStats, dataset, statistics: Statistics, iou_threshold: float,
+              first_unit: int = 0) -> dict[str, np.ndarray]:
+    """What `significance` gives of a range of the layer's units (the tally and records of
+    those units only; `first_unit`: the layer's index of their first unit), without what needs
+    every unit of the layer (the q-values and detector_fdr: finish_layer). Nothing here depends
+    on the other units: the bootstrap weights and null permutations are draws per image
+    (records), the sums are exact integers."""
     R = statistics.replicates
     n = len(dataset)
     cat = np.asarray(dataset.concept_category, np.int64)
@@ -104,20 +119,31 @@ def significance(tally, stats: ImageStats, dataset, statistics: Statistics,
 
     exceed, label_exceed = _null_counts(tally, sums, statistics, iou, unit, concept, obs_iou)
     Rn = statistics.null_replicates
-    p = (1.0 + exceed) / (Rn + 1.0)
-    q = bh_qvalues(p)
-    detector = obs_iou > iou_threshold
-    label_p = (1.0 + label_exceed) / (Rn + 1.0)
-    label_q = bh_qvalues(label_p)
-    label_det = iou.max(1, initial=0.0) > iou_threshold
     return {
-        "unit": unit, "rank": rank, "concept": concept, "iou": obs_iou,
+        "unit": unit + first_unit, "rank": rank, "concept": concept, "iou": obs_iou,
         "iou_low": np.asarray(low, np.float64), "iou_high": np.asarray(high, np.float64),
-        "p_value": p, "q_value": q, "detector": detector,
-        "detector_fdr": detector & (q < statistics.fdr),
-        "label_p_value": label_p, "label_q_value": label_q,
-        "label_detector_fdr": label_det & (label_q < statistics.fdr),
+        "p_value": (1.0 + exceed) / (Rn + 1.0), "detector": obs_iou > iou_threshold,
+        "label_p_value": (1.0 + label_exceed) / (Rn + 1.0),
+        "label_detector": iou.max(1, initial=0.0) > iou_threshold,
     }
+
+
+# Columns of a unit_part, per tested pair and per unit (the parts are concatenated in unit order).
+PAIR_KEYS = ("unit", "rank", "concept", "iou", "iou_low", "iou_high", "p_value", "detector")
+LABEL_KEYS = ("label_p_value", "label_detector")
+
+
+def finish_layer(parts: list[dict], statistics: Statistics) -> dict[str, np.ndarray]:
+    """The layer's significance from its unit parts (in unit order): their columns
+    concatenated, the Benjamini-Hochberg q-values over every tested pair of the layer and over
+    its units' labels, and detector_fdr."""
+    out = {k: np.concatenate([np.asarray(p[k]) for p in parts]) for k in PAIR_KEYS + LABEL_KEYS}
+    out["q_value"] = bh_qvalues(out["p_value"])
+    out["detector_fdr"] = out["detector"] & (out["q_value"] < statistics.fdr)
+    out["label_q_value"] = bh_qvalues(out["label_p_value"])
+    out["label_detector_fdr"] = (out.pop("label_detector")
+                                 & (out["label_q_value"] < statistics.fdr))
+    return out
 
 
 class _Sums:

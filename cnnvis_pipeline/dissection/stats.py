@@ -5,17 +5,21 @@
 
 It keeps its state in torch tensors on the device where it is fed, and saves to .npz. The other
 statistics object of a dissection, the IoU tally, is tally.ConceptTally (same shape: add, merge,
-state, save, load).
+state, save, load). `unit_state(path, first, stop)` reads the saved state of a range of units
+only, a bounded chunk at a time (a layer's units split into parts never hold the whole layer's).
 """
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 N_BITS = 1 << 16
+# Elements of a saved state's index/count arrays read at once by unit_state.
+_STATE_CHUNK = 1 << 20
 
 
 def _float16_keys(x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +48,46 @@ class SavedState:
     def load(cls, path: str | Path, device="cpu"):
         with np.load(path) as z:
             return cls.from_state(dict(z), device)
+
+
+def _read_npy(z: zipfile.ZipFile, name: str, keep) -> np.ndarray:
+    """The elements of the 1-D array `name` of an .npz that `keep(chunk, position)` selects,
+    read _STATE_CHUNK elements at a time."""
+    with z.open(f"{name}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _fortran, dtype = read_header(f)
+        total = int(np.prod(shape, dtype=np.int64))
+        out = []
+        for pos in range(0, total, _STATE_CHUNK):
+            n = min(_STATE_CHUNK, total - pos)
+            out.append(keep(np.frombuffer(f.read(n * dtype.itemsize), dtype), pos).copy())
+        return np.concatenate(out) if out else np.zeros(0, dtype)
+
+
+def unit_state(path: str | Path, first: int, stop: int) -> dict[str, np.ndarray]:
+    """The saved state (`Float16Histogram.state`, with any other small arrays of the file) of
+    units first..stop-1 only, as the state of a histogram of stop - first units."""
+    with zipfile.ZipFile(path) as z:
+        small = {Path(n).stem: np.load(z.open(n)) for n in z.namelist()
+                 if n not in ("index.npy", "count.npy")}
+        lo, hi = first * N_BITS, stop * N_BITS
+        where = []  # positions of the kept entries (the index is sorted)
+
+        def in_range(chunk, pos):
+            sel = np.flatnonzero((chunk >= lo) & (chunk < hi))
+            where.append(sel + pos)
+            return chunk[sel] - lo
+
+        index = _read_npy(z, "index", in_range)
+        kept = np.concatenate(where) if where else np.zeros(0, np.int64)
+        count = _read_npy(z, "count", lambda chunk, pos: chunk[
+            kept[(kept >= pos) & (kept < pos + len(chunk))] - pos])
+    for k, v in small.items():  # per-unit arrays of the file (an affine's) sliced alike
+        if v.ndim == 1 and len(v) == int(small["units"]):
+            small[k] = v[first:stop]
+    return {**small, "units": np.array(stop - first), "index": index, "count": count}
 
 
 class Float16Histogram(SavedState):

@@ -6,7 +6,9 @@
 - load_only(...): the reads alone, as the passes do them (the benchmark's baseline).
 - ActivationStore: float16 activations of one layer over one shard in per-unit coordinates
   (affine.Affine), a .npy file written and read with pwrite/pread (its Affine beside it), or a
-  tensor in memory.
+  tensor in memory; `unit_range(first, stop)`: a store of some of its units (the reads give
+  only theirs).
+- read_columns(path, first, stop): columns of a 2-D .npy file (a unit range of per-image maxima).
 - tune_malloc(): glibc's malloc gets a fixed 1 MB mmap threshold, so per-batch buffers go back
   to the system when freed and the peak resident memory does not creep with the images.
 
@@ -104,6 +106,24 @@ class _RowReader:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def read_columns(path: str | Path, first: int, stop: int, chunk_bytes: int = 1 << 23) -> np.ndarray:
+    """Columns first..stop-1 of a C-ordered 2-D .npy file, read with pread a chunk of rows at a
+    time (the whole file is never resident)."""
+    arr = np.load(path, mmap_mode="r")
+    out = np.empty((len(arr), stop - first), arr.dtype)
+    rows = max(1, chunk_bytes // max(arr.strides[0], 1))
+    reader = _RowReader(arr)
+    try:
+        for i in range(0, len(arr), rows):
+            idx = np.arange(i, min(i + rows, len(arr)))
+            buf = np.empty((len(idx), arr.shape[1]), arr.dtype)
+            reader.read(idx, buf)
+            out[i : i + len(idx)] = buf[:, first:stop]
+    finally:
+        reader.close()
+    return out
 
 
 _TORCH_DTYPE = {np.dtype(np.uint8): torch.uint8, np.dtype(np.uint16): torch.int16,
@@ -219,7 +239,8 @@ class ActivationStore:
                 self.offset = f.tell()
                 f.truncate(self.offset + int(np.prod(self.shape, dtype=np.int64)) * 2)
             self.fd = os.open(path, os.O_RDWR)
-        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * 2
+        self.row_bytes = self.file_row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * 2
+        self.first_unit = 0
 
     @classmethod
     def open(cls, path: Path) -> ActivationStore:
@@ -238,8 +259,29 @@ class ActivationStore:
             self.affine = Affine.identity(self.shape[1])
         self.data = None
         self.fd = os.open(path, os.O_RDONLY)
-        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * 2
+        self.row_bytes = self.file_row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * 2
+        self.first_unit = 0
         return self
+
+    def unit_range(self, first: int, stop: int) -> ActivationStore:
+        """A read-only store of units first..stop-1 of this one (a view: no data copied; a file
+        store's view reads each image's part of the row, with its own descriptor, closed by
+        its own close())."""
+        units = self.shape[1]
+        if not 0 <= first < stop <= units:
+            raise CnnvisError(f"units {first}..{stop - 1} are not among the store's {units}")
+        view = ActivationStore.__new__(ActivationStore)
+        view.shape = (self.shape[0], stop - first, *self.shape[2:])
+        view.path, view.data, view.fd = self.path, None, None
+        view.affine = Affine(self.affine.offset[first:stop], self.affine.scale[first:stop])
+        view.file_row_bytes = self.file_row_bytes
+        view.row_bytes = int(np.prod(view.shape[1:], dtype=np.int64)) * 2
+        view.first_unit = self.first_unit + first
+        if self.data is not None:
+            view.data = self.data[:, first:stop]
+        else:
+            view.offset, view.fd = self.offset, os.dup(self.fd)
+        return view
 
     @staticmethod
     def affine_path(path: Path) -> Path:
@@ -259,7 +301,14 @@ class ActivationStore:
     def read_host(self, start: int, stop: int, pin: bool = False) -> torch.Tensor:
         """Rows start..stop of a file store as a CPU tensor (pinned if asked)."""
         t, view = _host_buffer((stop - start, *self.shape[1:]), np.float16, pin)
-        _pread_into(self.fd, memoryview(view).cast("B"), self.offset + start * self.row_bytes)
+        raw = memoryview(view).cast("B")
+        if self.row_bytes == self.file_row_bytes:  # every unit: one read
+            _pread_into(self.fd, raw, self.offset + start * self.row_bytes)
+            return t
+        skip = self.first_unit * (self.row_bytes // self.shape[1])  # a unit range: per image
+        for i in range(stop - start):
+            _pread_into(self.fd, raw[i * self.row_bytes : (i + 1) * self.row_bytes],
+                        self.offset + (start + i) * self.file_row_bytes + skip)
         return t
 
     def read(self, start: int, stop: int, device: torch.device) -> torch.Tensor:

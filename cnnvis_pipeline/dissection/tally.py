@@ -3,7 +3,8 @@
 - ConceptTally: |M_k ∩ L_c| per (unit, concept), |M_k| per (unit, category) over the images
   annotated for it, |L_c| per concept and the images per category, as int64 sums on the device
   where it is fed (any sharding gives identical results). add(batch) / merge / iou / state /
-  save / load, in the shape of stats.Float16Histogram.
+  save / load, in the shape of stats.Float16Histogram; `concat`: the tallies of ranges of a
+  layer's units (over the same images) as one.
 - TallyLookup(dataset, device): the per-dataset lookups that add() needs.
 - tally_shard(dataset, indices, store, thresholds, device): one shard's ConceptTally.
 - mask_pixels(maps, hw, seg, thresholds, scratch), Scratch, SKIP_SLACK: the mask kernel (also
@@ -27,6 +28,7 @@ from tqdm import tqdm
 from cnnvis_pipeline.data.prepared import PreparedDataset
 from cnnvis_pipeline.dissection.stats import SavedState
 from cnnvis_pipeline.dissection.stores import ActivationStore, load_batches, tune_malloc
+from cnnvis_pipeline.errors import CnnvisError
 from cnnvis_pipeline.progress import Progress
 
 # Upsampled maps handled at once in the tally (bytes of float32), per device type.
@@ -203,6 +205,25 @@ class ConceptTally(SavedState):
         self.unit_area += count.sum(0)
         if stats is not None:
             stats.masks(count)
+
+    @classmethod
+    def concat(cls, parts: list[ConceptTally]) -> ConceptTally:
+        """The tally of the units of `parts` in order (each over the same images: their label
+        sums must agree)."""
+        first = parts[0]
+        if len(parts) == 1:
+            return first
+        for p in parts[1:]:
+            if not (torch.equal(p.concept_area.cpu(), first.concept_area.cpu())
+                    and torch.equal(p.category_images.cpu(), first.category_images.cpu())):
+                raise CnnvisError("the unit parts' tallies are not over the same images "
+                                  "(parts of different runs?)")
+        out = cls(sum(p.units for p in parts), first.concepts, first.categories, "cpu")
+        for f in ("intersection", "mask_area", "unit_area"):
+            setattr(out, f, torch.cat([getattr(p, f).cpu() for p in parts]))
+        out.concept_area = first.concept_area.cpu().clone()
+        out.category_images = first.category_images.cpu().clone()
+        return out
 
     def iou(self, concept_category: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(iou, intersection, union), each [units, concepts] (float64, int64, int64)."""
