@@ -2,8 +2,8 @@
 
 `workflow_plan(config, models)` returns one `JobPlan` per job (extract_shard per model and shard,
 layer_tables per layer, compositional_shard per layer and part, visualize_layer, ...), from
-- the dataset's size: its prepared arrays' meta.json when they exist, else the source's
-  index.csv, else the config (broden-synth's `images` and `size`) or the known datasets' sizes;
+- the dataset's size (plandata.py: its prepared arrays' meta.json when they exist, else the
+  source's index.csv, else the config or the known datasets' sizes);
 - the layers' shapes, known without data: the model built on PyTorch's meta device (no weights,
   no memory) and run on a meta input of the dataset's size; cached by the model's spec in
   `.snakemake/cnnvis/plan/` (torch is imported only when the cache misses, so `snakemake -n` stays fast);
@@ -19,16 +19,15 @@ FILE` prints it. Imports no torch at module level.
 
 from __future__ import annotations
 
-import csv
-import glob
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cnnvis_pipeline.config import dataset_name, dataset_source_dir, spec_digest
-from cnnvis_pipeline.data.sources import size_estimate, source_kind
-from cnnvis_pipeline.errors import CnnvisError
+from cnnvis_pipeline.config import spec_digest
+from cnnvis_pipeline.plandata import DatasetSize, dataset_size
+from cnnvis_pipeline.plandata import SizeUnknown as SizeUnknown  # (the workflow catches it)
+from cnnvis_pipeline.plandata import load_config as load_config  # (`cnnvis plan` reads it)
 
 MB = 1 << 20
 # -- measured constants (MB unless said) -----------------------------------------------------------
@@ -55,6 +54,10 @@ MAXIMA_BYTES_PER_IMAGE_UNIT = 23.0
 # planes and per-pixel concepts of a batch are 12 bytes per (image, plane, pixel) for each of the
 # image and its partners.
 RECORD_BYTES_PER_IMAGE_UNIT = 20.8
+# The tables of a layer (the iou table's rows, the tally's IoU, intersection and union arrays):
+# writing iou.parquet of 2,048 units x 1,197 concepts peaks 263 MB above 256 x 1,197 (128 bytes
+# per unit and concept, in process, numbers from a random tally).
+TABLE_BYTES_PER_UNIT_CONCEPT = 130
 RECORD_PEAK_FACTOR = 1.1
 PARTNER_BYTES_PER_PIXEL = 12
 # Significance work arrays: bootstrap weights [images, replicates] (int64 drawn, float64 used),
@@ -72,32 +75,9 @@ RECORD_TIME_FACTOR = 1.5
 # Start-up of a job (imports, model build) in seconds, and the margin of a runtime request.
 START_S = 30
 RUNTIME_MARGIN = 2.0
-# Known datasets: images, image side, segmentation side, label planes, concepts.
-KNOWN_DATASETS = {
-    "broden1_224": (63305, 224, 112, 6, 1197),
-    "broden1_227": (63305, 227, 113, 6, 1197),
-    "broden1_384": (63305, 384, 192, 6, 1197),
-}
-SYNTH_PLANES, SYNTH_CONCEPTS = 5, 60
 # The share of (image, unit) maps with a non-empty mask (ResNet-18 layer4, quantile 0.005: 74
 # of 512 units per image).
 UNIT_ACTIVE = 0.15
-
-
-@dataclass(frozen=True)
-class DatasetSize:
-    images: int
-    image_size: tuple[int, int]
-    seg_size: tuple[int, int]
-    planes: int
-    concepts: int
-    source: str  # where the figures come from
-
-    @property
-    def prepared_mb(self) -> float:
-        h, w = self.image_size
-        sh, sw = self.seg_size
-        return self.images * (3 * h * w + 2 * self.planes * sh * sw) / MB
 
 
 @dataclass(frozen=True)
@@ -119,6 +99,9 @@ class JobPlan:
     cpu_s: float = 0.0
     gpu_s: float = 0.0
     parts: dict = field(default_factory=dict)  # what the memory is made of (MB)
+    unit_parts: int = 1  # layer_tables: the layer's unit parts (layer_units jobs) it merges
+    floor: list = field(default_factory=list)  # a layer too large even with one unit per part:
+    # the jobs of that split which would still not fit
 
     @property
     def name(self) -> str:
@@ -128,68 +111,6 @@ class JobPlan:
         """The runtime request (minutes): the estimate with a margin, at least 5."""
         s = self.gpu_s if gpu else self.cpu_s
         return max(5, math.ceil((START_S + RUNTIME_MARGIN * s) / 60))
-
-
-# -- the dataset -----------------------------------------------------------------------------------
-
-def _from_prepared(config: dict) -> DatasetSize | None:
-    root = Path(config.get("data_root", "resources"))
-    metas = sorted(glob.glob(str(root / "prepared" / f"{dataset_name(config)}-*" / "meta.json")),
-                   key=lambda p: Path(p).stat().st_mtime)
-    if not metas:
-        return None
-    import numpy as np
-
-    meta = json.loads(Path(metas[-1]).read_text())
-    planes = len(np.load(Path(metas[-1]).parent / "plane_category.npy"))
-    return DatasetSize(int(meta["n_images"]), tuple(meta["image_size"]), tuple(meta["seg_size"]),
-                       max(planes, 1), len(meta.get("concepts", [])), metas[-1])
-
-
-def _from_index(config: dict) -> DatasetSize | None:
-    index = Path(dataset_source_dir(config)) / "index.csv"
-    if not index.is_file():
-        return None
-    with open(index, newline="") as f:
-        rows = csv.DictReader(f)
-        first = next(rows, None)
-        n = 1 + sum(1 for _ in rows) if first is not None else 0
-    if first is None:
-        raise SizeUnknown(f"{index}: no images")
-    cats = [k for k in first if k not in ("image", "split", "ih", "iw", "sh", "sw")]
-    labels = Path(dataset_source_dir(config)) / "label.csv"
-    concepts = max(1, sum(1 for _ in open(labels)) - 1) if labels.is_file() else 1000
-    size = (int(first.get("ih") or 224), int(first.get("iw") or 224))
-    seg = (int(first.get("sh") or size[0] // 2), int(first.get("sw") or size[1] // 2))
-    return DatasetSize(n, size, seg, max(1, len(cats)), concepts, str(index))
-
-
-class SizeUnknown(CnnvisError):
-    """The dataset's size cannot be known before a job makes it (a `url:` archive not yet
-    downloaded, an index.csv that is missing or empty: the data stage reports those)."""
-
-
-def dataset_size(config: dict) -> DatasetSize:
-    """The dataset's images and sizes (prepared arrays, else index.csv, else the config)."""
-    ds = config["dataset"]
-    kind = source_kind(ds)
-    found = _from_prepared(config) or (None if kind else _from_index(config))
-    if found is not None:
-        return found
-    if kind:  # read in place (data/sources/): counted from its folders, sizes from a header
-        return DatasetSize(*size_estimate(ds), f"config: dataset.{kind}")
-    if "synth" in ds:
-        s = ds["synth"] or {}
-        n, side = int(s.get("images", 1000)), int(s.get("size", 64))
-        return DatasetSize(n, (side, side), (side // 2, side // 2), SYNTH_PLANES, SYNTH_CONCEPTS,
-                           "config: dataset.synth")
-    known = KNOWN_DATASETS.get(ds.get("download") or "")
-    if known is None:
-        raise SizeUnknown(f"config: dataset: no index.csv at {dataset_source_dir(config)} and not "
-                          f"a known dataset ({', '.join(KNOWN_DATASETS)}): its size is unknown")
-    n, side, seg, planes, concepts = known
-    return DatasetSize(n, (side, side), (seg, seg), planes, concepts,
-                       f"config: dataset.download {ds['download']}")
 
 
 # -- the model -------------------------------------------------------------------------------------
@@ -207,12 +128,15 @@ def measure_shape(spec: dict, size) -> ModelShape:
     from torch.utils.flop_counter import FlopCounterMode
 
     from cnnvis_pipeline.models.probe import check_layers
-    from cnnvis_pipeline.models.registry import build_model
+    from cnnvis_pipeline.models.registry import build_architecture, build_model
 
     name = spec.get("name", "model")
     build = {k: v for k, v in spec.items() if k not in ("checkpoint", "weights")}
-    with torch.device("meta"):
-        model, _ = build_model(name, build)
+    if spec.get("factory"):
+        with torch.device("meta"):
+            model, _ = build_model(name, build)
+    else:  # synthnet, torchvision: constructors that compute (RegNet's widths) run for real
+        model = build_architecture(name, build).to("meta")
     h, w = spec.get("input_size") or size
     x = torch.zeros(1, 3, int(h), int(w), device="meta")
     outs = [0]
@@ -267,14 +191,20 @@ def extract_job(model: str, shape: ModelShape, ds: DatasetSize, batch: int, shar
 
 
 def tables_job(model: str, layer: str, shape: ModelShape, ds: DatasetSize, batch: int,
-               statistics: dict, threads: int, shards: int = 1) -> JobPlan:
-    """A layer's thresholds, tally (with the statistics' per-image records) and tables."""
+               statistics: dict, threads: int, shards: int = 1, units: int | None = None,
+               part: str = "") -> JobPlan:
+    """A layer's thresholds, tally (with the statistics' per-image records) and tables in one
+    job; with `part`, the job `layer_units` of a part of `units` of its units (the same without
+    the tables, which the layer's merge job writes: merge_job)."""
     n = ds.images
-    units, h, w = shape.layers[layer]
+    units_all, h, w = shape.layers[layer]
+    units = units_all if units is None else units
     seg = ds.seg_size[0] * ds.seg_size[1]
     parts = {"imports": BASE_MB, "histograms": (1 + (shards > 1)) * HIST_MB_PER_UNIT * units,
              "maxima": n * units * MAXIMA_BYTES_PER_IMAGE_UNIT / MB,
              "tally": TALLY_BUFFERS_MB + batch * (units * h * w * 2 + ds.planes * seg * 8) / MB}
+    if not part:
+        parts["tables"] = units * ds.concepts * TABLE_BYTES_PER_UNIT_CONCEPT / MB
     tally_cpu = n * units * TALLY_S_PER_IMAGE_UNIT_CPU / threads
     stats_s = 0.0
     if statistics.get("enabled", True):
@@ -284,10 +214,62 @@ def tables_job(model: str, layer: str, shape: ModelShape, ds: DatasetSize, batch
         parts["significance"] = n * reps * 12 / MB + min(NULL_BLOCK_MB, n * 250 * 48 / MB)
         tally_cpu *= RECORD_TIME_FACTOR
         stats_s = n * units * TALLY_S_PER_IMAGE_UNIT_CPU / 4  # intervals and p-values (CPU)
-    disk = units * (ds.concepts + 1) * 64 / MB + 5
-    return JobPlan("layer_tables", model, layer, parts=parts, disk_mb=math.ceil(disk),
-                   cpu_s=tally_cpu + stats_s,
-                   gpu_s=n * units * TALLY_S_PER_IMAGE_UNIT_GPU + stats_s)
+    disk = (units * (ds.concepts + 1) * 64 / MB + 5) if not part else units * ds.concepts * 8 / MB
+    return _sum(JobPlan("layer_units" if part else "layer_tables", model, layer, part,
+                        parts=parts, disk_mb=math.ceil(disk), cpu_s=tally_cpu + stats_s,
+                        gpu_s=n * units * TALLY_S_PER_IMAGE_UNIT_GPU + stats_s))
+
+
+def merge_job(model: str, layer: str, shape: ModelShape, ds: DatasetSize, statistics: dict,
+              unit_parts: int) -> JobPlan:
+    """The job `layer_tables` of a layer in unit parts: the parts' tallies, significance and top
+    images concatenated, the layer-wide steps and the tables."""
+    units = shape.layers[layer][0]
+    top = int(statistics.get("top", 5)) if statistics.get("enabled", True) else 0
+    parts = {"imports": BASE_MB,
+             "tables": units * ds.concepts * TABLE_BYTES_PER_UNIT_CONCEPT / MB,
+             "significance": units * top * 200 / MB}
+    return _sum(JobPlan("layer_tables", model, layer, parts=parts, unit_parts=unit_parts,
+                        disk_mb=math.ceil(units * (ds.concepts + 1) * 64 / MB + 5),
+                        cpu_s=units * ds.concepts * 2e-6, gpu_s=units * ds.concepts * 2e-6))
+
+
+def layer_jobs(model: str, layer: str, shape: ModelShape, ds: DatasetSize, batch: int,
+               statistics: dict, threads: int, shards: int, unit_parts: int | str = "auto",
+               limit: int | None = None) -> list[JobPlan]:
+    """A layer's jobs: one `layer_tables` job, or with k unit parts k `layer_units` jobs and the
+    merge (`layer_tables`). `unit_parts` "auto": the fewest parts whose jobs all fit `limit` (MB;
+    one part without a limit). When none fits, the layer stays in one job, which over_limit
+    refuses naming what would not fit even with one unit per part (its `floor`)."""
+    units = shape.layers[layer][0]
+
+    def part(n: int, i: int = 0) -> JobPlan:
+        return tables_job(model, layer, shape, ds, batch, statistics, threads, shards, n, str(i))
+
+    def jobs(k: int) -> list[JobPlan]:
+        if k == 1:
+            return [tables_job(model, layer, shape, ds, batch, statistics, threads, shards)]
+        bounds = [units * i // k for i in range(k + 1)]  # as dissection.parts.unit_bounds
+        return [part(bounds[i + 1] - bounds[i], i) for i in range(k)] + [
+            merge_job(model, layer, shape, ds, statistics, k)]
+
+    if unit_parts != "auto":
+        return jobs(max(1, min(int(unit_parts), units)))
+    whole = jobs(1)
+    if not limit or whole[0].mem_mb <= limit:
+        return whole
+    merge = merge_job(model, layer, shape, ds, statistics, units)
+    if merge.mem_mb <= limit:
+        for k in range(2, units + 1):  # the largest part (-(-units // k) units) shrinks with k
+            if part(-(-units // k)).mem_mb <= limit:
+                return jobs(k)
+    whole[0].floor = [j for j in (part(1), merge) if j.mem_mb > limit]
+    return whole
+
+
+def _sum(job: JobPlan) -> JobPlan:
+    job.mem_mb = math.ceil(sum(job.parts.values()))
+    return job
 
 
 def compositional_job(model: str, layer: str, shape: ModelShape, ds: DatasetSize, shards: int,
@@ -316,9 +298,13 @@ def visualize_job(model: str, layer: str, shape: ModelShape, views: dict) -> Job
 
 
 def workflow_plan(config: dict, models: dict, *, cores: int = 1,
-                  cache_dir: str | Path | None = ".snakemake/cnnvis/plan") -> list[JobPlan]:
-    """Every per-model job of the workflow, planned (memory, disk, time)."""
+                  cache_dir: str | Path | None = ".snakemake/cnnvis/plan",
+                  limit: int | None = None) -> list[JobPlan]:
+    """Every per-model job of the workflow, planned (memory, disk, time); each layer in the unit
+    parts `resources.unit_parts` asks for ("auto": the fewest that fit `limit`, MB, default
+    `resources.max_mem_mb`)."""
     res = config.get("resources") or {}
+    limit = res.get("max_mem_mb") if limit is None else limit
     shards, batch = int(res.get("shards", 2)), int(res.get("batch_size", 64))
     statistics = (config.get("dissection") or {}).get("statistics") or {}
     ds = dataset_size(config)
@@ -330,8 +316,9 @@ def workflow_plan(config: dict, models: dict, *, cores: int = 1,
         for k in range(shards):
             jobs.append(extract_job(name, shape, ds, batch, shards, k, max(1, cores // shards)))
         for layer in spec["layers"]:
-            jobs.append(tables_job(name, layer, shape, ds, batch, statistics,
-                                   max(1, cores // layers), shards))
+            jobs += layer_jobs(name, layer, shape, ds, batch, statistics,
+                               max(1, cores // layers), shards, res.get("unit_parts", "auto"),
+                               limit)
             jobs.append(visualize_job(name, layer, shape, config.get("views") or {}))
             if config.get("compositional") is not None:
                 units = (config["compositional"] or {}).get("units", "all")
@@ -342,52 +329,52 @@ def workflow_plan(config: dict, models: dict, *, cores: int = 1,
     return jobs
 
 
-def load_config(path: str | Path) -> dict:
-    """A user's --configfile as the workflow sees it: merged with the embedded default,
-    checked against the schema, the planned sections filled with the schema's defaults."""
-    import yaml
-
-    from cnnvis_pipeline import config as cc
-
-    try:
-        user = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise CnnvisError(f"{path}: cannot read the config: {e}") from None
-    default = yaml.safe_load((cc.SCHEMA_PATH.parents[2] / "config" / "config.yaml").read_text())
-    cfg = cc.merge_with_default(user, default)
-    cc.check_schema(cfg)
-    for section in ("dissection", "resources", "views"):
-        cfg[section] = cc.with_defaults(section, cfg.get(section))
-    if cfg.get("compositional") is not None:
-        cfg["compositional"] = cc.with_defaults("compositional", cfg["compositional"])
-    return cfg
-
-
 # -- limits and the printed plan -------------------------------------------------------------------
 
 _ADVICE = {
     "extract_shard": "a smaller resources.batch_size (the forward pass) or more resources.shards "
                      "(the per-image maxima)",
-    "layer_tables": "dissection.statistics.enabled: false (the per-image records), or a machine "
-                    "with more memory (the histograms and maxima grow with the layer's units)",
+    "layer_tables": "resources.unit_parts: auto or a number (the layer's units in parts, fewer "
+                    "per job), or dissection.statistics.enabled: false (the per-image records)",
+    "layer_units": "more resources.unit_parts (fewer units per job), a smaller "
+                   "resources.batch_size (a batch's partner label planes) or fewer "
+                   "dissection.statistics.replicates (the bootstrap weights of every image)",
+    "merge": "a machine with more memory (the tables grow with the layer's units x concepts)",
     "compositional_shard": "more resources.shards (fewer units per job)",
     "visualize_layer": "fewer views.units",
 }
 
 
+def _line(job: JobPlan, limit: int, where: str, floor: bool = False) -> str:
+    top = sorted(job.parts.items(), key=lambda kv: -kv[1])[:3]
+    advice = _ADVICE["merge"] if job.unit_parts > 1 else _ADVICE.get(
+        job.rule, "a machine with more memory")
+    if floor:  # one unit per part already
+        advice = advice.removeprefix("more resources.unit_parts (fewer units per job), ")
+    return (f"needs about {job.mem_mb} MB, more than {where} {limit} MB ("
+            + ", ".join(f"{k} {v:.0f} MB" for k, v in top) + f"); try {advice}")
+
+
 def over_limit(jobs: list[JobPlan], max_mem_mb: int | None, where: str) -> list[str]:
-    """One line per job whose memory estimate exceeds `max_mem_mb`: its estimate, the largest
-    parts and what to change."""
+    """One line per job whose memory estimate exceeds `max_mem_mb` (one per layer for its unit
+    parts, which differ by one unit at most): its estimate, the largest parts and what to change;
+    for a layer that does not fit even with one unit per part, what still would not fit."""
     if not max_mem_mb:
         return []
-    lines = []
+    lines, layers = [], set()
     for job in jobs:
-        if job.mem_mb <= max_mem_mb:
+        if job.mem_mb <= max_mem_mb or (job.rule == "layer_units"
+                                        and (job.model, job.layer) in layers):
             continue
-        top = sorted(job.parts.items(), key=lambda kv: -kv[1])[:3]
-        lines.append(f"{job.name}: needs about {job.mem_mb} MB, more than {where} "
-                     f"{max_mem_mb} MB (" + ", ".join(f"{k} {v:.0f} MB" for k, v in top)
-                     + f"); try {_ADVICE.get(job.rule, 'a machine with more memory')}")
+        layers.add((job.model, job.layer))
+        floor = [f for f in job.floor if f.mem_mb > max_mem_mb]
+        if not floor:
+            lines.append(f"{job.name}: {_line(job, max_mem_mb, where)}")
+            continue
+        lines.append(f"{job.name}: needs about {job.mem_mb} MB, more than {where} {max_mem_mb} "
+                     "MB, and even with one unit per part (resources.unit_parts) " + "; ".join(
+                         ("the merge of the parts " if f.unit_parts > 1 else "a layer_units job ")
+                         + _line(f, max_mem_mb, where, True) for f in floor))
     return lines
 
 
@@ -399,6 +386,7 @@ def format_plan(jobs: list[JobPlan], ds: DatasetSize) -> str:
     rows = [f"{'job':<44} {'mem MB':>8} {'disk MB':>9} {'CPU min':>9} {'GPU min':>9}  largest"]
     for j in jobs:
         top = max(j.parts.items(), key=lambda kv: kv[1])[0] if j.parts else ""
+        merges = f" (merges {j.unit_parts} unit parts)" if j.unit_parts > 1 else ""
         rows.append(f"{j.name:<44} {j.mem_mb:>8} {j.disk_mb:>9} {j.cpu_s / 60:>9.1f} "
-                    f"{j.gpu_s / 60:>9.2f}  {top}")
+                    f"{j.gpu_s / 60:>9.2f}  {top}{merges}")
     return "\n".join([head, *rows])

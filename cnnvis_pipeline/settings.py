@@ -253,8 +253,9 @@ def job_spec(model: dict, config: dict, sections: tuple[str, ...]) -> dict:
     for s in sections:
         if config.get(s) is not None:
             out[s] = config[s]
-    if "resources" in out:  # the workflow's memory limit: checked at planning, read by no job
-        out["resources"] = {k: v for k, v in out["resources"].items() if k != "max_mem_mb"}
+    if "resources" in out:  # the memory limit and the unit parts: the workflow's, read by no job
+        out["resources"] = {k: v for k, v in out["resources"].items()
+                            if k not in ("max_mem_mb", "unit_parts")}
     return out
 
 

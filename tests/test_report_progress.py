@@ -75,6 +75,7 @@ def test_a_job_writes_its_status_to_the_descriptor_it_is_given(tmp_path):
 
 @pytest.mark.parametrize("rule,path", [("train_synthnet", "dissect.smk"),
                                        ("extract_shard", "dissect.smk"),
+                                       ("layer_units", "dissect.smk"),
                                        ("layer_tables", "dissect.smk"),
                                        ("visualize_layer", "viz.smk")])
 def test_the_long_rules_give_their_jobs_the_console(rule, path):

@@ -30,7 +30,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
-GPU_RULES = {"extract_shard", "layer_tables", "train_synthnet", "visualize_layer", "segment_shard",
+GPU_RULES = {"extract_shard", "layer_units", "layer_tables", "train_synthnet", "visualize_layer", "segment_shard",
              "ablation_layer", "adversarial_layer"}
 # wall-clock bound of the snakemake run (each job takes ~15-20 s to turn around on the CI cluster)
 RUN_TIMEOUT_S = int(os.environ.get("CNNVIS_SLURM_TEST_TIMEOUT", "900"))
@@ -62,7 +62,7 @@ def test_profile_maps_gpu_rules():
         assert asks_for_gpu(res), rule
         assert res["slurm_partition"] != defaults["slurm_partition"], rule
         # the planned rules take mem_mb and runtime from the resource plan (cnnvis plan)
-        planned = rule in {"extract_shard", "layer_tables", "visualize_layer"}
+        planned = rule in {"extract_shard", "layer_units", "layer_tables", "visualize_layer"}
         assert {"cpus_per_gpu"} | ({"runtime", "mem_mb"} if not planned else set()) \
             <= res.keys(), rule
         assert planned != ({"runtime", "mem_mb"} <= res.keys()), rule

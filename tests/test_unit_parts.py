@@ -95,11 +95,11 @@ def test_a_part_holds_only_its_units(prepared_dir, extracted, one_job, tmp_path)
                  "--layer", layer, "--extracts", *map(str, extracted), "--part", "1",
                  "--parts", "3", "--out", str(f), "--quiet"]) == 0
     part, meta = load_part(f)
-    assert (part.first, len(part.thresholds), meta["units"]) == (3, 2, 8)  # 8 units: 3, 2, 3
-    assert part.tally.intersection.shape[0] == 2
-    assert set(part.significance["unit"]) == {3, 4}
+    assert (part.first, len(part.thresholds), meta["units"]) == (2, 3, 8)  # 8 units: 2, 3, 3
+    assert part.tally.intersection.shape[0] == 3
+    assert set(part.significance["unit"]) == {2, 3, 4}
     thresholds = pq.read_table(one_job / layer / "thresholds.parquet").to_pandas()
-    assert np.array_equal(part.thresholds, thresholds["threshold"].to_numpy()[3:5])
+    assert np.array_equal(part.thresholds, thresholds["threshold"].to_numpy()[2:5])
 
 
 def test_merge_refuses_parts_that_do_not_cover_the_layer(prepared_dir, extracted, tmp_path):
@@ -113,13 +113,13 @@ def test_merge_refuses_parts_that_do_not_cover_the_layer(prepared_dir, extracted
     from cnnvis_pipeline.dissection.parts import run_merge
     from cnnvis_pipeline.settings import Job
 
-    with pytest.raises(CnnvisError, match="cover 6 of 8 units"):
+    with pytest.raises(CnnvisError, match="cover 5 of 8 units"):
         run_merge(Job.from_spec(spec()), prepared_dir, files, tmp_path / "out")
     assert not (tmp_path / "out" / layer / "units.parquet").exists()
 
 
 def test_unit_bounds_split_consecutively():
-    assert [unit_bounds(8, 3, k) for k in range(3)] == [(0, 3), (3, 5), (5, 8)]
+    assert [unit_bounds(8, 3, k) for k in range(3)] == [(0, 2), (2, 5), (5, 8)]
     assert [unit_bounds(5, 5, k) for k in range(5)] == [(k, k + 1) for k in range(5)]
     with pytest.raises(CnnvisError, match="out of range"):
         unit_bounds(4, 5, 0)

@@ -1,7 +1,7 @@
 """A layer's units in parts: the workflow's jobs of a layer too large for one job.
 
-- unit_bounds(units, parts, part): the units of part `part` of `parts` (consecutive ranges, the
-  first ones one unit larger, as extract.shard_indices splits images).
+- unit_bounds(units, parts, part): the units of part `part` of `parts` (consecutive ranges that
+  differ by at most one unit; plan.layer_jobs splits alike).
 - run_unit_part(job, prepared, extract_dirs, layer, part, parts, out): the job `layer_units`:
   pipeline.dissect_units on one range of the layer's units (only their histogram, activations,
   maxima and records are read or held), saved to one .npz (save_part).
@@ -31,8 +31,7 @@ def unit_bounds(units: int, parts: int, part: int) -> tuple[int, int]:
     """(first, stop) of part `part` of a layer's `units` split into `parts` consecutive ranges."""
     if not 0 <= part < parts <= units:
         raise CnnvisError(f"unit part {part} of {parts} is out of range for {units} units")
-    bounds = np.linspace(0, units, parts + 1).round().astype(np.int64)
-    return int(bounds[part]), int(bounds[part + 1])
+    return units * part // parts, units * (part + 1) // parts
 
 
 def save_part(path: str | Path, p: pipeline.UnitPart, *, layer: str, units: int,

@@ -124,6 +124,7 @@ wildcard_constraints:
     layer="|".join(re.escape(layer) for layer in LAYERS),
     shard=r"\d+",
     part=r"\d+",
+    parts=r"\d+",
 
 
 # Checkpoint series (`checkpoints: [...]` in a model's config): one figure of detectors over
@@ -174,12 +175,13 @@ def _global_mem_mb():
 
 
 def _plan():
+    limits = [
+        (config["resources"].get("max_mem_mb"), "resources.max_mem_mb"),
+        (_global_mem_mb(), "--resources mem_mb"),
+    ]
+    limit = min((x for x, _ in limits if x), default=None)  # for unit_parts: auto
     try:
-        cores = int(workflow.cores)
-    except WorkflowError:
-        cores = 1
-    try:
-        jobs = cplan.workflow_plan(config, MODELS, cores=cores)
+        jobs = cplan.workflow_plan(config, MODELS, cores=_cores(), limit=limit)
     except cplan.SizeUnknown as e:
         # e.g. a url: archive not downloaded yet: the jobs run with the profile's resources
         if workflow.is_main_process:
@@ -187,10 +189,6 @@ def _plan():
         return {}
     except CnnvisError as e:
         raise WorkflowError(f"resource plan: {e}") from None
-    limits = [
-        (config["resources"].get("max_mem_mb"), "resources.max_mem_mb"),
-        (_global_mem_mb(), "--resources mem_mb"),
-    ]
     problems = [
         line for limit, where in limits for line in cplan.over_limit(jobs, limit, where)
     ]

@@ -6,6 +6,29 @@
 # so for the other models no extra job (and no extra torch start-up) sits before extraction.
 
 
+def unit_parts(model, layer):
+    """The parts a layer's units are split into (the plan's choice, resources.unit_parts):
+    1 = one layer_tables job; k > 1 = k layer_units jobs and layer_tables merging them.
+    """
+    job = PLAN.get(("layer_tables", model, layer, ""))
+    if job is not None:
+        return job.unit_parts
+    given = config["resources"]["unit_parts"]  # no plan yet (a dataset of unknown size)
+    return 1 if given == "auto" else int(given)
+
+
+def layer_tables_input(wildcards):
+    """Every shard's extraction (one part), or the layer's unit parts (layer_units)."""
+    k = unit_parts(wildcards.model, wildcards.layer)
+    if k == 1:
+        return expand(f"results/{wildcards.model}/extract/{{shard}}", shard=SHARDS)
+    return [unit_part_file(wildcards.model, wildcards.layer, i, k) for i in range(k)]
+
+
+def unit_part_file(model, layer, part, parts):
+    return f"results/{model}/{layer}/unit_parts/{part}-{parts}.npz"
+
+
 rule check_model:
     input:
         prepared=PREPARED,
@@ -63,14 +86,38 @@ rule extract_shard:
         " 3>&2 > {log:q} 2>&1"
 
 
-# Thresholds, tally and tables of a layer in one job (`cnnvis tables` without --tallies): the
-# merged histograms of all shards give T_k, the layer's activations of every shard are tallied
-# in shard order (the int64 sums equal per-shard tallies merged), the tables are written. One
-# job per layer after the extractions: one process start-up and one read of the activations.
-rule layer_tables:
+# A layer too large for one job (the plan's unit parts, common.smk `unit_parts`): one job per
+# part of its units, each reading only its units' histograms, activations and maxima (tally,
+# per-image records and significance of those units); layer_tables merges the parts.
+rule layer_units:
     input:
         prepared=PREPARED,
         extracts=expand("results/{{model}}/extract/{shard}", shard=SHARDS),
+    output:
+        temp(unit_part_file("{model}", "{layer}", "{part}", "{parts}")),
+    log:
+        "results/logs/{model}/units_{layer}_{part}-{parts}.log",
+    threads: lambda wc: layer_threads(wc.model)
+    resources:
+        **planned("layer_units"),
+    params:
+        cnnvis=CNNVIS,
+        spec=job_json("dissection", "resources"),
+    shell:
+        "CNNVIS_STATUS_FD=3 {params.cnnvis} layer-units --prepared {input.prepared:q} --spec {params.spec:q}"
+        " --layer {wildcards.layer:q} --extracts {input.extracts:q} --part {wildcards.part:q}"
+        " --parts {wildcards.parts:q} --out {output:q} 3>&2 > {log:q} 2>&1"
+
+
+# Thresholds, tally and tables of a layer in one job (`cnnvis tables --extracts`): the merged
+# histograms of all shards give T_k, the layer's activations of every shard are tallied in shard
+# order (the int64 sums equal per-shard tallies merged), the tables are written. One job per
+# layer after the extractions: one process start-up and one read of the activations. A layer in
+# unit parts: the same tables from its layer_units parts (`cnnvis tables --parts`).
+rule layer_tables:
+    input:
+        prepared=PREPARED,
+        layer=layer_tables_input,
     output:
         thresholds="results/{model}/{layer}/thresholds.parquet",
         iou="results/{model}/{layer}/iou.parquet",
@@ -108,9 +155,12 @@ rule layer_tables:
     params:
         cnnvis=CNNVIS,
         spec=job_json("dissection", "resources"),
+        source=lambda wc: (
+            "--parts" if unit_parts(wc.model, wc.layer) > 1 else "--extracts"
+        ),
     shell:
         "CNNVIS_STATUS_FD=3 {params.cnnvis} tables --prepared {input.prepared:q} --spec {params.spec:q}"
-        " --layers {wildcards.layer:q} --extracts {input.extracts:q}"
+        " --layers {wildcards.layer:q} {params.source:q} {input.layer:q}"
         " --out-dir results/{wildcards.model:q} 3>&2 > {log:q} 2>&1"
 
 

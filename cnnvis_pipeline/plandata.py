@@ -1,0 +1,124 @@
+"""What the resource plan (plan.py) starts from, known before any job runs: the config as the
+workflow sees it (`load_config`) and the dataset's size (`dataset_size`: its prepared arrays'
+meta.json when they exist, else the source's index.csv, else the config, broden-synth's `images`
+and `size` or a source's counted folders, or the known datasets' sizes). Imports no torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from cnnvis_pipeline.config import dataset_name, dataset_source_dir
+from cnnvis_pipeline.data.sources import size_estimate, source_kind
+from cnnvis_pipeline.errors import CnnvisError
+
+MB = 1 << 20
+# Known datasets: images, image side, segmentation side, label planes, concepts.
+KNOWN_DATASETS = {
+    "broden1_224": (63305, 224, 112, 6, 1197),
+    "broden1_227": (63305, 227, 113, 6, 1197),
+    "broden1_384": (63305, 384, 192, 6, 1197),
+}
+SYNTH_PLANES, SYNTH_CONCEPTS = 5, 60
+
+
+@dataclass(frozen=True)
+class DatasetSize:
+    images: int
+    image_size: tuple[int, int]
+    seg_size: tuple[int, int]
+    planes: int
+    concepts: int
+    source: str  # where the figures come from
+
+    @property
+    def prepared_mb(self) -> float:
+        h, w = self.image_size
+        sh, sw = self.seg_size
+        return self.images * (3 * h * w + 2 * self.planes * sh * sw) / MB
+
+
+
+def _from_prepared(config: dict) -> DatasetSize | None:
+    root = Path(config.get("data_root", "resources"))
+    metas = sorted(glob.glob(str(root / "prepared" / f"{dataset_name(config)}-*" / "meta.json")),
+                   key=lambda p: Path(p).stat().st_mtime)
+    if not metas:
+        return None
+    import numpy as np
+
+    meta = json.loads(Path(metas[-1]).read_text())
+    planes = len(np.load(Path(metas[-1]).parent / "plane_category.npy"))
+    return DatasetSize(int(meta["n_images"]), tuple(meta["image_size"]), tuple(meta["seg_size"]),
+                       max(planes, 1), len(meta.get("concepts", [])), metas[-1])
+
+
+def _from_index(config: dict) -> DatasetSize | None:
+    index = Path(dataset_source_dir(config)) / "index.csv"
+    if not index.is_file():
+        return None
+    with open(index, newline="") as f:
+        rows = csv.DictReader(f)
+        first = next(rows, None)
+        n = 1 + sum(1 for _ in rows) if first is not None else 0
+    if first is None:
+        raise SizeUnknown(f"{index}: no images")
+    cats = [k for k in first if k not in ("image", "split", "ih", "iw", "sh", "sw")]
+    labels = Path(dataset_source_dir(config)) / "label.csv"
+    concepts = max(1, sum(1 for _ in open(labels)) - 1) if labels.is_file() else 1000
+    size = (int(first.get("ih") or 224), int(first.get("iw") or 224))
+    seg = (int(first.get("sh") or size[0] // 2), int(first.get("sw") or size[1] // 2))
+    return DatasetSize(n, size, seg, max(1, len(cats)), concepts, str(index))
+
+
+class SizeUnknown(CnnvisError):
+    """The dataset's size cannot be known before a job makes it (a `url:` archive not yet
+    downloaded, an index.csv that is missing or empty: the data stage reports those)."""
+
+
+def dataset_size(config: dict) -> DatasetSize:
+    """The dataset's images and sizes (prepared arrays, else index.csv, else the config)."""
+    ds = config["dataset"]
+    kind = source_kind(ds)
+    found = _from_prepared(config) or (None if kind else _from_index(config))
+    if found is not None:
+        return found
+    if kind:  # read in place (data/sources/): counted from its folders, sizes from a header
+        return DatasetSize(*size_estimate(ds), f"config: dataset.{kind}")
+    if "synth" in ds:
+        s = ds["synth"] or {}
+        n, side = int(s.get("images", 1000)), int(s.get("size", 64))
+        return DatasetSize(n, (side, side), (side // 2, side // 2), SYNTH_PLANES, SYNTH_CONCEPTS,
+                           "config: dataset.synth")
+    known = KNOWN_DATASETS.get(ds.get("download") or "")
+    if known is None:
+        raise SizeUnknown(f"config: dataset: no index.csv at {dataset_source_dir(config)} and not "
+                          f"a known dataset ({', '.join(KNOWN_DATASETS)}): its size is unknown")
+    n, side, seg, planes, concepts = known
+    return DatasetSize(n, (side, side), (seg, seg), planes, concepts,
+                       f"config: dataset.download {ds['download']}")
+
+
+def load_config(path: str | Path) -> dict:
+    """A user's --configfile as the workflow sees it: merged with the embedded default,
+    checked against the schema, the planned sections filled with the schema's defaults."""
+    import yaml
+
+    from cnnvis_pipeline import config as cc
+
+    try:
+        user = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise CnnvisError(f"{path}: cannot read the config: {e}") from None
+    default = yaml.safe_load((cc.SCHEMA_PATH.parents[2] / "config" / "config.yaml").read_text())
+    cfg = cc.merge_with_default(user, default)
+    cc.check_schema(cfg)
+    for section in ("dissection", "resources", "views"):
+        cfg[section] = cc.with_defaults(section, cfg.get(section))
+    if cfg.get("compositional") is not None:
+        cfg["compositional"] = cc.with_defaults("compositional", cfg["compositional"])
+    return cfg
