@@ -16,6 +16,7 @@ CNNVIS_ROOT = Path(workflow.basedir)
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/plan.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/dissect.smk"
 include: "workflow/rules/compositional.smk"

@@ -1,13 +1,14 @@
 """Peak resident memory of the workflow's dissection jobs, each a child process.
 
     python -m cnnvis_pipeline.bench.memory --images 3000 [--arch resnet18] [--layer layer4]
-        [--statistics on off] [--shards 1] [--records]
+        [--statistics on off] [--shards 1] [--unit-parts K] [--records]
 
 On the benchmark's broden-big dataset (generated and prepared once, cached as for
 `python -m cnnvis_pipeline.bench`), runs the commands of the workflow's jobs as separate
 processes: `cnnvis extract` for each shard, then `cnnvis tables` for the layer once per
-`--statistics` setting (`--workdir`: the extraction kept and reused), and reads each child's peak resident set size from the kernel
-(`os.wait4`'s ru_maxrss: the child's own high-water mark, start-up and imports included, what a
+`--statistics` setting (`--workdir`: the extraction kept and reused), with `--unit-parts K` the
+layer in K parts too (`cnnvis layer-units` per part, then `cnnvis tables --parts`), and reads
+each child's peak resident set size from the kernel (`os.wait4`'s ru_maxrss: the child's own high-water mark, start-up and imports included, what a
 SLURM job's memory limit sees). `--tile K` measures the tables jobs of a dataset K times larger
 on the extraction's activations repeated K times (the tally and statistics of K x images
 without K forward passes). `--records` also tallies the layer in this process and prints
@@ -152,6 +153,8 @@ def measure(args) -> list[dict]:
             rows.append(dict(job="layer_tables", statistics=stats, **r, load_before=load,
                              load_after=_load()))
             log(json.dumps(rows[-1]))
+        if args.unit_parts > 1:
+            rows += measure_parts(prepared, args, extracts, Path(tmp))
         if args.records:
             rows.append({"records": record_sizes(
                 prepared, job_spec(args.arch, args.layer, True, args.batch_size), extracts,
@@ -161,6 +164,31 @@ def measure(args) -> list[dict]:
               "tiled_from": args.images if args.tile > 1 else None,
               "cpus": os.cpu_count()}
     return [dict(common, **r) for r in rows]
+
+
+def measure_parts(prepared: str, args, extracts: list[Path], tmp: Path) -> list[dict]:
+    """The layer in args.unit_parts parts, statistics on: each `cnnvis layer-units` job, then
+    the merge (`cnnvis tables --parts`), each a measured child process."""
+    spec = json.dumps(job_spec(args.arch, args.layer, True, args.batch_size))
+    rows, files = [], []
+    for k in range(args.unit_parts):
+        files.append(tmp / "parts" / f"{k}-{args.unit_parts}.npz")
+        load = _load()
+        r = run_measured(_cnnvis("layer-units", "--prepared", prepared, "--spec", spec,
+                                 "--layer", args.layer, "--extracts", *map(str, extracts),
+                                 "--part", str(k), "--parts", str(args.unit_parts),
+                                 "--out", str(files[-1])))
+        rows.append(dict(job="layer_units", part=k, parts=args.unit_parts, **r,
+                         load_before=load, load_after=_load()))
+        log(json.dumps(rows[-1]))
+    load = _load()
+    r = run_measured(_cnnvis("tables", "--prepared", prepared, "--spec", spec, "--layers",
+                             args.layer, "--parts", *map(str, files), "--out-dir",
+                             str(tmp / "merged")))
+    rows.append(dict(job="layer_tables", parts=args.unit_parts, **r, load_before=load,
+                     load_after=_load()))
+    log(json.dumps(rows[-1]))
+    return rows
 
 
 def parse_args(argv=None):
@@ -176,6 +204,9 @@ def parse_args(argv=None):
     p.add_argument("--tile", type=int, default=1,
                    help="measure the tables jobs on a dataset this many times larger, with the "
                         "extraction's activations repeated (no forward pass of its own)")
+    p.add_argument("--unit-parts", type=int, default=1,
+                   help="also run the layer in this many unit parts (layer-units jobs and their "
+                        "merge), statistics on")
     p.add_argument("--records", action="store_true",
                    help="also count the per-image records of the statistics (in process)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE))

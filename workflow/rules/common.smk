@@ -9,7 +9,6 @@ import yaml
 from snakemake.utils import validate
 
 from cnnvis_pipeline import config as cc
-from cnnvis_pipeline import plan as cplan
 from cnnvis_pipeline import joblogs, runlock
 from cnnvis_pipeline import settings as cs
 from cnnvis_pipeline.data import digests
@@ -158,100 +157,6 @@ def shard_threads():
 
 def layer_threads(model):
     return max(1, _cores() // len(MODELS[model]["layers"]))
-
-
-# The resource plan (cnnvis_pipeline/plan.py, as `cnnvis plan` prints it): every dissection job's
-# memory, disk and time, which the rules request as resources, so SLURM jobs ask for what they
-# need. A job over `resources.max_mem_mb` or Snakemake's `--resources mem_mb=` is refused here,
-# at `snakemake -n`, with its estimate and what to change. Layer shapes are cached in
-# .snakemake/cnnvis/plan/ (a cache, not a result: torch is imported only when it misses).
-def _global_mem_mb():
-    try:
-        value = workflow.global_resources["mem_mb"]
-    except (KeyError, TypeError):
-        return None
-    value = getattr(value, "value", value)
-    return int(value) if isinstance(value, (int, float)) else None
-
-
-def _plan():
-    limits = [
-        (config["resources"].get("max_mem_mb"), "resources.max_mem_mb"),
-        (_global_mem_mb(), "--resources mem_mb"),
-    ]
-    limit = min((x for x, _ in limits if x), default=None)  # for unit_parts: auto
-    try:
-        jobs = cplan.workflow_plan(config, MODELS, cores=_cores(), limit=limit)
-    except cplan.SizeUnknown as e:
-        # e.g. a url: archive not downloaded yet: the jobs run with the profile's resources
-        if workflow.is_main_process:
-            print(f"resource plan: none yet ({e})", file=sys.stderr)
-        return {}
-    except CnnvisError as e:
-        raise WorkflowError(f"resource plan: {e}") from None
-    problems = [
-        line for limit, where in limits for line in cplan.over_limit(jobs, limit, where)
-    ]
-    # refused by the main process only: a cluster job re-reads the Snakefile once the dataset is
-    # prepared, and its own estimate (from the prepared arrays) must not stop it
-    if problems and workflow.is_main_process:
-        raise WorkflowError(
-            "jobs that would not fit in memory:\n" + "\n".join(problems)
-        )
-    return {(j.rule, j.model, j.layer, j.part): j for j in jobs}
-
-
-PLAN = _plan()
-PLAN_GPU = str(config["resources"]["device"]).startswith("cuda")
-
-
-def _factory_unit_problems():
-    """`units:` of the factory models against the layer shapes the plan measured (cached: no
-    second build); their layer problems were refused by the plan already."""
-    if not workflow.is_main_process:
-        return []
-    size = None
-    problems = []
-    for name, spec in MODELS.items():
-        if spec.get("factory") and spec.get("units"):
-            size = size or cplan.dataset_size(config).image_size
-            shapes = cplan.model_shape(dict(spec, name=name), size).layers
-            problems += [
-                f"config: models.{spec.get('series') or name}.{p}"
-                for p in precheck.unit_problems(spec, shapes)
-            ]
-    return list(dict.fromkeys(problems))
-
-
-_problems = _factory_unit_problems()
-if _problems:
-    raise WorkflowError(
-        "invalid configuration: "
-        + (
-            _problems[0]
-            if len(_problems) == 1
-            else f"{len(_problems)} problems:\n"
-            + "\n".join(f"  {m}" for m in _problems)
-        )
-    )
-
-
-def planned(rule):
-    """A rule's resources from the plan: mem_mb, disk_mb and runtime (minutes; GPU times when
-    resources.device is cuda, CPU times otherwise)."""
-
-    if not PLAN:
-        return {}
-
-    def job(wc):
-        part = wc.get("shard", wc.get("part", ""))
-        return PLAN[(rule, wc.get("model", ""), wc.get("layer", ""), part)]
-
-    return {
-        "mem_mb": lambda wc: job(wc).mem_mb,
-        "disk_mb": lambda wc: job(wc).disk_mb,
-        "runtime": lambda wc: job(wc).runtime_min(PLAN_GPU),
-    }
 
 
 def series_figure(name):

@@ -6,29 +6,6 @@
 # so for the other models no extra job (and no extra torch start-up) sits before extraction.
 
 
-def unit_parts(model, layer):
-    """The parts a layer's units are split into (the plan's choice, resources.unit_parts):
-    1 = one layer_tables job; k > 1 = k layer_units jobs and layer_tables merging them.
-    """
-    job = PLAN.get(("layer_tables", model, layer, ""))
-    if job is not None:
-        return job.unit_parts
-    given = config["resources"]["unit_parts"]  # no plan yet (a dataset of unknown size)
-    return 1 if given == "auto" else int(given)
-
-
-def layer_tables_input(wildcards):
-    """Every shard's extraction (one part), or the layer's unit parts (layer_units)."""
-    k = unit_parts(wildcards.model, wildcards.layer)
-    if k == 1:
-        return expand(f"results/{wildcards.model}/extract/{{shard}}", shard=SHARDS)
-    return [unit_part_file(wildcards.model, wildcards.layer, i, k) for i in range(k)]
-
-
-def unit_part_file(model, layer, part, parts):
-    return f"results/{model}/{layer}/unit_parts/{part}-{parts}.npz"
-
-
 rule check_model:
     input:
         prepared=PREPARED,
