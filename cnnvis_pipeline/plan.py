@@ -78,6 +78,17 @@ RUNTIME_MARGIN = 2.0
 # The share of (image, unit) maps with a non-empty mask (ResNet-18 layer4, quantile 0.005: 74
 # of 512 units per image).
 UNIT_ACTIVE = 0.15
+# Compositional explanations (compositional_shard: `cnnvis compositional`, ResNet-18 layer4,
+# broden-big, 3,000 images, 1,376 concepts, 953 MB at 16 units, 1,055 at 64, 1,243 at 160): the
+# concept entries per image (41,238 for 3,000 images), the annotation groups of the
+# co-occurrence (8), the buffers of the pass that thresholds the units, and the searches' caches
+# of formula masks and overlaps, which fill at about 470 bytes per (image, unit) up to their
+# bound (formulas.Searcher: 512 + 256 MB for the search and again for the null).
+CONCEPT_ENTRIES_PER_IMAGE = 14
+ANNOTATION_GROUPS = 8
+UNIT_MASK_PASS_MB = 100
+FORMULA_CACHE_BYTES_PER_IMAGE_UNIT = 470
+FORMULA_CACHE_MAX_MB = 2 * (512 + 256)
 
 
 @dataclass(frozen=True)
@@ -274,14 +285,20 @@ def _sum(job: JobPlan) -> JobPlan:
 
 def compositional_job(model: str, layer: str, shape: ModelShape, ds: DatasetSize, shards: int,
                       part: int, units_setting) -> JobPlan:
-    """Formulas of one part of a layer's units: bit-packed concept masks (about 16 concepts per
-    image) and the part's unit masks, kept for the images where they are not empty (about
-    UNIT_ACTIVE of them at the default quantile). Rough: not measured at scale."""
+    """Formulas of one part of a layer's units: the bit-packed concept masks of every (image,
+    concept present) entry, the concepts' co-occurrence per annotation group, the pass that
+    thresholds the part's units, their masks, kept for the images where they are not empty
+    (about UNIT_ACTIVE of them at the default quantile), and the searches' bounded caches."""
     units = shape.layers[layer][0] if units_setting == "all" else len(units_setting)
     mine = _shard_images(units, shards, part)
-    row = ds.seg_size[0] * ds.seg_size[1] / 8
-    parts = {"imports": BASE_MB, "concept_masks": ds.images * 16 * row / MB,
-             "unit_masks": ds.images * mine * UNIT_ACTIVE * row / MB}
+    row = 8 * math.ceil(ds.seg_size[0] * ds.seg_size[1] / 64)  # int64 words of a mask row
+    parts = {"imports": BASE_MB,
+             "concept_masks": ds.images * CONCEPT_ENTRIES_PER_IMAGE * row / MB,
+             "cooccurrence": ds.concepts ** 2 * ANNOTATION_GROUPS * 8 / MB,
+             "unit_mask_pass": UNIT_MASK_PASS_MB,
+             "unit_masks": ds.images * mine * UNIT_ACTIVE * row / MB,
+             "formula_caches": min(FORMULA_CACHE_MAX_MB,
+                                   ds.images * mine * FORMULA_CACHE_BYTES_PER_IMAGE_UNIT / MB)}
     cpu = ds.images * mine * 2e-4
     return JobPlan("compositional_shard", model, layer, str(part), parts=parts, disk_mb=5,
                    cpu_s=cpu, gpu_s=cpu)

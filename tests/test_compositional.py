@@ -111,6 +111,30 @@ def test_popcount_and_packing_match_plain_bit_counting():
     assert torch.equal(dev_rows, rows)
 
 
+class _UnmappedPlanes(np.memmap):
+    """A prepared array whose memory map must not be read (ConceptMasks reads it with pread,
+    so a full-size dataset's label planes never become resident in the job)."""
+
+    def __getitem__(self, key):
+        raise AssertionError("the label planes were read through their memory map")
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the label planes were read through their memory map")
+
+
+def test_concept_masks_read_the_planes_without_their_memory_map(planted_data):
+    _, ds = planted_data
+    want = cp.ConceptMasks(ds)
+    guarded = PreparedDataset(ds.path)
+    guarded.planes = guarded.planes.view(_UnmappedPlanes)
+    with pytest.raises(AssertionError, match="memory map"):
+        guarded.planes[:1]  # the guard works
+    got = cp.ConceptMasks(guarded, batch_size=7)  # batches that do not divide the images
+    assert torch.equal(got.rows, want.rows)
+    np.testing.assert_array_equal(got.area, want.area)
+    assert got.rows.shape[0] > len(ds) and got.area.sum() > 0
+
+
 def test_concept_masks_are_the_label_planes(planted_data):
     ds_dir, ds = planted_data
     labels, annotated, category = dense_labels(ds_dir)

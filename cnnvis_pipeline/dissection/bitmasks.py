@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from cnnvis_pipeline.data.prepared import PreparedDataset
+from cnnvis_pipeline.dissection.stores import read_rows
 
 AND, OR, AND_NOT = 0, 1, 2
 OPS = (AND, OR, AND_NOT)
@@ -184,7 +185,8 @@ class ConceptMasks:
             e_con = self.entry_concept[e0:e1]
             bits = np.zeros((e1 - e0, S), bool)
             if P:
-                lab = np.asarray(ds.planes[i0:i1, :P]).reshape(i1 - i0, P, S)
+                # pread, not the memory map: the planes never stay resident
+                lab = read_rows(ds.planes, i0, i1)[:, :P].reshape(i1 - i0, P, S)
                 for p in range(P):
                     on_p = np.flatnonzero(self.concept_category[e_con] == plane_category[p])
                     if len(on_p):

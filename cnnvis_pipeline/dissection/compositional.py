@@ -113,7 +113,9 @@ def unit_masks(batches: Iterable[tuple[int, torch.Tensor]], thresholds: np.ndarr
         u_all, i_all = np.concatenate(got_units), np.concatenate(got_images).astype(np.int64)
         order = np.lexsort((i_all, u_all))  # by unit, then image
         u_all, i_all = u_all[order], i_all[order]
-        rows_all = torch.cat(got_rows)[torch.as_tensor(order, device=device)]
+        rows_all = torch.cat(got_rows)
+        got_rows.clear()  # two copies of the masks at the peak (concatenated, reordered), not three
+        rows_all = rows_all[torch.as_tensor(order, device=device)]
         bounds = np.searchsorted(u_all, np.arange(len(units) + 1))
     else:
         bounds = np.zeros(len(units) + 1, np.int64)

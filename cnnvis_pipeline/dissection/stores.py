@@ -9,6 +9,7 @@
   tensor in memory; `unit_range(first, stop)`: a store of some of its units (the reads give
   only theirs).
 - read_columns(path, first, stop): columns of a 2-D .npy file (a unit range of per-image maxima).
+- read_rows(arr, first, stop): rows of a memory-mapped .npy array, read with pread.
 - tune_malloc(): glibc's malloc gets a fixed 1 MB mmap threshold, so per-batch buffers go back
   to the system when freed and the peak resident memory does not creep with the images.
 
@@ -330,3 +331,16 @@ class ActivationStore:
             self.close()
         except Exception:
             pass
+
+
+def read_rows(arr: np.ndarray, first: int, stop: int) -> np.ndarray:
+    """Rows first..stop-1 of a prepared array as a fresh in-memory copy, read with pread when it
+    is a memory-mapped .npy file (its pages are then never mapped into this process, so its
+    resident memory does not grow with the rows read), else copied."""
+    out = np.empty((stop - first, *arr.shape[1:]), arr.dtype)
+    reader = _RowReader(arr)
+    try:
+        reader.read(np.arange(first, stop, dtype=np.int64), out)
+    finally:
+        reader.close()
+    return out
