@@ -278,6 +278,17 @@ def layer_jobs(model: str, layer: str, shape: ModelShape, ds: DatasetSize, batch
     return whole
 
 
+def find_job(jobs: dict, rule: str, model: str, layer: str, part: str) -> JobPlan:
+    """The planned job {(rule, model, layer, part): JobPlan}; a unit part this plan does not
+    have (a cluster job's plan, from the prepared arrays, may split a layer otherwise than the
+    run's) gets the layer's largest part, else the layer in one job."""
+    found = jobs.get((rule, model, layer, part))
+    if found is None and rule == "layer_units":
+        same = [j for (r, m, x, _), j in jobs.items() if (r, m, x) == (rule, model, layer)]
+        found = max(same, key=lambda j: j.mem_mb, default=None)
+    return found or jobs[("layer_tables", model, layer, "")]
+
+
 def _sum(job: JobPlan) -> JobPlan:
     job.mem_mb = math.ceil(sum(job.parts.values()))
     return job

@@ -51,6 +51,16 @@ def test_the_fewest_parts_that_fit_the_limit(limit):
     assert "tables" in merge.parts and "tables" not in parts[0].parts  # the merge writes them
 
 
+def test_a_part_the_plan_does_not_have_gets_an_upper_bound():
+    jobs = {(j.rule, j.model, j.layer, j.part): j for j in _jobs(None, 3)}
+    largest = max(j.mem_mb for j in jobs.values() if j.rule == "layer_units")
+    assert plan.find_job(jobs, "layer_units", "m", "layer4", "7").mem_mb == largest
+    assert plan.find_job(jobs, "layer_units", "m", "layer4", "1") is jobs[
+        ("layer_units", "m", "layer4", "1")]
+    whole = {(j.rule, j.model, j.layer, j.part): j for j in _jobs(None, 1)}
+    assert plan.find_job(whole, "layer_units", "m", "layer4", "0").rule == "layer_tables"
+
+
 def test_an_explicit_number_of_parts_and_its_bound():
     assert len([j for j in _jobs(None, 3) if j.rule == "layer_units"]) == 3
     assert _jobs(None, 1)[0].unit_parts == 1
@@ -187,6 +197,7 @@ def test_workflow_in_unit_parts_writes_the_tables_of_one_job(tmp_path, workflow)
     proc = workflow.run(tmp_path / "run", config, *targets)
     assert proc.returncode == 0 and "rule layer_units" not in proc.stdout + proc.stderr
     assert "rule layer_tables" in proc.stdout + proc.stderr
+    assert "rule extract_shard" not in proc.stdout + proc.stderr  # unit_parts is not in --spec
     for t in targets:
         assert (tmp_path / "run" / t).read_bytes() == in_parts[t], t
     units = pq.read_table(layer / "units.parquet").to_pandas()

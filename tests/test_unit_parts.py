@@ -115,6 +115,8 @@ def test_merge_refuses_parts_that_do_not_cover_the_layer(prepared_dir, extracted
 
     with pytest.raises(CnnvisError, match="cover 5 of 8 units"):
         run_merge(Job.from_spec(spec()), prepared_dir, files, tmp_path / "out")
+    with pytest.raises(CnnvisError, match=f"of layer {layer}, not of"):
+        run_merge(Job.from_spec(spec()), prepared_dir, files, tmp_path / "out", [LAYERS[0]])
     assert not (tmp_path / "out" / layer / "units.parquet").exists()
 
 

@@ -74,7 +74,7 @@ def _tables(args) -> int:
         pipeline.run_layers(_job(args), args.prepared, args.extracts, args.out_dir, args.layers,
                             progress=not args.quiet)
     else:
-        parts.run_merge(_job(args), args.prepared, args.parts, args.out_dir)
+        parts.run_merge(_job(args), args.prepared, args.parts, args.out_dir, args.layers)
     return 0
 
 

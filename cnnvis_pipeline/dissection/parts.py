@@ -83,16 +83,20 @@ def run_unit_part(job: Job, prepared: str | Path, extract_dirs: list, layer: str
     return Path(out)
 
 
-def run_merge(job: Job, prepared: str | Path, part_files: list, out_dir: str | Path) -> None:
-    """A layer's tables from its unit parts (files of run_unit_part, in any order)."""
+def run_merge(job: Job, prepared: str | Path, part_files: list, out_dir: str | Path,
+              layers: list | None = None) -> None:
+    """A layer's tables from its unit parts (files of run_unit_part, in any order); `layers`:
+    the layer they must be of (the command's --layers), when given."""
     loaded = sorted((load_part(f) + (f,) for f in part_files), key=lambda x: x[0].first)
-    layers = {meta["layer"] for _, meta, _ in loaded}
+    layer_set = {meta["layer"] for _, meta, _ in loaded}
     units = {meta["units"] for _, meta, _ in loaded}
     provs = {json.dumps(meta["prov"], sort_keys=True) for _, meta, _ in loaded}
-    if len(layers) != 1 or len(units) != 1 or len(provs) != 1:
+    if len(layer_set) != 1 or len(units) != 1 or len(provs) != 1:
         raise CnnvisError(f"{job.name}: unit parts of different layers or runs: "
                           + ", ".join(map(str, part_files)))
-    (layer,), (total,), (prov,) = layers, units, provs
+    (layer,), (total,), (prov,) = layer_set, units, provs
+    if layers and layer not in layers:
+        raise CnnvisError(f"{job.name}: the unit parts are of layer {layer}, not of {layers}")
     covered = sum(len(p.thresholds) for p, _, _ in loaded)
     if covered != total:
         raise CnnvisError(f"{job.name} {layer}: the unit parts cover {covered} of {total} units")

@@ -87,7 +87,9 @@ def planned(rule):
 
     def job(wc):
         part = wc.get("shard", wc.get("part", ""))
-        return PLAN[(rule, wc.get("model", ""), wc.get("layer", ""), part)]
+        return cplan.find_job(
+            PLAN, rule, wc.get("model", ""), wc.get("layer", ""), part
+        )
 
     return {
         "mem_mb": lambda wc: job(wc).mem_mb,
