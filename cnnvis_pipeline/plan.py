@@ -4,9 +4,10 @@
 layer_tables per layer, compositional_shard per layer and part, visualize_layer, ...), from
 - the dataset's size (plandata.py: its prepared arrays' meta.json when they exist, else the
   source's index.csv, else the config or the known datasets' sizes);
-- the layers' shapes, known without data: the model built on PyTorch's meta device (no weights,
-  no memory) and run on a meta input of the dataset's size; cached by the model's spec in
-  `.snakemake/cnnvis/plan/` (torch is imported only when the cache misses, so `snakemake -n` stays fast);
+- the layers' shapes, known without data (plandata.py): the model built on PyTorch's meta device
+  (no weights, no memory) and run on a meta input of the dataset's size; cached by the model's
+  spec in `.snakemake/cnnvis/plan/` (torch is imported only when the cache misses, so
+  `snakemake -n` stays fast);
 - the per-unit and per-image costs below, measured on the development VM (`python -m
   cnnvis_pipeline.bench.memory`, each job a child process, peak RSS from os.wait4; AMD EPYC,
   2 threads, torch 2.14 CPU; benchmarks/README.md, "Memory of the jobs").
@@ -19,13 +20,11 @@ FILE` prints it. Imports no torch at module level.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cnnvis_pipeline.config import spec_digest
-from cnnvis_pipeline.plandata import DatasetSize, dataset_size
+from cnnvis_pipeline.plandata import DatasetSize, ModelShape, dataset_size, model_shape
 from cnnvis_pipeline.plandata import SizeUnknown as SizeUnknown  # (the workflow catches it)
 from cnnvis_pipeline.plandata import load_config as load_config  # (`cnnvis plan` reads it)
 
@@ -91,14 +90,6 @@ FORMULA_CACHE_BYTES_PER_IMAGE_UNIT = 470
 FORMULA_CACHE_MAX_MB = 2 * (512 + 256)
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    params: int
-    gflops: float  # forward pass of one image
-    largest_output: int  # elements of the largest module output of one image
-    layers: dict  # layer -> [units, h, w]
-
-
 @dataclass
 class JobPlan:
     rule: str
@@ -122,61 +113,6 @@ class JobPlan:
         """The runtime request (minutes): the estimate with a margin, at least 5."""
         s = self.gpu_s if gpu else self.cpu_s
         return max(5, math.ceil((START_S + RUNTIME_MARGIN * s) / 60))
-
-
-# -- the model -------------------------------------------------------------------------------------
-
-def _shape_key(spec: dict, size) -> str:
-    keys = ("arch", "torchvision", "factory", "kwargs", "layers", "layouts", "input_size")
-    return spec_digest({"spec": {k: spec.get(k) for k in keys}, "size": list(size)})[:16]
-
-
-def measure_shape(spec: dict, size) -> ModelShape:
-    """The model built on the meta device (no weights: shapes do not depend on them) and run
-    on a meta input: parameters, GFLOPs of one image, the largest module output and the
-    layers' canonical shapes. Imports torch."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from cnnvis_pipeline.models.probe import check_layers
-    from cnnvis_pipeline.models.registry import build_architecture, build_model
-
-    name = spec.get("name", "model")
-    build = {k: v for k, v in spec.items() if k not in ("checkpoint", "weights")}
-    if spec.get("factory"):
-        with torch.device("meta"):
-            model, _ = build_model(name, build)
-    else:  # synthnet, torchvision: constructors that compute (RegNet's widths) run for real
-        model = build_architecture(name, build).to("meta")
-    h, w = spec.get("input_size") or size
-    x = torch.zeros(1, 3, int(h), int(w), device="meta")
-    outs = [0]
-    leaves = [m for m in model.modules() if not list(m.children())]
-    hooks = [m.register_forward_hook(
-        lambda _m, _i, o: outs.append(o.numel() if torch.is_tensor(o) else 0)) for m in leaves]
-    try:
-        with FlopCounterMode(display=False) as flops:
-            shapes = check_layers(model, spec["layers"], x, model_name=name,
-                                  layouts=spec.get("layouts"))
-    finally:
-        for hk in hooks:
-            hk.remove()
-    return ModelShape(sum(p.numel() for p in model.parameters()), flops.get_total_flops() / 1e9,
-                      max(outs), {k: [int(d) for d in v] for k, v in shapes.items()})
-
-
-def model_shape(spec: dict, size, cache_dir: str | Path | None = ".snakemake/cnnvis/plan") -> ModelShape:
-    """measure_shape, cached in `cache_dir` by the spec (None: not cached)."""
-    path = Path(cache_dir) / f"shape-{_shape_key(spec, size)}.json" if cache_dir else None
-    if path is not None and path.is_file():
-        return ModelShape(**json.loads(path.read_text()))
-    shape = measure_shape(spec, size)
-    if path is not None:
-        from cnnvis_pipeline.fileio import write_text
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(path, json.dumps(shape.__dict__, sort_keys=True))
-    return shape
 
 
 # -- the jobs --------------------------------------------------------------------------------------

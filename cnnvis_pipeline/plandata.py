@@ -1,7 +1,8 @@
 """What the resource plan (plan.py) starts from, known before any job runs: the config as the
-workflow sees it (`load_config`) and the dataset's size (`dataset_size`: its prepared arrays'
+workflow sees it (`load_config`), the dataset's size (`dataset_size`: its prepared arrays'
 meta.json when they exist, else the source's index.csv, else the config, broden-synth's `images`
-and `size` or a source's counted folders, or the known datasets' sizes). Imports no torch.
+and `size` or a source's counted folders, or the known datasets' sizes) and the layers' shapes
+(`model_shape`: the model built on the meta device, cached). Imports no torch at module level.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from cnnvis_pipeline.config import dataset_name, dataset_source_dir
+from cnnvis_pipeline.config import dataset_name, dataset_source_dir, spec_digest
 from cnnvis_pipeline.data.sources import size_estimate, source_kind
 from cnnvis_pipeline.errors import CnnvisError
 
@@ -41,6 +42,14 @@ class DatasetSize:
         sh, sw = self.seg_size
         return self.images * (3 * h * w + 2 * self.planes * sh * sw) / MB
 
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    params: int
+    gflops: float  # forward pass of one image
+    largest_output: int  # elements of the largest module output of one image
+    layers: dict  # layer -> [units, h, w]
 
 
 def _from_prepared(config: dict) -> DatasetSize | None:
@@ -122,3 +131,58 @@ def load_config(path: str | Path) -> dict:
     if cfg.get("compositional") is not None:
         cfg["compositional"] = cc.with_defaults("compositional", cfg["compositional"])
     return cfg
+
+
+# -- the model -------------------------------------------------------------------------------------
+
+def _shape_key(spec: dict, size) -> str:
+    keys = ("arch", "torchvision", "factory", "kwargs", "layers", "layouts", "input_size")
+    return spec_digest({"spec": {k: spec.get(k) for k in keys}, "size": list(size)})[:16]
+
+
+def measure_shape(spec: dict, size) -> ModelShape:
+    """The model built on the meta device (no weights: shapes do not depend on them) and run
+    on a meta input: parameters, GFLOPs of one image, the largest module output and the
+    layers' canonical shapes. Imports torch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cnnvis_pipeline.models.probe import check_layers
+    from cnnvis_pipeline.models.registry import build_architecture, build_model
+
+    name = spec.get("name", "model")
+    build = {k: v for k, v in spec.items() if k not in ("checkpoint", "weights")}
+    if spec.get("factory"):
+        with torch.device("meta"):
+            model, _ = build_model(name, build)
+    else:  # synthnet, torchvision: constructors that compute (RegNet's widths) run for real
+        model = build_architecture(name, build).to("meta")
+    h, w = spec.get("input_size") or size
+    x = torch.zeros(1, 3, int(h), int(w), device="meta")
+    outs = [0]
+    leaves = [m for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(
+        lambda _m, _i, o: outs.append(o.numel() if torch.is_tensor(o) else 0)) for m in leaves]
+    try:
+        with FlopCounterMode(display=False) as flops:
+            shapes = check_layers(model, spec["layers"], x, model_name=name,
+                                  layouts=spec.get("layouts"))
+    finally:
+        for hk in hooks:
+            hk.remove()
+    return ModelShape(sum(p.numel() for p in model.parameters()), flops.get_total_flops() / 1e9,
+                      max(outs), {k: [int(d) for d in v] for k, v in shapes.items()})
+
+
+def model_shape(spec: dict, size, cache_dir: str | Path | None = ".snakemake/cnnvis/plan") -> ModelShape:
+    """measure_shape, cached in `cache_dir` by the spec (None: not cached)."""
+    path = Path(cache_dir) / f"shape-{_shape_key(spec, size)}.json" if cache_dir else None
+    if path is not None and path.is_file():
+        return ModelShape(**json.loads(path.read_text()))
+    shape = measure_shape(spec, size)
+    if path is not None:
+        from cnnvis_pipeline.fileio import write_text
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, json.dumps(shape.__dict__, sort_keys=True))
+    return shape
