@@ -180,6 +180,29 @@ def _write(tmp_path, synth_dir, models):
     return path
 
 
+def test_a_dry_run_splits_the_layer_that_does_not_fit_the_limit(tmp_path, workflow):
+    """`snakemake -n` with resources.max_mem_mb: the layer too large for one job becomes
+    layer_units jobs requesting the plan's memory, all under the limit, and their merge."""
+    config = workflow.config("tiny")
+    config["dataset"] = {"synth": {"images": 100000, "size": 64}}  # not made by a dry run
+    config["models"] = {"r18": {"torchvision": "resnet18", "weights": None,
+                                "layers": ["layer4"]}}
+    config["resources"].update(shards=2, max_mem_mb=2500)
+    proc = workflow.run(tmp_path / "run", config, "-n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    blocks = proc.stdout.split("\nrule ")
+    units = [b for b in blocks if b.startswith("layer_units:")]
+    (tables,) = [b for b in blocks if b.startswith("layer_tables:")]
+    mem = [int(b.split("mem_mb=")[1].split(",")[0]) for b in units]
+    assert len(units) == 3 and max(mem) <= 2500
+    assert all(f"unit_parts/{k}-3.npz" in tables for k in range(3))
+    config["resources"]["max_mem_mb"] = None  # no limit: the layer in one job
+    proc = workflow.run(tmp_path / "run", config, "-n")
+    assert proc.returncode == 0 and "rule layer_units:" not in proc.stdout
+    (tables,) = [b for b in proc.stdout.split("\nrule ") if b.startswith("layer_tables:")]
+    assert int(tables.split("mem_mb=")[1].split(",")[0]) > 2500 and "extract/1" in tables
+
+
 @pytest.mark.slow
 def test_workflow_in_unit_parts_writes_the_tables_of_one_job(tmp_path, workflow):
     config = workflow.config("tiny")
