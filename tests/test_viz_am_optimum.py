@@ -153,19 +153,20 @@ def dominant_orientation(gray: np.ndarray) -> float:
     return math.degrees(math.atan2(fy[k], fx[k])) % 180
 
 
-def test_oriented_edge_units_make_gratings_of_their_orientation():
-    steps, size = 96, 64  # the demo's
+@pytest.mark.parametrize("steps,size", [(96, 64), (AM["steps"], AM["size"])],
+                         ids=["demo", "library"])
+def test_oriented_edge_units_make_gratings_of_their_orientation(steps, size):
     avg, _ = am(gabor_net("avg"), range(len(THETAS)), steps=steps, size=size)
     mx, _ = am(gabor_net("max"), range(len(THETAS)), steps=steps, size=size)
     for u, theta in enumerate(THETAS):
         pixels = avg[u].permute(1, 2, 0).double().numpy()
         angle = dominant_orientation(pixels.mean(axis=2))
         assert min(abs(angle - theta), 180 - abs(angle - theta)) <= 15, (theta, angle)
-        # Average pooling needs one coherent grating over the whole image; the optimisation
-        # leaves dislocations (measured 0.73-0.80 of the best grating at the demo's cost).
+        # Average pooling needs one coherent grating over the whole image (measured 0.99-1.01
+        # of the best grating at both costs; patches of different phase give about 0.8).
         ratio = gabor_value(theta, pixels, "avg") / best_grating(theta, "avg")
-        assert ratio >= 0.65, (theta, ratio)
-        # Max pooling needs the grating under one window: reached.
+        assert ratio >= 0.95, (theta, ratio)
+        # Max pooling needs the grating under one window.
         pixels = mx[u].permute(1, 2, 0).double().numpy()
         ratio = gabor_value(theta, pixels, "max") / best_grating(theta, "max")
         assert ratio >= 0.95, (theta, ratio)
