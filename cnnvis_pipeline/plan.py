@@ -251,6 +251,20 @@ def compositional_job(model: str, layer: str, shape: ModelShape, ds: DatasetSize
                    cpu_s=cpu, gpu_s=cpu)
 
 
+def compositional_jobs(model: str, layer: str, shape: ModelShape, ds: DatasetSize, shards: int,
+                       units_setting, limit: int | None = None) -> list[JobPlan]:
+    """A layer's compositional_shard jobs: its explained units in `resources.shards` parts, or
+    more when a part would not fit `limit` (MB): the fewest parts (at most one unit each) whose
+    largest fits. The first parts are the largest (as compositional.shard_units)."""
+    units = shape.layers[layer][0] if units_setting == "all" else len(units_setting)
+    k = max(1, min(shards, units))
+    if limit:
+        while k < units and _sum(compositional_job(model, layer, shape, ds, k, 0,
+                                                   units_setting)).mem_mb > limit:
+            k += 1
+    return [compositional_job(model, layer, shape, ds, k, i, units_setting) for i in range(k)]
+
+
 def visualize_job(model: str, layer: str, shape: ModelShape, views: dict) -> JobPlan:
     """The layer's views (rough: the model with gradients and optimiser state, a batch of
     images; time from the views' steps)."""
@@ -286,8 +300,7 @@ def workflow_plan(config: dict, models: dict, *, cores: int = 1,
             jobs.append(visualize_job(name, layer, shape, config.get("views") or {}))
             if config.get("compositional") is not None:
                 units = (config["compositional"] or {}).get("units", "all")
-                jobs += [compositional_job(name, layer, shape, ds, shards, k, units)
-                         for k in range(shards)]
+                jobs += compositional_jobs(name, layer, shape, ds, shards, units, limit)
     for job in jobs:
         job.mem_mb = math.ceil(sum(job.parts.values()))
     return jobs
@@ -304,7 +317,9 @@ _ADVICE = {
                    "resources.batch_size (a batch's partner label planes) or fewer "
                    "dissection.statistics.replicates (the bootstrap weights of every image)",
     "merge": "a machine with more memory (the tables grow with the layer's units x concepts)",
-    "compositional_shard": "more resources.shards (fewer units per job)",
+    "compositional_shard": "more resources.shards (fewer units per job; with resources."
+                           "max_mem_mb the plan adds parts until each fits), or a machine with "
+                           "more memory (the dataset's concept masks and co-occurrence)",
     "visualize_layer": "fewer views.units",
 }
 

@@ -203,6 +203,57 @@ def test_a_dry_run_splits_the_layer_that_does_not_fit_the_limit(tmp_path, workfl
     assert int(tables.split("mem_mb=")[1].split(",")[0]) > 2500 and "extract/1" in tables
 
 
+def test_compositional_parts_follow_the_limit():
+    """Without a limit, resources.shards parts; with one, the fewest (at least that many) whose
+    largest fits; a limit below what every part holds (the dataset's concept masks) leaves
+    parts over it, which over_limit refuses."""
+    def jobs(limit):
+        return plan.compositional_jobs("m", "layer4", SHAPE, BRODEN, 2, "all", limit)
+
+    free = jobs(None)
+    assert [j.part for j in free] == ["0", "1"]
+    for job in free:
+        job.mem_mb = sum(job.parts.values())
+    assert min(j.mem_mb for j in free) > 8000  # ResNet-50 layer4 at Broden's scale
+    split = jobs(8000)
+    k = len(split)
+    sizes = [plan.compositional_job("m", "layer4", SHAPE, BRODEN, k, i, "all") for i in range(k)]
+    assert k > 2 and all(sum(j.parts.values()) <= 8000 for j in sizes)
+    assert sum(plan._shard_images(2048, k, i) for i in range(k)) == 2048
+    assert sum(plan.compositional_job("m", "layer4", SHAPE, BRODEN, k - 1, 0, "all")
+               .parts.values()) > 8000  # one part fewer would not fit
+    fixed = sum(v for key, v in sizes[0].parts.items()
+                if key in ("imports", "concept_masks", "cooccurrence"))
+    tight = jobs(int(fixed))  # nothing fits: one unit per part, still over, refused
+    assert len(tight) == 2048
+    for job in tight:
+        job.mem_mb = int(sum(job.parts.values())) + 1
+    (line, *_) = plan.over_limit(tight, int(fixed), "resources.max_mem_mb")
+    assert line.startswith("compositional_shard m layer4 0:") and "concept masks" in line
+
+
+def test_a_dry_run_splits_the_compositional_units_that_do_not_fit(tmp_path, workflow):
+    config = workflow.config("tiny")
+    config["dataset"] = {"synth": {"images": 100000, "size": 64}}  # not made by a dry run
+    config["models"] = {"r18": {"torchvision": "resnet18", "weights": None,
+                                "layers": ["layer4"]}}
+    config["compositional"] = {}
+    config["resources"].update(shards=2, max_mem_mb=2500)
+    proc = workflow.run(tmp_path / "run", config, "-n", "results/r18/layer4/formulas.parquet")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    blocks = proc.stdout.split("\nrule ")
+    parts = [b for b in blocks if b.startswith("compositional_shard:")]
+    mem = [int(b.split("mem_mb=")[1].split(",")[0]) for b in parts]
+    (merge,) = [b for b in blocks if b.startswith("layer_formulas:")]
+    k = len(parts)
+    assert k > 2 and max(mem) <= 2500
+    assert all(f"compositional/layer4/{i}-{k}.parquet" in merge for i in range(k))
+    config["resources"]["max_mem_mb"] = None  # no limit: resources.shards parts
+    proc = workflow.run(tmp_path / "run", config, "-n", "results/r18/layer4/formulas.parquet")
+    assert proc.returncode == 0
+    assert proc.stdout.count("\nrule compositional_shard:") == 2
+
+
 @pytest.mark.slow
 def test_workflow_in_unit_parts_writes_the_tables_of_one_job(tmp_path, workflow):
     config = workflow.config("tiny")

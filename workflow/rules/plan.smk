@@ -121,3 +121,20 @@ def layer_tables_input(wildcards):
 
 def unit_part_file(model, layer, part, parts):
     return f"results/{model}/{layer}/unit_parts/{part}-{parts}.npz"
+
+
+# A layer's compositional explanations in parts (plan.compositional_jobs): `resources.shards`
+# parts, or more when a part would not fit the memory limit.
+def compositional_parts(model, layer):
+    """How many compositional_shard jobs explain the layer's units."""
+    want = ("compositional_shard", model, layer)
+    found = sum(1 for key in PLAN if key[:3] == want)
+    return found or len(SHARDS)
+
+
+def compositional_part_files(wildcards):
+    k = compositional_parts(wildcards.model, wildcards.layer)
+    return [
+        f"results/{wildcards.model}/compositional/{wildcards.layer}/{i}-{k}.parquet"
+        for i in range(k)
+    ]
