@@ -217,3 +217,15 @@ def test_am_beats_the_best_natural_image_of_a_trained_model(trained_tiny):
         a = layer_forward(model, layer, (x - 0.5) / 0.25)
     achieved = a[torch.arange(4), torch.tensor(units[:4])].amax(dim=(1, 2))
     assert (achieved >= dataset_top[units[:4]]).all()
+
+
+def test_polish_window_is_exactly_zero_outside_its_disk():
+    """Outside the nucleation window the image is exactly grey (a tiny residue would be
+    amplified by the ReLUs' masks into a pattern of its own once the window reaches it)."""
+    from cnnvis_pipeline.viz.polish import disk
+
+    w = disk(20, 20, 4.0).numpy()
+    y, x = np.meshgrid(np.arange(20) - 9.5, np.arange(20) - 9.5, indexing="ij")
+    r = np.hypot(y, x)
+    assert (w[r >= 4.5] == 0).all() and (w[r <= 3.5] == 1).all()
+    assert ((w > 0) & (w < 1)).sum() > 0  # a one-pixel linear edge

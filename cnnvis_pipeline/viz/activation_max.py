@@ -34,9 +34,9 @@ Two presets (PRESETS), so that a benchmark can show both side by side:
   the whole image is pulled towards the stimulus), (c) spends the last
   `polish_steps` steps on the pixels directly, with the image fed untransformed at
   `input_size`, exactly as it is measured, in two candidates from the first phase's image
-  (viz.polish): `refine_images` (sigmoid logits, Adam at `polish_lr`, over all the polish
-  steps) and `polish_images` (over the last half of them: a low-contrast power iteration in a
-  window opening from the centre, then growth to full contrast). The second answers a fourth
+  (viz.polish), each over the polish steps: `refine_images` (sigmoid logits, Adam at
+  `polish_lr`) and `polish_images` (a low-contrast power iteration in a window opening from the
+  centre, then growth to full contrast). The second answers a fourth
   shortfall, shown by oriented-edge units under average pooling (optimum: one grating over the
   whole image): (4) ascent from the first phase's image leaves patches of different phase and
   orientation whose seams are a local optimum (0.73-0.83 of the best grating); the nucleated
@@ -318,9 +318,8 @@ def _polish(fwd: _Layer, start: torch.Tensor, units: list[int], objective: Objec
 
     best = start
     best_max, best_mean = fwd.measured(start, units)
-    for candidate, part in ((refine_images, steps),
-                            (polish_images, range(steps.start + len(steps) // 2, steps.stop))):
-        images = candidate(start, backward, part, recipe.polish)
+    for candidate in (refine_images, polish_images):
+        images = candidate(start, backward, steps, recipe.polish)
         new_max, new_mean = fwd.measured(images, units)
         keep = ((new_max + new_mean >= best_max + best_mean)
                 & (new_max >= best_max - 1e-4 * best_max.abs()))
