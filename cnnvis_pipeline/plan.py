@@ -301,6 +301,10 @@ def workflow_plan(config: dict, models: dict, *, cores: int = 1,
             if config.get("compositional") is not None:
                 units = (config["compositional"] or {}).get("units", "all")
                 jobs += compositional_jobs(name, layer, shape, ds, shards, units, limit)
+    from cnnvis_pipeline.plan_interventions import other_jobs
+
+    jobs += other_jobs(config, models, ds, shards=shards, batch=batch, cores=cores,
+                       cache_dir=cache_dir)
     for job in jobs:
         job.mem_mb = math.ceil(sum(job.parts.values()))
     return jobs
@@ -321,6 +325,12 @@ _ADVICE = {
                            "max_mem_mb the plan adds parts until each fits), or a machine with "
                            "more memory (the dataset's concept masks and co-occurrence)",
     "visualize_layer": "fewer views.units",
+    "ablation_layer": "a smaller resources.batch_size or ablation.groups_per_pass (the ablated "
+                      "rows of one pass), or a smaller ablation.limit (the images scored)",
+    "adversarial_layer": "a smaller resources.batch_size (the attack's gradients keep every "
+                         "layer's output of a batch)",
+    "segment_shard": "a smaller resources.batch_size (the segmenter's forward pass) or more "
+                     "resources.shards (each shard's labels)",
 }
 
 

@@ -165,8 +165,12 @@ def measure_shape(spec: dict, size) -> ModelShape:
         lambda _m, _i, o: outs.append(o.numel() if torch.is_tensor(o) else 0)) for m in leaves]
     try:
         with FlopCounterMode(display=False) as flops:
-            shapes = check_layers(model, spec["layers"], x, model_name=name,
-                                  layouts=spec.get("layouts"))
+            shapes = {}
+            if spec["layers"]:
+                shapes = check_layers(model, spec["layers"], x, model_name=name,
+                                      layouts=spec.get("layouts"))
+            else:  # a model without layers to dissect (a segmenter): its forward pass only
+                model.eval()(x)
     finally:
         for hk in hooks:
             hk.remove()

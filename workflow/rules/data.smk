@@ -168,6 +168,8 @@ if _kind == "segmenter":
         log:
             "results/logs/data/segment_{shard}.log",
         threads: shard_threads()
+        resources:
+            **planned("segment_shard"),
         params:
             cnnvis=CNNVIS,
             dataset=SOURCE_SPEC,

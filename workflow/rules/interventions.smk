@@ -18,6 +18,8 @@ rule ablation_layer:
     log:
         "results/logs/{model}/ablation_{layer}.log",
     threads: lambda wc: layer_threads(wc.model)
+    resources:
+        **planned("ablation_layer"),
     params:
         cnnvis=CNNVIS,
         spec=job_json("ablation", "resources", "dissection"),
@@ -40,6 +42,8 @@ rule adversarial_layer:
     log:
         "results/logs/{model}/adversarial_{layer}.log",
     threads: lambda wc: layer_threads(wc.model)
+    resources:
+        **planned("adversarial_layer"),
     params:
         cnnvis=CNNVIS,
         spec=job_json("adversarial", "resources", "dissection"),

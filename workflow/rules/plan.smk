@@ -82,7 +82,7 @@ def planned(rule):
     """A rule's resources from the plan: mem_mb, disk_mb and runtime (minutes; GPU times when
     resources.device is cuda, CPU times otherwise)."""
 
-    if not PLAN:
+    if not any(key[0] == rule for key in PLAN):  # no plan yet, or none for this rule
         return {}
 
     def job(wc):
