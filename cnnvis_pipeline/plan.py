@@ -1,7 +1,8 @@
 """The resource plan of a run: memory, disk and time of every job of the workflow, before it runs.
 
 `workflow_plan(config, models)` returns one `JobPlan` per job (extract_shard per model and shard,
-layer_tables per layer, compositional_shard per layer and part, visualize_layer, ...), from
+layer_tables per layer, compositional_shard per layer and part, visualize_layer; the
+interventions' and a segmenter's jobs: plan_interventions.py), from
 - the dataset's size (plandata.py: its prepared arrays' meta.json when they exist, else the
   source's index.csv, else the config or the known datasets' sizes);
 - the layers' shapes, known without data (plandata.py): the model built on PyTorch's meta device

@@ -46,8 +46,9 @@ ABLATION_BYTES_PER_ROW = 1500
 # The concept groups (`top_n` detectors of a concept together) per unit of the layer: distinct
 # detected concepts (at most the concepts, at most the units).
 CONCEPT_GROUPS_PER_UNIT = 0.25
-# The share of a forward pass's work after a layer, for the runtime of the repeated rows.
-SUFFIX_FLOP_SHARE = 0.5
+# The rows after the layer, CPU GFLOP/s per thread (the rows of a pass are many: layer3, 100
+# images x 321 groups x 0.82 GFLOP after it in 250 s on 1 thread).
+ROWS_GFLOPS_PER_THREAD = 100.0
 # Adversarial (`cnnvis attack`, 2 PGD steps): the attack's gradient keeps every module's output
 # of the batch for the backward pass, ~6.4 times the largest module output (float32) per image
 # (layer4, batch 16: 1,445 MB, batch 32: 1,760 MB, 32 images; 1,524 MB at 128 images; layer3,
@@ -84,10 +85,13 @@ def ablation_job(model: str, layer: str, shape: ModelShape, ds: DatasetSize, a: 
     parts = {"imports": IMPORTS_MB, "model": shape.params * 4 / MB,
              # the table is made once the passes are done: the larger of the two
              **({"passes": passes} if passes >= table else {"table": table})}
-    flops = images * shape.gflops * (1 + SUFFIX_FLOP_SHARE * groups)
+    before = shape.prefix_gflops.get(layer, 0.0)  # unknown: as if all the work came after
+    after = images * (groups + 1) * (shape.gflops - before)
     return _sum(JobPlan("ablation_layer", model, layer, parts=parts,
                         disk_mb=math.ceil(groups * classes * 200 / MB + 5),
-                        cpu_s=flops / (CPU_GFLOPS_PER_THREAD * threads), gpu_s=flops / GPU_GFLOPS))
+                        cpu_s=(images * before / CPU_GFLOPS_PER_THREAD
+                               + after / ROWS_GFLOPS_PER_THREAD) / threads,
+                        gpu_s=(images * before + after) / GPU_GFLOPS))
 
 
 def ablation_data(a: Ablation, spec: dict, ds: DatasetSize) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cnnvis_pipeline.config import dataset_name, dataset_source_dir, spec_digest
@@ -50,6 +50,7 @@ class ModelShape:
     gflops: float  # forward pass of one image
     largest_output: int  # elements of the largest module output of one image
     layers: dict  # layer -> [units, h, w]
+    prefix_gflops: dict = field(default_factory=dict)  # layer -> GFLOPs of the pass up to it
 
 
 def _from_prepared(config: dict) -> DatasetSize | None:
@@ -137,7 +138,8 @@ def load_config(path: str | Path) -> dict:
 
 def _shape_key(spec: dict, size) -> str:
     keys = ("arch", "torchvision", "factory", "kwargs", "layers", "layouts", "input_size")
-    return spec_digest({"spec": {k: spec.get(k) for k in keys}, "size": list(size)})[:16]
+    return spec_digest({"spec": {k: spec.get(k) for k in keys}, "size": list(size),
+                        "shape": 2})[:16]  # what ModelShape holds
 
 
 def measure_shape(spec: dict, size) -> ModelShape:
@@ -147,6 +149,7 @@ def measure_shape(spec: dict, size) -> ModelShape:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from cnnvis_pipeline.models.hooks import parse_layer
     from cnnvis_pipeline.models.probe import check_layers
     from cnnvis_pipeline.models.registry import build_architecture, build_model
 
@@ -163,19 +166,29 @@ def measure_shape(spec: dict, size) -> ModelShape:
     leaves = [m for m in model.modules() if not list(m.children())]
     hooks = [m.register_forward_hook(
         lambda _m, _i, o: outs.append(o.numel() if torch.is_tensor(o) else 0)) for m in leaves]
-    try:
-        with FlopCounterMode(display=False) as flops:
+    prefix: dict[str, float] = {}
+    modules = dict(model.named_modules())
+    with FlopCounterMode(display=False) as flops:
+
+        def made(layer: str) -> None:  # the work before a layer, as its output is made
+            prefix.setdefault(layer, flops.get_total_flops() / 1e9)
+
+        for layer in spec["layers"]:
+            module = modules.get(parse_layer(layer)[0])
+            if module is not None:
+                hooks.append(module.register_forward_hook(lambda *_, x=layer: made(x)))
+        try:
             shapes = {}
             if spec["layers"]:
                 shapes = check_layers(model, spec["layers"], x, model_name=name,
                                       layouts=spec.get("layouts"))
             else:  # a model without layers to dissect (a segmenter): its forward pass only
                 model.eval()(x)
-    finally:
-        for hk in hooks:
-            hk.remove()
+        finally:
+            for hk in hooks:
+                hk.remove()
     return ModelShape(sum(p.numel() for p in model.parameters()), flops.get_total_flops() / 1e9,
-                      max(outs), {k: [int(d) for d in v] for k, v in shapes.items()})
+                      max(outs), {k: [int(d) for d in v] for k, v in shapes.items()}, prefix)
 
 
 def model_shape(spec: dict, size, cache_dir: str | Path | None = ".snakemake/cnnvis/plan") -> ModelShape:

@@ -129,26 +129,30 @@ def test_cnnvis_plan_lists_the_jobs_of_the_sections_that_are_on(tmp_path, synth_
                                                                ["segment_shard", "1"]]
 
 
-def test_ablation_memory_grows_with_the_rows_of_a_pass_and_the_classes():
-    """ResNet-18 layer4 at 224 px (shapes as the meta device gives them): the passes' rows
-    follow batch_size x groups_per_pass; a table of many classes outweighs them."""
+def test_ablation_memory_follows_the_rows_of_a_pass_and_the_classes():
+    """ResNet-18 layer4 at 224 px (shapes as the meta device gives them): a pass holds the rows
+    the command's scheduling gives (ablation.pass_shape: the groups repeated at the layer); a
+    table of many classes outweighs the passes."""
     from cnnvis_pipeline import plan_interventions as pi
+    from cnnvis_pipeline.interventions.ablation import pass_shape
     from cnnvis_pipeline.plandata import DatasetSize, ModelShape
     from cnnvis_pipeline.settings import Ablation
 
     shape = ModelShape(11_689_512, 3.64, 802_816, {"layer4": [512, 7, 7]})
-    ds = DatasetSize(1000, (224, 224), (112, 112), 6, 1197, "test")
-    a = Ablation.parse({"limit": 5})
-    big = pi.ablation_job("m", "layer4", shape, ds, a, {"name": "m", "train": {}}, 64, 1)
-    small = pi.ablation_job("m", "layer4", shape, ds, a, {"name": "m", "train": {}}, 16, 1)
-    assert set(big.parts) == {"imports", "model", "passes"}
-    rows = 3.0 * 25088 * 4 / plan.MB  # ABLATION_ROW_OUTPUTS x the layer's output of a row
-    assert big.parts["passes"] - small.parts["passes"] == pytest.approx(
-        rows * (2048 - 512), rel=0.05)
+    ds = DatasetSize(1000, (224, 224), (112, 112), 6, 20, "test")  # 20 classes
+    a = Ablation.parse({"limit": 5, "top_n": 3})
+    groups = 512 + 5  # every unit, and a quarter of the 20 concepts' detector groups
+    for batch in (16, 64):
+        job = pi.ablation_job("m", "layer4", shape, ds, a, {"name": "m", "train": {}}, batch, 1)
+        assert set(job.parts) == {"imports", "model", "passes"}
+        images, per_pass = pass_shape(groups + 1, batch, a.groups_per_pass, True)
+        rows = (plan.FORWARD_OUTPUTS * images * 802_816
+                + pi.ABLATION_ROW_OUTPUTS * images * per_pass * 512 * 7 * 7) * 4 / plan.MB
+        assert job.parts["passes"] == pytest.approx(rows)
     many = pi.ablation_job("m", "layer4", shape, DatasetSize(100_000, (224, 224), (112, 112),
                                                              6, 20_000, "test"),
                            a, {"name": "m", "train": {}}, 16, 1)
-    assert "table" in many.parts and many.mem_mb > big.mem_mb
+    assert set(many.parts) == {"imports", "model", "table"} and many.mem_mb > job.mem_mb
 
 
 def test_a_dry_run_requests_the_plans_memory_and_refuses_over_the_limit(tmp_path, workflow,
