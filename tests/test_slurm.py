@@ -62,7 +62,8 @@ def test_profile_maps_gpu_rules():
         assert asks_for_gpu(res), rule
         assert res["slurm_partition"] != defaults["slurm_partition"], rule
         # the planned rules take mem_mb and runtime from the resource plan (cnnvis plan)
-        planned = rule in {"extract_shard", "layer_units", "layer_tables", "visualize_layer"}
+        planned = rule in {"extract_shard", "layer_units", "layer_tables", "visualize_layer",
+                            "segment_shard", "ablation_layer", "adversarial_layer"}
         assert {"cpus_per_gpu"} | ({"runtime", "mem_mb"} if not planned else set()) \
             <= res.keys(), rule
         assert planned != ({"runtime", "mem_mb"} <= res.keys()), rule
