@@ -40,9 +40,11 @@ IMPORTS_MB = 780
 # it, which hold ~3 times the layer's float32 output of the rows (layer4, 2,048 rows: 1,246 MB,
 # 512 rows: 986 MB; layer3, 1,926 rows: 2,021 MB).
 ABLATION_ROW_OUTPUTS = 3.0
-# The ablation table, built after the passes: its columns as Python lists and a DataFrame,
-# bytes per (group, class) row.
-ABLATION_BYTES_PER_ROW = 1500
+# After the passes: the table of (group, class) rows and the figure, ~190 MB besides the imports
+# and the model, and ~60 bytes per row (100 classes x 1 image, 57,400 rows: 1,018.9 MB; 400 x 1,
+# 229,600 rows: 1,028.6 MB; batch 4, 8 groups a pass, so that the passes are small).
+ABLATION_END_MB = 190
+ABLATION_BYTES_PER_ROW = 60
 # The concept groups (`top_n` detectors of a concept together) per unit of the layer: distinct
 # detected concepts (at most the concepts, at most the units).
 CONCEPT_GROUPS_PER_UNIT = 0.25
@@ -70,8 +72,8 @@ def ablation_job(model: str, layer: str, shape: ModelShape, ds: DatasetSize, a: 
                  spec: dict, batch: int, threads: int) -> JobPlan:
     """The ablation of one layer: the model, then a pass of `batch_size x groups_per_pass`
     rows after the layer (the ablations repeated at the layer, as for a model that passes
-    ablation.at_layer_ok), or, once the passes are done, every (group, image) score and the
-    table of (group, class) rows."""
+    ablation.at_layer_ok), or, once the passes are done, every (group, image) score, the table
+    of (group, class) rows and its figure."""
     units, h, w = shape.layers[layer]
     classes, images = ablation_data(a, spec, ds)
     concept = min(units, ds.concepts) * CONCEPT_GROUPS_PER_UNIT if a.top_n > 0 else 0
@@ -81,7 +83,8 @@ def ablation_job(model: str, layer: str, shape: ModelShape, ds: DatasetSize, a: 
     pass_images = max(1, rows // per_pass)
     passes = (FORWARD_OUTPUTS * pass_images * shape.largest_output
               + ABLATION_ROW_OUTPUTS * pass_images * per_pass * units * h * w) * 4 / MB
-    table = (groups * classes * ABLATION_BYTES_PER_ROW + 2 * (groups + 1) * images * 8) / MB
+    table = ABLATION_END_MB + (groups * classes * ABLATION_BYTES_PER_ROW
+                               + 2 * (groups + 1) * images * 8) / MB
     parts = {"imports": IMPORTS_MB, "model": shape.params * 4 / MB,
              # the table is made once the passes are done: the larger of the two
              **({"passes": passes} if passes >= table else {"table": table})}

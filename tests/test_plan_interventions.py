@@ -142,7 +142,7 @@ def test_ablation_memory_follows_the_rows_of_a_pass_and_the_classes():
     ds = DatasetSize(1000, (224, 224), (112, 112), 6, 20, "test")  # 20 classes
     a = Ablation.parse({"limit": 5, "top_n": 3})
     groups = 512 + 5  # every unit, and a quarter of the 20 concepts' detector groups
-    for batch in (16, 64):
+    for batch in (64, 128):
         job = pi.ablation_job("m", "layer4", shape, ds, a, {"name": "m", "train": {}}, batch, 1)
         assert set(job.parts) == {"imports", "model", "passes"}
         images, per_pass = pass_shape(groups + 1, batch, a.groups_per_pass, True)
@@ -151,7 +151,7 @@ def test_ablation_memory_follows_the_rows_of_a_pass_and_the_classes():
         assert job.parts["passes"] == pytest.approx(rows)
     many = pi.ablation_job("m", "layer4", shape, DatasetSize(100_000, (224, 224), (112, 112),
                                                              6, 20_000, "test"),
-                           a, {"name": "m", "train": {}}, 16, 1)
+                           a, {"name": "m", "train": {}}, 64, 1)
     assert set(many.parts) == {"imports", "model", "table"} and many.mem_mb > job.mem_mb
 
 

@@ -10,8 +10,8 @@ one JSON object per job with the plan's estimate (plan_interventions.py) beside 
 - `cnnvis ablate` on an ImageFolder of `--classes` folders x `--per-class` images (links to the
   dataset's images; a class index to the model's first outputs);
 - `cnnvis attack` on the first `--attack-images` images, `--steps` PGD steps;
-- `cnnvis segment` (one shard) with torchvision's LR-ASPP MobileNetV3 (random weights, 21
-  classes) on the dataset's images.
+- `cnnvis segment` (one shard) with torchvision's LR-ASPP MobileNetV3 or FCN-ResNet50
+  (`--segmenter`; random weights, 21 classes) on the dataset's images.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from cnnvis_pipeline.bench.common import DEFAULT_CACHE, ensure_dataset, log
 from cnnvis_pipeline.bench.memory import run_measured
 
 CNNVIS = [sys.executable, "-m", "cnnvis_pipeline"]
-SEGMENTER = {"factory": "torchvision.models.segmentation:lraspp_mobilenet_v3_large",
-             "kwargs": {"weights": None, "weights_backbone": None, "num_classes": 21}}
+SEGMENTER_KWARGS = {"weights": None, "weights_backbone": None, "num_classes": 21}
 
 
 def _config(data: dict, layers: list[str], batch: int, **sections) -> dict:
@@ -79,7 +78,8 @@ def _intervention(args, data: dict, tmp: Path, section: str, layer: str, batch: 
         (tmp / "classes.json").write_text(json.dumps({f"c{c:04d}": c
                                                       for c in range(args.classes)}))
         body = {"models": {"r18": {"images": str(root), "classes": str(tmp / "classes.json")}},
-                "limit": args.per_class, "replicates": 50}
+                "limit": args.per_class, "replicates": 50,
+                "groups_per_pass": args.groups_per_pass}
     else:
         body = {"images": args.attack_images, "steps": args.steps}
     config = _config(data, args.layers, batch, **{section: body})
@@ -97,13 +97,14 @@ def _intervention(args, data: dict, tmp: Path, section: str, layer: str, batch: 
 def _segment(args, data: dict, tmp: Path, batch: int) -> dict:
     images = tmp / "segment-images"
     images.mkdir(exist_ok=True)
-    for i, src in enumerate(_jpgs(data)):
+    for i, src in enumerate(_jpgs(data)[:args.segment_images]):
         if not (images / f"{i:05d}.jpg").exists():
             os.symlink(src, images / f"{i:05d}.jpg")
     (tmp / "channels.csv").write_text("channel,name,category\n" + "".join(
         f"{c},thing{c},object\n" for c in range(1, 21)))
     dataset = {"segmenter": {"images": str(images), "classes": str(tmp / "channels.csv"),
-                             **SEGMENTER}}
+                             "factory": f"torchvision.models.segmentation:{args.segmenter}",
+                             "kwargs": SEGMENTER_KWARGS}}
     out = tmp / f"segment-{batch}"
     shutil.rmtree(out, ignore_errors=True)
     measured = run_measured([*CNNVIS, "segment", "--dataset", json.dumps(dataset), "--shard",
@@ -150,8 +151,13 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 64])
     p.add_argument("--classes", type=int, default=20, help="ablation: class folders")
     p.add_argument("--per-class", type=int, default=5, help="ablation: images per class")
+    p.add_argument("--groups-per-pass", type=int, default=32, help="ablation.groups_per_pass")
     p.add_argument("--attack-images", type=int, default=32)
     p.add_argument("--steps", type=int, default=2, help="PGD steps")
+    p.add_argument("--segment-images", type=int, default=64)
+    p.add_argument("--segmenter", default="lraspp_mobilenet_v3_large",
+                   choices=["lraspp_mobilenet_v3_large", "fcn_resnet50"],
+                   help="torchvision's segmentation model (random weights, 21 classes)")
     p.add_argument("--cache", default=str(DEFAULT_CACHE))
     p.add_argument("--scratch", default=None)
     return p.parse_args(argv)
