@@ -10,6 +10,7 @@ bench.memory.run_measured (benchmarks/README.md, "Memory of the jobs"). Imports 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -106,11 +107,22 @@ def ablation_data(a: Ablation, spec: dict, ds: DatasetSize) -> tuple[int, int]:
     if folder and Path(folder).is_dir():
         classes = sum(1 for p in os.scandir(folder) if p.is_dir())
     elif entry.get("classes") and Path(entry["classes"]).is_file():
-        classes = max(1, sum(1 for _ in open(entry["classes"])) - 1)
+        classes = _class_entries(Path(entry["classes"]))
     else:
         classes = ds.concepts
     images = classes * limit if folder else min(ds.images, classes * limit)
     return classes, images
+
+
+def _class_entries(path: Path) -> int:
+    """Classes of a class-index file (JSON: its keys; CSV: its rows under the header)."""
+    text = path.read_text(errors="replace")
+    if path.suffix.lower() == ".json":
+        try:
+            return max(1, len(json.loads(text)))
+        except (ValueError, TypeError):
+            return 1  # the ablation job reports the file
+    return max(1, len(text.splitlines()) - 1)
 
 
 def adversarial_job(model: str, layer: str, shape: ModelShape, ds: DatasetSize, s: Adversarial,

@@ -208,3 +208,20 @@ def test_a_dry_run_requests_the_segment_shards_memory(tmp_path, workflow, segmen
     assert proc.returncode != 0
     (line,) = [ln for ln in text.splitlines() if ln.startswith("segment_shard 0:")]
     assert f"needs about {jobs['0'].mem_mb} MB" in line and "the segmenter's forward pass" in line
+
+
+def test_ablation_data_counts_the_class_folders_or_the_class_index(tmp_path):
+    from cnnvis_pipeline.plan_interventions import ablation_data
+    from cnnvis_pipeline.plandata import DatasetSize
+    from cnnvis_pipeline.settings import Ablation
+
+    ds = DatasetSize(100, (32, 32), (16, 16), 5, 60, "test")
+    (tmp_path / "index.json").write_text(json.dumps({f"n{k}": k for k in range(7)}))
+    entry = {"images": str(tmp_path / "folders"), "classes": str(tmp_path / "index.json")}
+    a = Ablation.parse({"limit": 3, "models": {"m": entry}})
+    assert ablation_data(a, {"name": "m"}, ds) == (7, 21)  # no folders yet: the index's keys
+    for k in range(4):
+        (tmp_path / "folders" / f"n{k}").mkdir(parents=True)
+    assert ablation_data(a, {"name": "m"}, ds) == (4, 12)  # the folders there
+    own = Ablation.parse({"limit": 3})  # a train: model's own labels: at most every image
+    assert ablation_data(own, {"name": "m", "train": {}}, ds) == (60, 100)
