@@ -3,8 +3,8 @@
 - iou_columns / unit_columns: the iou and units tables of one layer from a ConceptTally.
 - unit_activity(tally, ds, thresholds): active_fraction and activity ("ok", "sparse", "dead");
   log_activity warns about sparse and dead units.
-- top_image_columns: per unit the k images with the highest maximum activation (top_images: the
-  images and values of some units, a part of a layer's units; top_image_table: their columns).
+- top_images: per unit the k images with the highest maximum activation (of some units, a part
+  of a layer's units); top_image_table: the top_images table's columns from those of every unit.
 - detector_counts(units_df): per (model, layer, category) the detectors and unique detectors
   (tables.unique_detectors, the paper's counting rule).
 - series_counts(counts, name, models): the rows of one checkpoint series, in checkpoint order.
@@ -88,12 +88,6 @@ def log_activity(model: str, layer: str, activity) -> None:
             shown = ", ".join(map(str, ids[:20])) + (", ..." if len(ids) > 20 else "")
             log.warning("%s %s: %d of %d units are %s: %s (units %s)", model, layer, len(ids),
                         len(act), kind, why, shown)
-
-
-def top_image_columns(model: str, layer: str, maxima: np.ndarray, ds: PreparedDataset,
-                      k: int) -> dict:
-    """maxima: float [N, U] each image's maximum activation per unit (image order)."""
-    return top_image_table(model, layer, *top_images(maxima, k), ds)
 
 
 def top_images(maxima: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
