@@ -20,6 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
+from cnnvis_pipeline.reports.format import number_or_none
+
 TOP_UNITS = 5  # units listed per class
 CARD_RANK = 3  # a unit's card lists the classes where it ranks this high (or is significant)
 TOP_GROUPS = 10  # concept groups and concepts listed
@@ -29,17 +31,9 @@ def _read(path: Path) -> pd.DataFrame | None:
     return pq.read_table(path).to_pandas() if path.is_file() else None
 
 
-def _f(x) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if v != v else v
-
-
 def _change(r: dict) -> dict:
-    return {"change": _f(r["change"]), "low": _f(r.get("change_low")),
-            "high": _f(r.get("change_high"))}
+    return {"change": number_or_none(r["change"]), "low": number_or_none(r.get("change_low")),
+            "high": number_or_none(r.get("change_high"))}
 
 
 def _classes(units: pd.DataFrame) -> list[dict]:
@@ -47,7 +41,7 @@ def _classes(units: pd.DataFrame) -> list[dict]:
     for cls, g in units.sort_values(["class", "rank"]).groupby("class", sort=True):
         top = g[g["rank"] <= TOP_UNITS]
         out.append({"name": str(cls), "images": int(g["images"].iloc[0]),
-                    "before": _f(g["before"].iloc[0]),
+                    "before": number_or_none(g["before"].iloc[0]),
                     "units": [dict(_change(r), unit=int(r["unit"]), concept=str(r["concept"]),
                                    related=bool(r["related"]), detector=bool(r["detector"]))
                               for r in top.to_dict("records")]})
@@ -84,8 +78,8 @@ def _attacks(t: pd.DataFrame, concepts: pd.DataFrame | None) -> list[dict]:
              .sort_values(["detectors_lost", "concept"], ascending=[False, True])
              if concepts is not None else None)
         out.append({
-            "attack": str(attack), "eps": _f(g["eps"].iloc[0]), "steps": int(g["steps"].iloc[0]),
-            "flip_rate": _f(g["flip_rate"].iloc[0]), "detectors": int(len(det)),
+            "attack": str(attack), "eps": number_or_none(g["eps"].iloc[0]), "steps": int(g["steps"].iloc[0]),
+            "flip_rate": number_or_none(g["flip_rate"].iloc[0]), "detectors": int(len(det)),
             "lost": int((~det["detector_attacked"].astype(bool)).sum()),
             "concepts": [] if c is None else [
                 {"concept": str(r["concept"]), "category": str(r["category"]),
@@ -101,8 +95,8 @@ def adversarial(layer_dir: Path) -> dict | None:
     per_unit: dict[int, list[dict]] = {}
     for r in t.sort_values(["unit", "attack"]).to_dict("records"):
         per_unit.setdefault(int(r["unit"]), []).append({
-            "attack": str(r["attack"]), "iou_clean": _f(r["iou_clean"]),
-            "iou_attacked": _f(r["iou_attacked"]),
+            "attack": str(r["attack"]), "iou_clean": number_or_none(r["iou_clean"]),
+            "iou_attacked": number_or_none(r["iou_attacked"]),
             "lost": bool(r["detector"]) and not bool(r["detector_attacked"])})
     return {"attacks": _attacks(t, _read(layer_dir / "adversarial_concepts.parquet")),
             "per_unit": per_unit,
